@@ -14,8 +14,8 @@ pair, and
 
 import argparse
 import hashlib
-import json
 import io
+import json
 import logging
 import math
 import os
@@ -26,28 +26,44 @@ import time
 from pathlib import Path
 
 import datasets
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, broadcast_object_list, gather_object, set_seed
-from PIL import Image, ImageOps
-from tqdm.auto import tqdm
-
-import diffusers
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from utils import DDPM_PREDICTION_TYPES, noisy_latents_and_target, per_sample_mse, sample_generators, sample_noise, sample_timesteps
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from utils import (
+    DDPM_PREDICTION_TYPES,
+    noisy_latents_and_target,
+    per_sample_mse,
+    sample_generators,
+    sample_noise,
+    sample_timesteps,
+)
+
 
 logger = get_logger(__name__)
 
 
 class InputError(ValueError):
     """Bad flags or data: the message says what was expected, what was found and what to do."""
+
 
 HELDOUT_EVAL_EPOCH = 2**31  # the held-out accuracy's fixed draws use "epochs" no training run reaches
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -90,87 +106,228 @@ def sft_loss(model_losses_w):
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Diffusion-DPO (and SFT on chosen images) for SDXL.")
     # Model
-    parser.add_argument("--pretrained_model_name_or_path", type=str, default="stabilityai/stable-diffusion-xl-base-1.0",
-                        help="Hub id or local folder of an SDXL pipeline.")
-    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                        help="A different VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then the VAE runs in the weight dtype; SDXL's own VAE stays in float32).")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        help="Hub id or local folder of an SDXL pipeline.",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A different VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then the VAE runs in the weight dtype; SDXL's own VAE stays in float32).",
+    )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
-    parser.add_argument("--prediction_type", type=str, default=None, choices=DDPM_PREDICTION_TYPES,
-                        help="Override the scheduler's prediction type (default: the model's own).")
+    parser.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=DDPM_PREDICTION_TYPES,
+        help="Override the scheduler's prediction type (default: the model's own).",
+    )
     # Method
-    parser.add_argument("--beta_dpo", type=float, default=5000.0,
-                        help="beta of Diffusion-DPO, with the original 0.5 factor inside the sigmoid (SDXL release: 5000; ports that drop the 0.5 use 2500 for the same objective).")
-    parser.add_argument("--sft", action="store_true", help="Train on the preferred image alone (SFT_Chosen baseline); no reference model is built.")
+    parser.add_argument(
+        "--beta_dpo",
+        type=float,
+        default=5000.0,
+        help="beta of Diffusion-DPO, with the original 0.5 factor inside the sigmoid (SDXL release: 5000; ports that drop the 0.5 use 2500 for the same objective).",
+    )
+    parser.add_argument(
+        "--sft",
+        action="store_true",
+        help="Train on the preferred image alone (SFT_Chosen baseline); no reference model is built.",
+    )
     # LoRA
-    parser.add_argument("--lora_rank", type=int, default=None, help="Train LoRA adapters of this rank on the UNet attention layers instead of the full UNet.")
+    parser.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help="Train LoRA adapters of this rank on the UNet attention layers instead of the full UNet.",
+    )
     parser.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
     # Data
-    parser.add_argument("--dataset_name", type=str, default="yuvalkirstain/pickapic_v2",
-                        help="A datasets hub name, a local folder (parquet/arrow/images, or save_to_disk output) or a single data file.")
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default="yuvalkirstain/pickapic_v2",
+        help="A datasets hub name, a local folder (parquet/arrow/images, or save_to_disk output) or a single data file.",
+    )
     parser.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     parser.add_argument("--caption_column", type=str, default="caption", help="Column with the prompts.")
-    parser.add_argument("--image_0_column", type=str, default="jpg_0", help="Pick-a-Pic schema: first image (encoded bytes or datasets Image).")
+    parser.add_argument(
+        "--image_0_column",
+        type=str,
+        default="jpg_0",
+        help="Pick-a-Pic schema: first image (encoded bytes or datasets Image).",
+    )
     parser.add_argument("--image_1_column", type=str, default="jpg_1", help="Pick-a-Pic schema: second image.")
-    parser.add_argument("--label_column", type=str, default="label_0",
-                        help="Pick-a-Pic schema: 1 if image_0 is preferred, 0 if image_1 is, 0.5 for a tie (ties are dropped and counted).")
-    parser.add_argument("--chosen_column", type=str, default=None,
-                        help="Ordered-pair schema: column of preferred images. Use with --rejected_column instead of the Pick-a-Pic columns.")
-    parser.add_argument("--rejected_column", type=str, default=None, help="Ordered-pair schema: column of dispreferred images.")
-    parser.add_argument("--max_train_samples", type=int, default=None, help="Train on a random subset of this many pairs (after dropping ties).")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes that decode and augment images.")
+    parser.add_argument(
+        "--label_column",
+        type=str,
+        default="label_0",
+        help="Pick-a-Pic schema: 1 if image_0 is preferred, 0 if image_1 is, 0.5 for a tie (ties are dropped and counted).",
+    )
+    parser.add_argument(
+        "--chosen_column",
+        type=str,
+        default=None,
+        help="Ordered-pair schema: column of preferred images. Use with --rejected_column instead of the Pick-a-Pic columns.",
+    )
+    parser.add_argument(
+        "--rejected_column", type=str, default=None, help="Ordered-pair schema: column of dispreferred images."
+    )
+    parser.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on a random subset of this many pairs (after dropping ties).",
+    )
+    parser.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Processes that decode and augment images."
+    )
     parser.add_argument("--resolution", type=int, default=1024, help="Square training resolution.")
-    parser.add_argument("--random_crop", action="store_true", help="Crop at random (default: center). Both images of a pair share the crop.")
-    parser.add_argument("--no_hflip", action="store_true", help="Disable random horizontal flips (otherwise both images of a pair flip together).")
+    parser.add_argument(
+        "--random_crop",
+        action="store_true",
+        help="Crop at random (default: center). Both images of a pair share the crop.",
+    )
+    parser.add_argument(
+        "--no_hflip",
+        action="store_true",
+        help="Disable random horizontal flips (otherwise both images of a pair flip together).",
+    )
     parser.add_argument("--vae_encode_batch_size", type=int, default=8, help="Images per VAE encoder call.")
-    parser.add_argument("--cache_latents", action="store_true",
-                        help="Encode every image (VAE) and caption (text encoders) once before training, spread over the processes, and train on that cache, so the loop runs only the UNet. "
-                             "Each pair's crop and flip are drawn once, before caching. Later runs with the same data, model, resolution and augmentation settings reuse the cache.")
-    parser.add_argument("--latents_cache_dir", type=str, default=None,
-                        help="Where --cache_latents keeps its caches, one folder per setting (default: <datasets cache>/preference_latents).")
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image (VAE) and caption (text encoders) once before training, spread over the processes, and train on that cache, so the loop runs only the UNet. "
+        "Each pair's crop and flip are drawn once, before caching. Later runs with the same data, model, resolution and augmentation settings reuse the cache.",
+    )
+    parser.add_argument(
+        "--latents_cache_dir",
+        type=str,
+        default=None,
+        help="Where --cache_latents keeps its caches, one folder per setting (default: <datasets cache>/preference_latents).",
+    )
     # Held-out preference accuracy
-    parser.add_argument("--preference_eval_split", type=str, default=None,
-                        help="Split of --dataset_name for the held-out preference accuracy, measured before training, every --validation_steps and at the end.")
+    parser.add_argument(
+        "--preference_eval_split",
+        type=str,
+        default=None,
+        help="Split of --dataset_name for the held-out preference accuracy, measured before training, every --validation_steps and at the end.",
+    )
     parser.add_argument("--preference_eval_max_samples", type=int, default=512, help="Pairs of the eval split to use.")
-    parser.add_argument("--preference_eval_timesteps", type=int, default=4,
-                        help="Fixed (timestep, noise) draws per pair; a pair counts as right when the mean error on the winner is lower.")
+    parser.add_argument(
+        "--preference_eval_timesteps",
+        type=int,
+        default=4,
+        help="Fixed (timestep, noise) draws per pair; a pair counts as right when the mean error on the winner is lower.",
+    )
     # Training
-    parser.add_argument("--output_dir", type=str, default="diffusion-dpo-sdxl", help="Where checkpoints, weights, logs and the model card go.")
-    parser.add_argument("--seed", type=int, default=None, help="Seed for weights init, data order, augmentation and noise (random if unset).")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="diffusion-dpo-sdxl",
+        help="Where checkpoints, weights, logs and the model card go.",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed for weights init, data order, augmentation and noise (random if unset).",
+    )
     parser.add_argument("--train_batch_size", type=int, default=4, help="Preference pairs per device per micro-batch.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
     parser.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
-    parser.add_argument("--learning_rate", type=float, default=1e-8, help="Peak learning rate (after --scale_lr if given).")
-    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x batch size x processes.")
-    parser.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    parser.add_argument(
+        "--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs."
+    )
+    parser.add_argument(
+        "--learning_rate", type=float, default=1e-8, help="Peak learning rate (after --scale_lr if given)."
+    )
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps x batch size x processes.",
+    )
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant_with_warmup",
+        choices=LR_SCHEDULERS,
+        help="Learning-rate schedule.",
+    )
     parser.add_argument("--lr_warmup_steps", type=int, default=200, help="Warm-up steps of the schedule.")
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables clipping; the norm is still logged).")
+    parser.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="Gradient clipping norm (0 disables clipping; the norm is still logged).",
+    )
     parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in the backward pass to save memory.")
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute UNet activations in the backward pass to save memory.",
+    )
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                        help="Overrides accelerate's config. Frozen weights are held in this dtype; trained weights stay float32.")
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides accelerate's config. Frozen weights are held in this dtype; trained weights stay float32.",
+    )
     # Checkpoints
-    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder, or "latest" in --output_dir.')
+    parser.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps."
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder, or "latest" in --output_dir.'
+    )
     # Logging and validation
-    parser.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "all", "none"], help="Tracker for metrics and images.")
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        choices=["tensorboard", "wandb", "all", "none"],
+        help="Tracker for metrics and images.",
+    )
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
-    parser.add_argument("--tracker_project_name", type=str, default="diffusion-dpo-sdxl", help="Project name in the tracker.")
-    parser.add_argument("--validation_prompts", type=str, nargs="*", default=None, help="Prompts rendered side by side with the base model.")
-    parser.add_argument("--validation_steps", type=int, default=200, help="Validate every N optimizer steps (and at the end).")
-    parser.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps for validation images.")
-    parser.add_argument("--validation_guidance_scale", type=float, default=5.0, help="Classifier-free guidance for validation images.")
+    parser.add_argument(
+        "--tracker_project_name", type=str, default="diffusion-dpo-sdxl", help="Project name in the tracker."
+    )
+    parser.add_argument(
+        "--validation_prompts",
+        type=str,
+        nargs="*",
+        default=None,
+        help="Prompts rendered side by side with the base model.",
+    )
+    parser.add_argument(
+        "--validation_steps", type=int, default=200, help="Validate every N optimizer steps (and at the end)."
+    )
+    parser.add_argument(
+        "--validation_inference_steps", type=int, default=25, help="Sampling steps for validation images."
+    )
+    parser.add_argument(
+        "--validation_guidance_scale", type=float, default=5.0, help="Classifier-free guidance for validation images."
+    )
     # Hub
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the hub at the end.")
-    parser.add_argument("--hub_model_id", type=str, default=None, help="Repository on the hub (default: the output folder's name).")
+    parser.add_argument(
+        "--hub_model_id", type=str, default=None, help="Repository on the hub (default: the output folder's name)."
+    )
     parser.add_argument("--hub_token", type=str, default=None, help="Token for the hub (default: the logged-in one).")
 
     args = parser.parse_args(input_args)
@@ -188,10 +345,18 @@ def check_args(args):
     if args.lora_rank is not None and args.lora_rank <= 0:
         raise InputError(f"--lora_rank must be a positive integer, got {args.lora_rank}.")
     if (args.chosen_column is None) != (args.rejected_column is None):
-        raise InputError("--chosen_column and --rejected_column go together: give both for an ordered-pair dataset, or neither for the Pick-a-Pic schema.")
+        raise InputError(
+            "--chosen_column and --rejected_column go together: give both for an ordered-pair dataset, or neither for the Pick-a-Pic schema."
+        )
     if args.resolution % 8 != 0:
         raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}.")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps", "preference_eval_timesteps"):
+    for name in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "validation_steps",
+        "preference_eval_timesteps",
+    ):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
 
@@ -206,7 +371,9 @@ def load_split(dataset_name, split, cache_dir=None):
         dataset = datasets.load_from_disk(str(path))
         return dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
     if path.is_file():
-        builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix)
+        builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(
+            path.suffix
+        )
         if builder is None:
             raise InputError(f"Expected a .parquet, .arrow, .csv or .json(l) data file, found {dataset_name!r}.")
         return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
@@ -244,7 +411,11 @@ def prepare_pairs(dataset, args, split):
             f"{dropped['ties']} ties and {dropped['unlabeled']} unlabeled rows; expected at least one pair with label 0 or 1."
         )
     # Keep images undecoded: decoding happens in the loader, where a broken image is skipped and counted.
-    image_columns = [args.chosen_column, args.rejected_column] if args.chosen_column else [args.image_0_column, args.image_1_column]
+    image_columns = (
+        [args.chosen_column, args.rejected_column]
+        if args.chosen_column
+        else [args.image_0_column, args.image_1_column]
+    )
     for column in image_columns:
         if isinstance(dataset.features[column], datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
@@ -288,7 +459,9 @@ def crop_and_flip_pair(images, resolution, random_crop, hflip, rng):
         left = width - left - resolution  # where the crop window sits in the mirrored image
     pixels = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
     pixel_values = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-    time_ids = torch.tensor([[*original, top, left, resolution, resolution] for original in original_sizes], dtype=torch.float32)
+    time_ids = torch.tensor(
+        [[*original, top, left, resolution, resolution] for original in original_sizes], dtype=torch.float32
+    )
     return pixel_values, time_ids
 
 
@@ -314,7 +487,11 @@ class PreferencePairs(torch.utils.data.Dataset):
         if args.chosen_column is not None:
             columns = (args.chosen_column, args.rejected_column)
         else:
-            columns = (args.image_0_column, args.image_1_column) if float(row[args.label_column]) > 0.5 else (args.image_1_column, args.image_0_column)
+            columns = (
+                (args.image_0_column, args.image_1_column)
+                if float(row[args.label_column]) > 0.5
+                else (args.image_1_column, args.image_0_column)
+            )
         try:
             images = [decode_image(row[column]) for column in columns]
         except Exception as error:  # a broken image must not end a multi-day run: skip, count, say why
@@ -324,7 +501,12 @@ class PreferencePairs(torch.utils.data.Dataset):
         pixel_values, time_ids = crop_and_flip_pair(
             images, args.resolution, args.random_crop and self.augment, not args.no_hflip and self.augment, rng
         )
-        return {"pixel_values": pixel_values, "time_ids": time_ids, "caption": row[args.caption_column] or "", "index": int(index)}
+        return {
+            "pixel_values": pixel_values,
+            "time_ids": time_ids,
+            "caption": row[args.caption_column] or "",
+            "index": int(index),
+        }
 
 
 class CachedPairs(torch.utils.data.Dataset):
@@ -345,8 +527,12 @@ class CachedPairs(torch.utils.data.Dataset):
         pair = self.pairs[int(index)]
         caption = self.captions[self.caption_rows[pair["caption"]]]
         return {
-            "latents": pair["latents"], "time_ids": pair["time_ids"], "caption": pair["caption"], "index": int(pair["index"]),
-            "prompt_embeds": caption["prompt_embeds"], "pooled_prompt_embeds": caption["pooled_prompt_embeds"],
+            "latents": pair["latents"],
+            "time_ids": pair["time_ids"],
+            "caption": pair["caption"],
+            "index": int(pair["index"]),
+            "prompt_embeds": caption["prompt_embeds"],
+            "pooled_prompt_embeds": caption["pooled_prompt_embeds"],
         }
 
 
@@ -355,11 +541,15 @@ def collate_fn(examples):
     kept = [example for example in examples if "skipped_index" not in example]
     batch = {
         "num_skipped": len(examples) - len(kept),
-        "skipped": [(example["skipped_index"], example["reason"]) for example in examples if "skipped_index" in example],
+        "skipped": [
+            (example["skipped_index"], example["reason"]) for example in examples if "skipped_index" in example
+        ],
     }
     for key in kept[0] if kept else ():
         values = [example[key] for example in kept]
-        batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else values  # pixel_values (B, 2, 3, H, W), time_ids (B, 2, 6)
+        batch[key] = (
+            torch.stack(values) if torch.is_tensor(values[0]) else values
+        )  # pixel_values (B, 2, 3, H, W), time_ids (B, 2, 6)
     return batch
 
 
@@ -398,10 +588,17 @@ def latents_cache_path(args, train_split, storage_dtype):
     """One folder per (data, model, resolution, augmentation, dtype): a changed setting never reads a stale cache."""
     augmentation_is_random = args.random_crop or not args.no_hflip
     key = {
-        "data": train_split._fingerprint, "model": args.pretrained_model_name_or_path, "revision": args.revision,
-        "variant": args.variant, "vae": args.pretrained_vae_model_name_or_path, "resolution": args.resolution,
-        "random_crop": args.random_crop, "hflip": not args.no_hflip, "augmentation_seed": args.seed if augmentation_is_random else None,
-        "caption_column": args.caption_column, "dtype": str(storage_dtype),
+        "data": train_split._fingerprint,
+        "model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "variant": args.variant,
+        "vae": args.pretrained_vae_model_name_or_path,
+        "resolution": args.resolution,
+        "random_crop": args.random_crop,
+        "hflip": not args.no_hflip,
+        "augmentation_seed": args.seed if augmentation_is_random else None,
+        "caption_column": args.caption_column,
+        "dtype": str(storage_dtype),
     }
     root = args.latents_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "preference_latents")
     return Path(root, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
@@ -422,38 +619,58 @@ def build_latents_cache(accelerator, args, train_dataset, vae, text_encoders, to
         cache_path.mkdir(parents=True, exist_ok=True)
         numpy_dtype = "float16" if storage_dtype == torch.float16 else "float32"
         latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-        pair_features = datasets.Features({
-            "index": datasets.Value("int64"), "caption": datasets.Value("string"),
-            "latents": datasets.Array4D((2, vae.config.latent_channels, latent_size, latent_size), numpy_dtype),
-            "time_ids": datasets.Array2D((2, 6), "float32"),
-        })
+        pair_features = datasets.Features(
+            {
+                "index": datasets.Value("int64"),
+                "caption": datasets.Value("string"),
+                "latents": datasets.Array4D((2, vae.config.latent_channels, latent_size, latent_size), numpy_dtype),
+                "time_ids": datasets.Array2D((2, 6), "float32"),
+            }
+        )
         train_dataset.set_epoch(0)  # the crop and flip of epoch 0 are the ones cached
         shard = torch.utils.data.Subset(train_dataset, range(rank, len(train_dataset), world))
-        loader = torch.utils.data.DataLoader(shard, batch_size=max(1, args.vae_encode_batch_size // 2), collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
+        loader = torch.utils.data.DataLoader(
+            shard,
+            batch_size=max(1, args.vae_encode_batch_size // 2),
+            collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers,
+        )
         skipped = []
         writer = ArrowWriter(features=pair_features, path=str(cache_path / f"pairs-{rank:05d}-of-{world:05d}.arrow"))
         for batch in tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process):
             skipped += batch["skipped"]
             if "index" not in batch:
                 continue
-            latents = encode_images(vae, batch["pixel_values"].flatten(0, 1), args.vae_encode_batch_size).unflatten(0, (-1, 2))
-            writer.write_batch({
-                "index": batch["index"], "caption": batch["caption"], "time_ids": list(batch["time_ids"].numpy()),
-                "latents": list(latents.to(storage_dtype).float().cpu().numpy().astype(numpy_dtype)),
-            })
+            latents = encode_images(vae, batch["pixel_values"].flatten(0, 1), args.vae_encode_batch_size).unflatten(
+                0, (-1, 2)
+            )
+            writer.write_batch(
+                {
+                    "index": batch["index"],
+                    "caption": batch["caption"],
+                    "time_ids": list(batch["time_ids"].numpy()),
+                    "latents": list(latents.to(storage_dtype).float().cpu().numpy().astype(numpy_dtype)),
+                }
+            )
         writer.finalize()
         writer.close()
 
         captions = sorted({caption or "" for caption in train_dataset.dataset[args.caption_column]})[rank::world]
         writer = ArrowWriter(path=str(cache_path / f"captions-{rank:05d}-of-{world:05d}.arrow"))
-        for start in tqdm(range(0, len(captions), 64), desc="Caching text embeddings", disable=not accelerator.is_local_main_process):
+        for start in tqdm(
+            range(0, len(captions), 64), desc="Caching text embeddings", disable=not accelerator.is_local_main_process
+        ):
             chunk = captions[start : start + 64]
             prompt_embeds, pooled_prompt_embeds = encode_prompts(text_encoders, tokenizers, chunk)
-            writer.write_batch({
-                "caption": chunk,
-                "prompt_embeds": list(prompt_embeds.to(storage_dtype).float().cpu().numpy().astype(numpy_dtype)),
-                "pooled_prompt_embeds": list(pooled_prompt_embeds.to(storage_dtype).float().cpu().numpy().astype(numpy_dtype)),
-            })
+            writer.write_batch(
+                {
+                    "caption": chunk,
+                    "prompt_embeds": list(prompt_embeds.to(storage_dtype).float().cpu().numpy().astype(numpy_dtype)),
+                    "pooled_prompt_embeds": list(
+                        pooled_prompt_embeds.to(storage_dtype).float().cpu().numpy().astype(numpy_dtype)
+                    ),
+                }
+            )
         writer.finalize()
         writer.close()
         all_skipped = [item for part in gather_object([skipped]) for item in part]
@@ -461,8 +678,12 @@ def build_latents_cache(accelerator, args, train_dataset, vae, text_encoders, to
         if accelerator.is_main_process:
             marker.write_text(json.dumps({"skipped": all_skipped, "settings": vars(args)}, default=str))
         accelerator.wait_for_everyone()
-    pairs = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in sorted(cache_path.glob("pairs-*.arrow"))]).sort("index")
-    captions = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in sorted(cache_path.glob("captions-*.arrow"))])
+    pairs = datasets.concatenate_datasets(
+        [datasets.Dataset.from_file(str(p)) for p in sorted(cache_path.glob("pairs-*.arrow"))]
+    ).sort("index")
+    captions = datasets.concatenate_datasets(
+        [datasets.Dataset.from_file(str(p)) for p in sorted(cache_path.glob("captions-*.arrow"))]
+    )
     skipped = [tuple(item) for item in json.loads(marker.read_text())["skipped"]]
     return CachedPairs(pairs, captions), skipped
 
@@ -493,7 +714,9 @@ def preference_accuracy(accelerator, unet, vae, text_encoders, tokenizers, noise
 
     The draws are fixed by (seed, pair index), so values before and after training are comparable.
     """
-    shard = torch.utils.data.Subset(eval_dataset, range(accelerator.process_index, len(eval_dataset), accelerator.num_processes))
+    shard = torch.utils.data.Subset(
+        eval_dataset, range(accelerator.process_index, len(eval_dataset), accelerator.num_processes)
+    )
     loader = torch.utils.data.DataLoader(shard, batch_size=args.train_batch_size, collate_fn=collate_fn)
     score, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     for batch in loader:
@@ -506,7 +729,9 @@ def preference_accuracy(accelerator, unet, vae, text_encoders, tokenizers, noise
         errors = torch.zeros(2, len(batch["index"]), device=accelerator.device)
         for draw in range(args.preference_eval_timesteps):
             generators = sample_generators(args.seed, HELDOUT_EVAL_EPOCH + draw, batch["index"], accelerator.device)
-            noisy, timesteps, conditioning, target, batch_size = noisy_pair_inputs(noise_scheduler, latents, prompt_embeds, pooled, time_ids, generators)
+            noisy, timesteps, conditioning, target, batch_size = noisy_pair_inputs(
+                noise_scheduler, latents, prompt_embeds, pooled, time_ids, generators
+            )
             with accelerator.autocast():
                 pred = unet(noisy, timesteps, **conditioning).sample
             errors += per_sample_mse(pred, target).view(2, batch_size)
@@ -519,17 +744,27 @@ def preference_accuracy(accelerator, unet, vae, text_encoders, tokenizers, noise
 def render_validation(args, accelerator, pipeline_kwargs, weight_dtype):
     """Images for --validation_prompts, one per prompt, with a fixed seed per prompt."""
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=weight_dtype, **pipeline_kwargs
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        torch_dtype=weight_dtype,
+        **pipeline_kwargs,
     )
     pipeline.set_progress_bar_config(disable=True)
     images = []
     for i, prompt in enumerate(args.validation_prompts):
         generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + i)
         with accelerator.autocast():
-            images.append(pipeline(
-                prompt, num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
-                height=args.resolution, width=args.resolution, generator=generator,
-            ).images[0])
+            images.append(
+                pipeline(
+                    prompt,
+                    num_inference_steps=args.validation_inference_steps,
+                    guidance_scale=args.validation_guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generator,
+                ).images[0]
+            )
     return images
 
 
@@ -548,7 +783,10 @@ def log_validation(args, accelerator, base_images, images, step):
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation/base_vs_trained": wandb.Image(grid, caption=" | ".join(args.validation_prompts))}, step=step)
+            tracker.log(
+                {"validation/base_vs_trained": wandb.Image(grid, caption=" | ".join(args.validation_prompts))},
+                step=step,
+            )
     logger.info(f"Validation images (base | trained) saved to {path}")
 
 
@@ -567,9 +805,15 @@ def peak_memory(accelerator):
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated(accelerator.device), "peak_memory_kind": "cuda"}
     try:  # Linux: this process's own high-water mark; ru_maxrss also counts the parent's memory at fork time
         with open("/proc/self/status") as status:
-            return {"peak_memory_bytes": next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), "peak_memory_kind": "rss"}
+            return {
+                "peak_memory_bytes": next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")),
+                "peak_memory_kind": "rss",
+            }
     except (OSError, StopIteration):
-        return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_memory_kind": "rss"}
+        return {
+            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_kind": "rss",
+        }
 
 
 def weights_fingerprint(model):
@@ -584,20 +828,26 @@ def weights_fingerprint(model):
 
 def write_model_card(args, summary):
     method = "SFT on chosen images" if args.sft else f"Diffusion-DPO (beta_dpo = {args.beta_dpo:g})"
-    weights = "`pytorch_lora_weights.safetensors` (LoRA rank %d)" % args.lora_rank if args.lora_rank else "`unet/` (full fine-tuning)"
+    weights = (
+        "`pytorch_lora_weights.safetensors` (LoRA rank %d)" % args.lora_rank
+        if args.lora_rank
+        else "`unet/` (full fine-tuning)"
+    )
     rows = dict(summary.get("last_step_metrics", {}))
     for when in ("before", "after"):
         if f"heldout_preference_accuracy_{when}" in summary:
-            rows[f"held-out preference accuracy ({args.preference_eval_split}), {when} training"] = summary[f"heldout_preference_accuracy_{when}"]
+            rows[f"held-out preference accuracy ({args.preference_eval_split}), {when} training"] = summary[
+                f"heldout_preference_accuracy_{when}"
+            ]
     metrics = "\n".join(f"| {key} | {value:.4f} |" for key, value in rows.items())
     card = f"""---
 base_model: {args.pretrained_model_name_or_path}
-tags: [stable-diffusion-xl, text-to-image, diffusers, {'sft' if args.sft else 'diffusion-dpo'}]
+tags: [stable-diffusion-xl, text-to-image, diffusers, {"sft" if args.sft else "diffusion-dpo"}]
 ---
 # {Path(args.output_dir).name}
 
 {method} of `{args.pretrained_model_name_or_path}` on `{args.dataset_name}` (split `{args.dataset_split_name}`),
-{summary['global_step']} optimizer steps of {summary['total_batch_size']} pairs, learning rate {args.learning_rate:g} ({args.lr_scheduler}),
+{summary["global_step"]} optimizer steps of {summary["total_batch_size"]} pairs, learning rate {args.learning_rate:g} ({args.lr_scheduler}),
 trained with `train_diffusion_dpo_sdxl.py`. Weights: {weights}.
 
 Metrics of the last optimizer step:
@@ -621,7 +871,9 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
     logger.info(accelerator.state, main_process_only=False)
     launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
     if launched != accelerator.num_processes:
@@ -650,37 +902,67 @@ def main(args):
 
     # Data first: a bad dataset stops the run before any model is loaded.
     with accelerator.main_process_first():
-        train_split, dropped = prepare_pairs(load_split(args.dataset_name, args.dataset_split_name, args.cache_dir), args, args.dataset_split_name)
+        train_split, dropped = prepare_pairs(
+            load_split(args.dataset_name, args.dataset_split_name, args.cache_dir), args, args.dataset_split_name
+        )
         if args.max_train_samples is not None:
-            train_split = train_split.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train_split))))
+            train_split = train_split.shuffle(seed=args.seed).select(
+                range(min(args.max_train_samples, len(train_split)))
+            )
         eval_split = None
         if args.preference_eval_split is not None:
-            eval_split, _ = prepare_pairs(load_split(args.dataset_name, args.preference_eval_split, args.cache_dir), args, args.preference_eval_split)
+            eval_split, _ = prepare_pairs(
+                load_split(args.dataset_name, args.preference_eval_split, args.cache_dir),
+                args,
+                args.preference_eval_split,
+            )
             eval_split = eval_split.select(range(min(args.preference_eval_max_samples, len(eval_split))))
-    logger.info(f"Training on {len(train_split)} pairs; dropped {dropped['ties']} ties and {dropped['unlabeled']} unlabeled rows.")
+    logger.info(
+        f"Training on {len(train_split)} pairs; dropped {dropped['ties']} ties and {dropped['unlabeled']} unlabeled rows."
+    )
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
             from huggingface_hub import create_repo
 
-            repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token).repo_id
+            repo_id = create_repo(
+                args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+            ).repo_id
 
     # Models
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", cache_dir=args.cache_dir)
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", cache_dir=args.cache_dir
+    )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if noise_scheduler.config.prediction_type not in DDPM_PREDICTION_TYPES:
-        raise InputError(f"Expected a model that predicts {DDPM_PREDICTION_TYPES}, found prediction_type={noise_scheduler.config.prediction_type!r}; set --prediction_type.")
+        raise InputError(
+            f"Expected a model that predicts {DDPM_PREDICTION_TYPES}, found prediction_type={noise_scheduler.config.prediction_type!r}; set --prediction_type."
+        )
     load_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
-    tokenizers = [transformers.AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=sub, **load_kwargs) for sub in ("tokenizer", "tokenizer_2")]
+    tokenizers = [
+        transformers.AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=sub, **load_kwargs)
+        for sub in ("tokenizer", "tokenizer_2")
+    ]
     text_encoders = [
-        transformers.CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **load_kwargs),
-        transformers.CLIPTextModelWithProjection.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder_2", variant=args.variant, **load_kwargs),
+        transformers.CLIPTextModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **load_kwargs
+        ),
+        transformers.CLIPTextModelWithProjection.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="text_encoder_2", variant=args.variant, **load_kwargs
+        ),
     ]
     vae_path = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
-    vae = AutoencoderKL.from_pretrained(vae_path, subfolder=None if args.pretrained_vae_model_name_or_path else "vae", variant=None if args.pretrained_vae_model_name_or_path else args.variant, **load_kwargs)
-    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **load_kwargs)
+    vae = AutoencoderKL.from_pretrained(
+        vae_path,
+        subfolder=None if args.pretrained_vae_model_name_or_path else "vae",
+        variant=None if args.pretrained_vae_model_name_or_path else args.variant,
+        **load_kwargs,
+    )
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **load_kwargs
+    )
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (vae, *text_encoders):
@@ -696,15 +978,21 @@ def main(args):
 
         unet.requires_grad_(False)
         unet.to(accelerator.device, dtype=weight_dtype)
-        unet.add_adapter(LoraConfig(
-            r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-        ))
+        unet.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha or args.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
         if args.mixed_precision == "fp16":
             cast_training_params(unet, dtype=torch.float32)
     elif not args.sft:
         # Full fine-tuning: the reference is a frozen copy in the weight dtype.
-        ref_unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **load_kwargs)
+        ref_unet = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **load_kwargs
+        )
         ref_unet.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -724,7 +1012,9 @@ def main(args):
         for model in models:
             if args.lora_rank:
                 if accelerator.is_main_process:
-                    StableDiffusionXLPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(accelerator.unwrap_model(model)))
+                    StableDiffusionXLPipeline.save_lora_weights(
+                        output_dir, unet_lora_layers=lora_state_dict(accelerator.unwrap_model(model))
+                    )
             else:
                 save_unet(model, os.path.join(output_dir, "unet"))
         while weights:
@@ -738,10 +1028,14 @@ def main(args):
             from peft.utils import set_peft_model_state_dict
 
             lora_weights, _ = StableDiffusionXLPipeline.lora_state_dict(input_dir)
-            unet_weights = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora_weights.items() if k.startswith("unet.")})
+            unet_weights = convert_unet_state_dict_to_peft(
+                {k.removeprefix("unet."): v for k, v in lora_weights.items() if k.startswith("unet.")}
+            )
             incompatible = set_peft_model_state_dict(model, unet_weights, adapter_name="default")
             if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
-                raise ValueError(f"The checkpoint in {input_dir} has LoRA weights this model lacks: {incompatible.unexpected_keys[:5]}")
+                raise ValueError(
+                    f"The checkpoint in {input_dir} has LoRA weights this model lacks: {incompatible.unexpected_keys[:5]}"
+                )
             if args.mixed_precision == "fp16":
                 cast_training_params(model, dtype=torch.float32)
         else:
@@ -755,7 +1049,9 @@ def main(args):
 
     # Optimizer
     if args.scale_lr:
-        args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate = (
+            args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        )
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -764,8 +1060,11 @@ def main(args):
         optimizer_class = torch.optim.AdamW
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     optimizer = optimizer_class(
-        params_to_optimize, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        params_to_optimize,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
     )
 
     # Dataloader
@@ -774,29 +1073,46 @@ def main(args):
     if args.cache_latents:
         storage_dtype = torch.float16 if weight_dtype == torch.float16 else torch.float32  # numpy has no bfloat16
         cache_path = latents_cache_path(args, train_split, storage_dtype)
-        logger.info(f"--cache_latents: {'reusing' if (cache_path / 'complete.json').exists() else 'building'} {cache_path}")
+        logger.info(
+            f"--cache_latents: {'reusing' if (cache_path / 'complete.json').exists() else 'building'} {cache_path}"
+        )
         if args.random_crop or not args.no_hflip:
-            logger.info("--cache_latents: each pair's crop and flip are drawn once and cached (pass --no_hflip to train without flips).")
-        train_dataset, cache_skipped = build_latents_cache(accelerator, args, train_dataset, vae, text_encoders, tokenizers, cache_path, storage_dtype)
+            logger.info(
+                "--cache_latents: each pair's crop and flip are drawn once and cached (pass --no_hflip to train without flips)."
+            )
+        train_dataset, cache_skipped = build_latents_cache(
+            accelerator, args, train_dataset, vae, text_encoders, tokenizers, cache_path, storage_dtype
+        )
         for index, reason in cache_skipped:
             logger.warning(f"Skipped pair {index} while caching: undecodable image ({reason}).")
     eval_dataset = PreferencePairs(eval_split, args, augment=False) if eval_split is not None else None
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, shuffle=True, batch_size=args.train_batch_size, collate_fn=collate_fn,
-        num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+        train_dataset,
+        shuffle=True,
+        batch_size=args.train_batch_size,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
     )
 
     # Schedule (steps counted per process before prepare(), as diffusers' scripts do)
-    num_update_steps_per_epoch = math.ceil(math.ceil(len(train_dataset) / (args.train_batch_size * accelerator.num_processes)) / args.gradient_accumulation_steps)
+    num_update_steps_per_epoch = math.ceil(
+        math.ceil(len(train_dataset) / (args.train_batch_size * accelerator.num_processes))
+        / args.gradient_accumulation_steps
+    )
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace the parameters
 
     if accelerator.is_main_process:
@@ -806,8 +1122,10 @@ def main(args):
     def reference_forward(noisy_latents, timesteps, conditioning):
         with torch.no_grad(), accelerator.autocast():
             if ref_unet is not None:
-                cast = {"encoder_hidden_states": conditioning["encoder_hidden_states"].to(weight_dtype),
-                        "added_cond_kwargs": {k: v.to(weight_dtype) for k, v in conditioning["added_cond_kwargs"].items()}}
+                cast = {
+                    "encoder_hidden_states": conditioning["encoder_hidden_states"].to(weight_dtype),
+                    "added_cond_kwargs": {k: v.to(weight_dtype) for k, v in conditioning["added_cond_kwargs"].items()},
+                }
                 return ref_unet(noisy_latents.to(weight_dtype), timesteps, **cast).sample
             model = accelerator.unwrap_model(unet)
             model.disable_adapters()
@@ -817,16 +1135,32 @@ def main(args):
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    logger.info(f"  Method = {'SFT on chosen' if args.sft else f'Diffusion-DPO, beta_dpo = {args.beta_dpo:g}'}, {'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full fine-tuning'}")
-    logger.info(f"  Num pairs = {len(train_dataset)}, epochs = {args.num_train_epochs}, optimization steps = {args.max_train_steps}")
-    logger.info(f"  Pairs per device = {args.train_batch_size}, total batch (parallel, accumulation) = {total_batch_size}")
+    logger.info(
+        f"  Method = {'SFT on chosen' if args.sft else f'Diffusion-DPO, beta_dpo = {args.beta_dpo:g}'}, {'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full fine-tuning'}"
+    )
+    logger.info(
+        f"  Num pairs = {len(train_dataset)}, epochs = {args.num_train_epochs}, optimization steps = {args.max_train_steps}"
+    )
+    logger.info(
+        f"  Pairs per device = {args.train_batch_size}, total batch (parallel, accumulation) = {total_batch_size}"
+    )
 
     summary = {}  # measured on the starting model, before a checkpoint is loaded
     if eval_dataset is not None:
         unet.eval()
         summary["heldout_preference_accuracy_before"] = preference_accuracy(
-            accelerator, accelerator.unwrap_model(unet), vae, text_encoders, tokenizers, noise_scheduler, eval_dataset, args)
-        logger.info(f"Held-out preference accuracy before training: {summary['heldout_preference_accuracy_before']:.3f}")
+            accelerator,
+            accelerator.unwrap_model(unet),
+            vae,
+            text_encoders,
+            tokenizers,
+            noise_scheduler,
+            eval_dataset,
+            args,
+        )
+        logger.info(
+            f"Held-out preference accuracy before training: {summary['heldout_preference_accuracy_before']:.3f}"
+        )
 
     global_step, first_epoch = 0, 0
     if args.resume_from_checkpoint:
@@ -838,17 +1172,23 @@ def main(args):
         else:
             path = Path(args.resume_from_checkpoint)
             if not path.is_dir():
-                raise InputError(f"--resume_from_checkpoint {path} is not a checkpoint folder; give a checkpoint-N folder or 'latest'.")
+                raise InputError(
+                    f"--resume_from_checkpoint {path} is not a checkpoint folder; give a checkpoint-N folder or 'latest'."
+                )
         if path is not None:
             logger.info(f"Resuming from {path}")
             accelerator.load_state(str(path))
             global_step = int(path.name.split("-")[1])
             first_epoch = global_step // num_update_steps_per_epoch
 
-
     def validation_pipeline_kwargs(base):
         model = accelerator.unwrap_model(unet)
-        return {"vae": vae, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1], "unet": ref_unet if base and ref_unet is not None else model}
+        return {
+            "vae": vae,
+            "text_encoder": text_encoders[0],
+            "text_encoder_2": text_encoders[1],
+            "unet": ref_unet if base and ref_unet is not None else model,
+        }
 
     base_images = None
     if args.validation_prompts and accelerator.is_main_process:
@@ -859,7 +1199,9 @@ def main(args):
         if args.lora_rank:
             model.enable_adapters()
 
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     skipped_total, step_metrics, step_seconds = 0, [], []
     step_started = time.perf_counter()
     for epoch in range(first_epoch, args.num_train_epochs):
@@ -876,38 +1218,62 @@ def main(args):
                 for index, reason in batch["skipped"]:
                     logger.warning(f"Skipped pair {index}: undecodable image ({reason}).", main_process_only=False)
             if "index" not in batch:
-                raise RuntimeError(f"Every pair of a batch had an undecodable image ({skipped_total} skipped so far); check the dataset's image columns.")
+                raise RuntimeError(
+                    f"Every pair of a batch had an undecodable image ({skipped_total} skipped so far); check the dataset's image columns."
+                )
             with accelerator.accumulate(unet):
                 generators = sample_generators(args.seed, epoch, batch["index"], accelerator.device)
                 # (B, 2, ...) -> (2B, ...): all winners, then all losers.
                 if args.cache_latents:
-                    latents = batch["latents"].transpose(0, 1).flatten(0, 1).to(accelerator.device, weight_dtype, non_blocking=True)
+                    latents = (
+                        batch["latents"]
+                        .transpose(0, 1)
+                        .flatten(0, 1)
+                        .to(accelerator.device, weight_dtype, non_blocking=True)
+                    )
                     prompt_embeds = batch["prompt_embeds"].to(accelerator.device, weight_dtype, non_blocking=True)
-                    pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(accelerator.device, weight_dtype, non_blocking=True)
+                    pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(
+                        accelerator.device, weight_dtype, non_blocking=True
+                    )
                 else:
                     pixel_values = batch["pixel_values"].transpose(0, 1).flatten(0, 1)
                     latents = encode_images(vae, pixel_values, args.vae_encode_batch_size).to(weight_dtype)
                     prompt_embeds, pooled_prompt_embeds = encode_prompts(text_encoders, tokenizers, batch["caption"])
                 time_ids = batch["time_ids"].transpose(0, 1).flatten(0, 1).to(accelerator.device, prompt_embeds.dtype)
                 noisy_latents, timesteps, conditioning, target, batch_size = noisy_pair_inputs(
-                    noise_scheduler, latents, prompt_embeds, pooled_prompt_embeds, time_ids, generators)
+                    noise_scheduler, latents, prompt_embeds, pooled_prompt_embeds, time_ids, generators
+                )
 
                 if args.sft:
-                    model_pred_w = unet(noisy_latents[:batch_size], timesteps[:batch_size], encoder_hidden_states=prompt_embeds,
-                                        added_cond_kwargs={"text_embeds": pooled_prompt_embeds, "time_ids": time_ids[:batch_size]}).sample
+                    model_pred_w = unet(
+                        noisy_latents[:batch_size],
+                        timesteps[:batch_size],
+                        encoder_hidden_states=prompt_embeds,
+                        added_cond_kwargs={"text_embeds": pooled_prompt_embeds, "time_ids": time_ids[:batch_size]},
+                    ).sample
                     loss, metrics = sft_loss(per_sample_mse(model_pred_w, target[:batch_size]))
                 else:
                     model_pred = unet(noisy_latents, timesteps, **conditioning).sample
                     model_losses_w, model_losses_l = per_sample_mse(model_pred, target).chunk(2)
-                    ref_losses_w, ref_losses_l = per_sample_mse(reference_forward(noisy_latents, timesteps, conditioning), target).chunk(2)
-                    loss, metrics = diffusion_dpo_loss(model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, args.beta_dpo)
+                    ref_losses_w, ref_losses_l = per_sample_mse(
+                        reference_forward(noisy_latents, timesteps, conditioning), target
+                    ).chunk(2)
+                    loss, metrics = diffusion_dpo_loss(
+                        model_losses_w, model_losses_l, ref_losses_w, ref_losses_l, args.beta_dpo
+                    )
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+                    grad_norm = accelerator.clip_grad_norm_(
+                        params_to_optimize, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                    )
                     if grad_norm is not None:
-                        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 returns a DTensor
-                        metrics["grad_norm"] = grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
+                        grad_norm = (
+                            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                        )  # FSDP2 returns a DTensor
+                        metrics["grad_norm"] = (
+                            grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
+                        )
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -919,19 +1285,33 @@ def main(args):
                 # Mean over the accumulated micro-batches, then over processes: one all-reduce and one
                 # device-to-host copy per optimizer step, whatever the number of metrics.
                 names = list(step_metrics[-1])
-                means = torch.stack([torch.stack([m[key].float().to(accelerator.device) for m in step_metrics if key in m]).mean() for key in names])
+                means = torch.stack(
+                    [
+                        torch.stack([m[key].float().to(accelerator.device) for m in step_metrics if key in m]).mean()
+                        for key in names
+                    ]
+                )
                 logs = dict(zip(names, accelerator.reduce(means, "mean").tolist()))
-                step_seconds.append(time.perf_counter() - step_started)  # .tolist() above waited for the step's device work
+                step_seconds.append(
+                    time.perf_counter() - step_started
+                )  # .tolist() above waited for the step's device work
                 logs["lr"] = lr_scheduler.get_last_lr()[0]
                 logs["skipped_pairs"] = skipped_total
                 step_metrics = []
                 accelerator.log(logs, step=global_step)
-                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", **({"acc": f"{logs['implicit_acc']:.2f}"} if "implicit_acc" in logs else {}))
-                summary["last_step_metrics"] = {key: value for key, value in logs.items() if key not in ("lr", "skipped_pairs")}
+                progress_bar.set_postfix(
+                    loss=f"{logs['loss']:.4f}",
+                    **({"acc": f"{logs['implicit_acc']:.2f}"} if "implicit_acc" in logs else {}),
+                )
+                summary["last_step_metrics"] = {
+                    key: value for key, value in logs.items() if key not in ("lr", "skipped_pairs")
+                }
 
                 if global_step % args.checkpointing_steps == 0:
                     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-                        checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                        checkpoints = sorted(
+                            Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+                        )
                         for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
                             shutil.rmtree(old)
                     save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
@@ -941,12 +1321,27 @@ def main(args):
                 if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                     if eval_dataset is not None:
                         unet.eval()
-                        accuracy = preference_accuracy(accelerator, accelerator.unwrap_model(unet), vae, text_encoders, tokenizers, noise_scheduler, eval_dataset, args)
+                        accuracy = preference_accuracy(
+                            accelerator,
+                            accelerator.unwrap_model(unet),
+                            vae,
+                            text_encoders,
+                            tokenizers,
+                            noise_scheduler,
+                            eval_dataset,
+                            args,
+                        )
                         accelerator.log({"heldout_preference_accuracy": accuracy}, step=global_step)
                         logger.info(f"Step {global_step}: held-out preference accuracy {accuracy:.3f}")
                         unet.train()
                     if base_images is not None:
-                        log_validation(args, accelerator, base_images, render_validation(args, accelerator, validation_pipeline_kwargs(base=False), weight_dtype), global_step)
+                        log_validation(
+                            args,
+                            accelerator,
+                            base_images,
+                            render_validation(args, accelerator, validation_pipeline_kwargs(base=False), weight_dtype),
+                            global_step,
+                        )
 
             if accelerator.sync_gradients:
                 step_started = time.perf_counter()  # checkpointing and validation are not counted as step time
@@ -959,9 +1354,21 @@ def main(args):
     unet.eval()
     if eval_dataset is not None:
         summary["heldout_preference_accuracy_after"] = preference_accuracy(
-            accelerator, accelerator.unwrap_model(unet), vae, text_encoders, tokenizers, noise_scheduler, eval_dataset, args)
-        accelerator.log({"heldout_preference_accuracy": summary["heldout_preference_accuracy_after"]}, step=global_step)
-    skipped_total = int(accelerator.reduce(torch.tensor(skipped_total, device=accelerator.device), "sum").item()) + len(cache_skipped)
+            accelerator,
+            accelerator.unwrap_model(unet),
+            vae,
+            text_encoders,
+            tokenizers,
+            noise_scheduler,
+            eval_dataset,
+            args,
+        )
+        accelerator.log(
+            {"heldout_preference_accuracy": summary["heldout_preference_accuracy_after"]}, step=global_step
+        )
+    skipped_total = int(
+        accelerator.reduce(torch.tensor(skipped_total, device=accelerator.device), "sum").item()
+    ) + len(cache_skipped)
     if accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP:
         # Data-parallel replicas must end bit-identical; say so rather than assume it.
         fingerprints = gather_object([weights_fingerprint(accelerator.unwrap_model(unet))])
@@ -975,27 +1382,50 @@ def main(args):
         if args.lora_rank:
             StableDiffusionXLPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state_dict(model))
         if base_images is not None:
-            log_validation(args, accelerator, base_images, render_validation(args, accelerator, validation_pipeline_kwargs(base=False), weight_dtype), global_step)
-        summary.update({
-            "method": "sft" if args.sft else "diffusion-dpo", "global_step": global_step, "total_batch_size": total_batch_size,
-            "train_batch_size": args.train_batch_size, "lora_rank": args.lora_rank, "cache_latents": args.cache_latents,
-            "skipped_pairs": skipped_total, "dropped_ties": dropped["ties"],
-            # After the first two steps (allocation, kernel selection), as a benchmark would count them.
-            "seconds_per_step_median": float(np.median(step_seconds[2:] or step_seconds)) if step_seconds else None,
-            **peak_memory(accelerator),
-        })
+            log_validation(
+                args,
+                accelerator,
+                base_images,
+                render_validation(args, accelerator, validation_pipeline_kwargs(base=False), weight_dtype),
+                global_step,
+            )
+        summary.update(
+            {
+                "method": "sft" if args.sft else "diffusion-dpo",
+                "global_step": global_step,
+                "total_batch_size": total_batch_size,
+                "train_batch_size": args.train_batch_size,
+                "lora_rank": args.lora_rank,
+                "cache_latents": args.cache_latents,
+                "skipped_pairs": skipped_total,
+                "dropped_ties": dropped["ties"],
+                # After the first two steps (allocation, kernel selection), as a benchmark would count them.
+                "seconds_per_step_median": float(np.median(step_seconds[2:] or step_seconds))
+                if step_seconds
+                else None,
+                **peak_memory(accelerator),
+            }
+        )
         Path(args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
         write_model_card(args, summary)
         if args.push_to_hub:
             from huggingface_hub import upload_folder
 
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=["checkpoint-*", "logs/*"], token=args.hub_token)
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["checkpoint-*", "logs/*"],
+                token=args.hub_token,
+            )
         print_summary(args, summary)
     accelerator.end_training()
 
 
 def print_summary(args, summary):
-    lines = [f"== {'SFT on chosen' if args.sft else 'Diffusion-DPO'} finished: {summary['global_step']} steps, weights in {args.output_dir}"]
+    lines = [
+        f"== {'SFT on chosen' if args.sft else 'Diffusion-DPO'} finished: {summary['global_step']} steps, weights in {args.output_dir}"
+    ]
     if "heldout_preference_accuracy_before" in summary:
         lines.append(
             f"   held-out preference accuracy ({args.preference_eval_split}): "
@@ -1005,7 +1435,9 @@ def print_summary(args, summary):
     lines.append(f"   last step: {finals}")
     lines.append(f"   dropped ties: {summary['dropped_ties']}, skipped undecodable pairs: {summary['skipped_pairs']}")
     if summary["seconds_per_step_median"] is not None:
-        lines.append(f"   {summary['seconds_per_step_median']:.3f} s per step (median), peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_kind']})")
+        lines.append(
+            f"   {summary['seconds_per_step_median']:.3f} s per step (median), peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_kind']})"
+        )
     if "replicas_identical" in summary:
         lines.append(f"   weights identical on all processes: {'yes' if summary['replicas_identical'] else 'NO'}")
     print("\n".join(lines), flush=True)

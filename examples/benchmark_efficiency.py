@@ -39,10 +39,16 @@ import sys
 import time
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {
     "mapo": {"label": "MaPO", "script": "train_mapo_sdxl.py", "needs_reference": False, "args": ["--beta_mapo", "8"]},
-    "diffusion-dpo": {"label": "Diffusion-DPO", "script": "train_diffusion_dpo_sdxl.py", "needs_reference": True, "args": ["--beta_dpo", "5000"]},
+    "diffusion-dpo": {
+        "label": "Diffusion-DPO",
+        "script": "train_diffusion_dpo_sdxl.py",
+        "needs_reference": True,
+        "args": ["--beta_dpo", "5000"],
+    },
 }
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 GIB = 2**30
@@ -50,36 +56,110 @@ GIB = 2**30
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", type=str, default="benchmark-efficiency", help="Where benchmark.md, benchmark.json and the runs' folders go.")
-    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                        help="SDXL pipeline to benchmark (default: build the 24 M-parameter bench pipeline, or the tiny one with --quick, in --output_dir).")
-    parser.add_argument("--dataset_name", type=str, default=None, help="Preference dataset for the runs (default: built with the pipeline).")
-    parser.add_argument("--resolution", type=int, default=None, help="Training resolution (default: 256 for the bench model, 64 with --quick).")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="Methods to benchmark.")
-    parser.add_argument("--latents", nargs="+", default=["cached", "uncached"], choices=["cached", "uncached"],
-                        help="cached: --cache_latents (the loop runs only the UNet); uncached: VAE and text encoders every step.")
-    parser.add_argument("--train_batch_size", type=int, default=None, help="Preference pairs per device (default: 4, 2 with --quick).")
-    parser.add_argument("--max_train_steps", type=int, default=None,
-                        help="Optimizer steps per timed run; the scripts report the median after the first 2 (default: 12, 4 with --quick).")
-    parser.add_argument("--floor_steps", type=int, default=None, help="Timed floor steps after --floor_warmup_steps (default: 10, 3 with --quick).")
-    parser.add_argument("--floor_warmup_steps", type=int, default=2, help="Untimed floor steps first (allocation, kernel selection).")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="Run every timed run and floor this many times, interleaved, and report medians (steadier on a busy machine).")
-    parser.add_argument("--memory_probe_batch_size", type=int, default=None,
-                        help="Second per-device batch whose peak memory gives the memory per sample on the CPU (default: twice --train_batch_size, 8 with --quick).")
-    parser.add_argument("--memory_probe_steps", type=int, default=3, help="Steps of the run at --memory_probe_batch_size.")
-    parser.add_argument("--memory_budget_gb", type=float, default=None,
-                        help="Memory budget for the largest-batch column, GiB (default: the GPU's memory, or the machine's RAM on the CPU).")
-    parser.add_argument("--lora_rank", type=int, default=None, help="Benchmark LoRA of this rank instead of full fine-tuning.")
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="Passed to the scripts; the floor uses the same.")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Passed to the scripts; the floor uses the same.")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="benchmark-efficiency",
+        help="Where benchmark.md, benchmark.json and the runs' folders go.",
+    )
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="SDXL pipeline to benchmark (default: build the 24 M-parameter bench pipeline, or the tiny one with --quick, in --output_dir).",
+    )
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Preference dataset for the runs (default: built with the pipeline).",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Training resolution (default: 256 for the bench model, 64 with --quick).",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="Methods to benchmark."
+    )
+    parser.add_argument(
+        "--latents",
+        nargs="+",
+        default=["cached", "uncached"],
+        choices=["cached", "uncached"],
+        help="cached: --cache_latents (the loop runs only the UNet); uncached: VAE and text encoders every step.",
+    )
+    parser.add_argument(
+        "--train_batch_size", type=int, default=None, help="Preference pairs per device (default: 4, 2 with --quick)."
+    )
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Optimizer steps per timed run; the scripts report the median after the first 2 (default: 12, 4 with --quick).",
+    )
+    parser.add_argument(
+        "--floor_steps",
+        type=int,
+        default=None,
+        help="Timed floor steps after --floor_warmup_steps (default: 10, 3 with --quick).",
+    )
+    parser.add_argument(
+        "--floor_warmup_steps", type=int, default=2, help="Untimed floor steps first (allocation, kernel selection)."
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Run every timed run and floor this many times, interleaved, and report medians (steadier on a busy machine).",
+    )
+    parser.add_argument(
+        "--memory_probe_batch_size",
+        type=int,
+        default=None,
+        help="Second per-device batch whose peak memory gives the memory per sample on the CPU (default: twice --train_batch_size, 8 with --quick).",
+    )
+    parser.add_argument(
+        "--memory_probe_steps", type=int, default=3, help="Steps of the run at --memory_probe_batch_size."
+    )
+    parser.add_argument(
+        "--memory_budget_gb",
+        type=float,
+        default=None,
+        help="Memory budget for the largest-batch column, GiB (default: the GPU's memory, or the machine's RAM on the CPU).",
+    )
+    parser.add_argument(
+        "--lora_rank", type=int, default=None, help="Benchmark LoRA of this rank instead of full fine-tuning."
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="no",
+        choices=["no", "fp16", "bf16"],
+        help="Passed to the scripts; the floor uses the same.",
+    )
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Passed to the scripts; the floor uses the same."
+    )
     parser.add_argument("--use_8bit_adam", action="store_true", help="Passed to the scripts; the floor uses the same.")
-    parser.add_argument("--num_threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of every run (CPU). 1 keeps timings steady on a shared machine.")
-    parser.add_argument("--launcher", type=str, default="python", choices=["python", "accelerate"],
-                        help="Start the scripts with plain python (one process) or `accelerate launch --num_processes 1`.")
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of every run (CPU). 1 keeps timings steady on a shared machine.",
+    )
+    parser.add_argument(
+        "--launcher",
+        type=str,
+        default="python",
+        choices=["python", "accelerate"],
+        help="Start the scripts with plain python (one process) or `accelerate launch --num_processes 1`.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of every run and of the floor's inputs.")
-    parser.add_argument("--quick", action="store_true", help="Reduced setting for tests: the tiny UNet at 8x8 latents and a few steps.")
+    parser.add_argument(
+        "--quick", action="store_true", help="Reduced setting for tests: the tiny UNet at 8x8 latents and a few steps."
+    )
     # Internal: the benchmark measures each floor in a child process of itself.
     parser.add_argument("--measure_floor", type=str, default=None, choices=list(METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--floor_output", type=str, default=None, help=argparse.SUPPRESS)
@@ -90,15 +170,21 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     if (args.pretrained_model_name_or_path is None) != (args.dataset_name is None):
-        parser.error("--pretrained_model_name_or_path and --dataset_name go together: give both, or neither to build the benchmark's own assets.")
+        parser.error(
+            "--pretrained_model_name_or_path and --dataset_name go together: give both, or neither to build the benchmark's own assets."
+        )
     if args.pretrained_model_name_or_path is not None and args.resolution is None:
         parser.error("--resolution is required with --pretrained_model_name_or_path (e.g. 1024 for SDXL).")
     if args.max_train_steps < 3:
-        parser.error(f"--max_train_steps must be at least 3 (the scripts time the steps after the first 2), got {args.max_train_steps}.")
+        parser.error(
+            f"--max_train_steps must be at least 3 (the scripts time the steps after the first 2), got {args.max_train_steps}."
+        )
     if args.memory_probe_batch_size is None:
         args.memory_probe_batch_size = 8 if args.quick else 2 * args.train_batch_size
     if args.memory_probe_batch_size == args.train_batch_size:
-        parser.error("--memory_probe_batch_size must differ from --train_batch_size (two batch sizes give the memory per sample).")
+        parser.error(
+            "--memory_probe_batch_size must differ from --train_batch_size (two batch sizes give the memory per sample)."
+        )
     for name in ("train_batch_size", "floor_steps", "memory_probe_steps", "num_threads", "repeats"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
@@ -148,8 +234,14 @@ def measure_floor(args, method, batch_size):
         from peft import LoraConfig
 
         unet.requires_grad_(False).to(device, dtype=weight_dtype)
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        unet.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
         if args.mixed_precision == "fp16":
             from diffusers.training_utils import cast_training_params
 
@@ -180,10 +272,17 @@ def measure_floor(args, method, batch_size):
     def inputs():
         conditioning = {
             "encoder_hidden_states": torch.randn(n, sequence_length, config.cross_attention_dim, device=device),
-            "added_cond_kwargs": {"text_embeds": torch.randn(n, pooled_dim, device=device), "time_ids": torch.rand(n, 6, device=device) * args.resolution},
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(n, pooled_dim, device=device),
+                "time_ids": torch.rand(n, 6, device=device) * args.resolution,
+            },
         }
-        return (torch.randn(n, config.in_channels, latent_size, latent_size, device=device),
-                torch.randint(0, 1000, (n,), device=device), conditioning, torch.randn(n, config.out_channels, latent_size, latent_size, device=device))
+        return (
+            torch.randn(n, config.in_channels, latent_size, latent_size, device=device),
+            torch.randint(0, 1000, (n,), device=device),
+            conditioning,
+            torch.randn(n, config.out_channels, latent_size, latent_size, device=device),
+        )
 
     def step(noisy_latents, timesteps, conditioning, target):
         with autocast:
@@ -192,14 +291,20 @@ def measure_floor(args, method, batch_size):
         if METHODS[method]["needs_reference"]:
             with torch.no_grad(), autocast:
                 if reference is not None:
-                    cast = {"encoder_hidden_states": conditioning["encoder_hidden_states"].to(weight_dtype),
-                            "added_cond_kwargs": {k: v.to(weight_dtype) for k, v in conditioning["added_cond_kwargs"].items()}}
+                    cast = {
+                        "encoder_hidden_states": conditioning["encoder_hidden_states"].to(weight_dtype),
+                        "added_cond_kwargs": {
+                            k: v.to(weight_dtype) for k, v in conditioning["added_cond_kwargs"].items()
+                        },
+                    }
                     ref_pred = reference(noisy_latents.to(weight_dtype), timesteps, **cast).sample
                 else:
                     unet.disable_adapters()
                     ref_pred = unet(noisy_latents, timesteps, **conditioning).sample
                     unet.enable_adapters()
-            loss = loss + 0.0 * ref_pred.float().mean()  # the reference output enters the loss, as in DPO, without a gradient
+            loss = (
+                loss + 0.0 * ref_pred.float().mean()
+            )  # the reference output enters the loss, as in DPO, without a gradient
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -217,8 +322,11 @@ def measure_floor(args, method, batch_size):
             seconds.append(time.perf_counter() - started)
     memory, kind = peak_memory_bytes(device)
     return {
-        "seconds_per_step_median": statistics.median(seconds), "peak_memory_bytes": memory, "peak_memory_kind": kind,
-        "train_batch_size": batch_size, "unet_parameters": sum(p.numel() for name, p in unet.named_parameters() if "lora_" not in name),
+        "seconds_per_step_median": statistics.median(seconds),
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": kind,
+        "train_batch_size": batch_size,
+        "unet_parameters": sum(p.numel() for name, p in unet.named_parameters() if "lora_" not in name),
     }
 
 
@@ -236,32 +344,73 @@ def text_sequence_length(model_path):
 # Running the scripts and the floors
 # ----------------------------------------------------------------------------------------------
 def child_env(args):
-    return {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(args.num_threads), "MKL_NUM_THREADS": str(args.num_threads)}
+    return {
+        **os.environ,
+        **OFFLINE_ENV,
+        "OMP_NUM_THREADS": str(args.num_threads),
+        "MKL_NUM_THREADS": str(args.num_threads),
+    }
 
 
 def run(cmd, args, log_path):
     """Run a child process, keep its output in `log_path`, and stop with the tail of the log if it fails."""
     with open(log_path, "w") as log:
-        result = subprocess.run([str(c) for c in cmd], cwd=REPO, env=child_env(args), stdout=log, stderr=subprocess.STDOUT)
+        result = subprocess.run(
+            [str(c) for c in cmd], cwd=REPO, env=child_env(args), stdout=log, stderr=subprocess.STDOUT
+        )
     if result.returncode != 0:
         tail = Path(log_path).read_text()[-4000:]
-        raise RuntimeError(f"{' '.join(str(c) for c in cmd)} failed with exit code {result.returncode}; log {log_path}:\n{tail}")
+        raise RuntimeError(
+            f"{' '.join(str(c) for c in cmd)} failed with exit code {result.returncode}; log {log_path}:\n{tail}"
+        )
 
 
 def run_training(args, method, cached, batch_size, steps, output_dir):
     """One training run of `method`'s script; returns its training_summary.json."""
     script = REPO / METHODS[method]["script"]
     if args.launcher == "accelerate":
-        launcher = [Path(sys.executable).parent / "accelerate", "launch", "--num_processes", "1", "--num_machines", "1",
-                    "--mixed_precision", args.mixed_precision, "--dynamo_backend", "no"]
+        launcher = [
+            Path(sys.executable).parent / "accelerate",
+            "launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            args.mixed_precision,
+            "--dynamo_backend",
+            "no",
+        ]
     else:
         launcher = [sys.executable]
     cmd = [
-        *launcher, script, *METHODS[method]["args"],
-        "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--dataset_name", args.dataset_name,
-        "--resolution", args.resolution, "--train_batch_size", batch_size, "--max_train_steps", steps, "--seed", args.seed,
-        "--lr_warmup_steps", 0, "--checkpointing_steps", 10**9, "--validation_steps", 10**9, "--report_to", "none",
-        "--mixed_precision", args.mixed_precision, "--output_dir", output_dir,
+        *launcher,
+        script,
+        *METHODS[method]["args"],
+        "--pretrained_model_name_or_path",
+        args.pretrained_model_name_or_path,
+        "--dataset_name",
+        args.dataset_name,
+        "--resolution",
+        args.resolution,
+        "--train_batch_size",
+        batch_size,
+        "--max_train_steps",
+        steps,
+        "--seed",
+        args.seed,
+        "--lr_warmup_steps",
+        0,
+        "--checkpointing_steps",
+        10**9,
+        "--validation_steps",
+        10**9,
+        "--report_to",
+        "none",
+        "--mixed_precision",
+        args.mixed_precision,
+        "--output_dir",
+        output_dir,
     ]
     if cached:
         cmd += ["--cache_latents", "--latents_cache_dir", Path(args.output_dir, "latents_cache")]
@@ -279,10 +428,26 @@ def run_training(args, method, cached, batch_size, steps, output_dir):
 def run_floor(args, method, batch_size, output_path):
     """Measure a floor in a fresh process of this script, so its peak memory is its own."""
     passthrough = [
-        "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--dataset_name", args.dataset_name,
-        "--resolution", args.resolution, "--seed", args.seed, "--mixed_precision", args.mixed_precision,
-        "--train_batch_size", batch_size, "--floor_steps", args.floor_steps, "--floor_warmup_steps", args.floor_warmup_steps,
-        "--measure_floor", method, "--floor_output", output_path,
+        "--pretrained_model_name_or_path",
+        args.pretrained_model_name_or_path,
+        "--dataset_name",
+        args.dataset_name,
+        "--resolution",
+        args.resolution,
+        "--seed",
+        args.seed,
+        "--mixed_precision",
+        args.mixed_precision,
+        "--train_batch_size",
+        batch_size,
+        "--floor_steps",
+        args.floor_steps,
+        "--floor_warmup_steps",
+        args.floor_warmup_steps,
+        "--measure_floor",
+        method,
+        "--floor_output",
+        output_path,
     ]
     if args.lora_rank:
         passthrough += ["--lora_rank", args.lora_rank]
@@ -306,11 +471,17 @@ print(json.dumps({"cuda": cuda, "torch": torch.__version__, "python": platform.p
 def device_info(args):
     """Torch, GPU and memory facts, asked of a child process: this process never imports torch, so
     that the runs it starts do not inherit a large resident set (see `peak_memory_bytes`)."""
-    output = subprocess.run([sys.executable, "-c", DEVICE_PROBE], env=child_env(args), capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        [sys.executable, "-c", DEVICE_PROBE], env=child_env(args), capture_output=True, text=True, check=True
+    ).stdout
     info = json.loads(output.strip().splitlines()[-1])
     cpu = "unknown CPU"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     info["ram"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -343,9 +514,17 @@ def search_max_batch_gpu(args, method, cached, budget, start, work_dir):
     an out-of-memory failure counts as not fitting. Written for GPUs and NOT exercised by the tests
     (the machines this project is tested on have no GPU).
     """
+
     def fits(batch_size):
         try:
-            summary = run_training(args, method, cached, batch_size, max(3, args.memory_probe_steps), Path(work_dir, f"batch-{batch_size}"))
+            summary = run_training(
+                args,
+                method,
+                cached,
+                batch_size,
+                max(3, args.memory_probe_steps),
+                Path(work_dir, f"batch-{batch_size}"),
+            )
         except RuntimeError as error:
             if "out of memory" in str(error).lower():
                 return False
@@ -380,8 +559,11 @@ def render_markdown(report):
         f"(floor: {setting['floor_steps']} after {setting['floor_warmup_steps']}), median over {setting['repeats']} run(s).",
         f"Peak memory: {'CUDA allocator peak' if setting['peak_memory_kind'] == 'cuda' else 'peak RSS of the process'}; max batch in a "
         f"{fmt_gib(setting['memory_budget_bytes'])} budget: "
-        + ("binary search of short runs." if setting["peak_memory_kind"] == "cuda" else
-           f"estimate from the peaks at {setting['train_batch_size']} and {setting['memory_probe_batch_size']} pairs (intercept + per-pair slope)."),
+        + (
+            "binary search of short runs."
+            if setting["peak_memory_kind"] == "cuda"
+            else f"estimate from the peaks at {setting['train_batch_size']} and {setting['memory_probe_batch_size']} pairs (intercept + per-pair slope)."
+        ),
         f"Machine: {report['machine']}.",
         "",
         "| method | latents | s/step | floor s/step | ratio to floor | peak memory | floor peak memory | memory ratio to floor | max batch in budget |",
@@ -399,7 +581,11 @@ def render_markdown(report):
             batch = f"{ratios['max_batch']:.2f}x" if ratios["max_batch"] is not None else "n/a"
             lines.append(f"| | {latents} | {ratios['time']:.2f}x | {ratios['memory']:.2f}x | {batch} |")
     if report["targets"]:
-        lines += ["", "Targets (cached latents, the issue's): " + "; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in report["targets"].items())]
+        lines += [
+            "",
+            "Targets (cached latents, the issue's): "
+            + "; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in report["targets"].items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -412,9 +598,28 @@ def build_assets(args):
     if not (model / "model_index.json").exists() or not (dataset / "train.parquet").exists():
         pairs = max(32, max(args.train_batch_size, args.memory_probe_batch_size) * args.max_train_steps)
         print(f"building the {preset} assets in {root} ...", flush=True)
-        run([sys.executable, REPO / "examples" / "tiny_assets" / "make_tiny_assets.py", "--unet_preset", preset, "--output_dir", root,
-             "--resolution", args.resolution, "--num_train_pairs", pairs, "--num_test_pairs", 8, "--num_ties", 0, "--seed", args.seed],
-            args, Path(args.output_dir, "make_assets.log"))
+        run(
+            [
+                sys.executable,
+                REPO / "examples" / "tiny_assets" / "make_tiny_assets.py",
+                "--unet_preset",
+                preset,
+                "--output_dir",
+                root,
+                "--resolution",
+                args.resolution,
+                "--num_train_pairs",
+                pairs,
+                "--num_test_pairs",
+                8,
+                "--num_ties",
+                0,
+                "--seed",
+                args.seed,
+            ],
+            args,
+            Path(args.output_dir, "make_assets.log"),
+        )
     args.pretrained_model_name_or_path, args.dataset_name = str(model), str(dataset)
 
 
@@ -446,33 +651,67 @@ def main(args):
             print(f"[{repeat + 1}/{args.repeats}] floor of {METHODS[method]['label']} ...", flush=True)
             floor_runs[method].append(run_floor(args, method, batch, runs_dir / f"floor-{method}-{repeat}.json"))
         for method, latents in case_runs:
-            print(f"[{repeat + 1}/{args.repeats}] {METHODS[method]['label']}, {latents} latents: {args.max_train_steps} steps ...", flush=True)
-            case_runs[method, latents].append(run_training(args, method, latents == "cached", batch, args.max_train_steps, runs_dir / f"{method}-{latents}-{repeat}"))
+            print(
+                f"[{repeat + 1}/{args.repeats}] {METHODS[method]['label']}, {latents} latents: {args.max_train_steps} steps ...",
+                flush=True,
+            )
+            case_runs[method, latents].append(
+                run_training(
+                    args,
+                    method,
+                    latents == "cached",
+                    batch,
+                    args.max_train_steps,
+                    runs_dir / f"{method}-{latents}-{repeat}",
+                )
+            )
 
     def median_of(runs, key):
         return statistics.median(run[key] for run in runs)
 
-    floors = {method: {key: median_of(runs, key) for key in ("seconds_per_step_median", "peak_memory_bytes")} for method, runs in floor_runs.items()}
+    floors = {
+        method: {key: median_of(runs, key) for key in ("seconds_per_step_median", "peak_memory_bytes")}
+        for method, runs in floor_runs.items()
+    }
     rows = []
     for (method, latents), runs in case_runs.items():
         label, cached = METHODS[method]["label"], latents == "cached"
         seconds, peak = median_of(runs, "seconds_per_step_median"), median_of(runs, "peak_memory_bytes")
         per_sample = None
         if on_gpu:
-            max_batch = search_max_batch_gpu(args, method, cached, budget, batch, runs_dir / f"{method}-{latents}-search")
+            max_batch = search_max_batch_gpu(
+                args, method, cached, budget, batch, runs_dir / f"{method}-{latents}-search"
+            )
         else:
-            probe = run_training(args, method, cached, probe_batch, args.memory_probe_steps, runs_dir / f"{method}-{latents}-batch{probe_batch}")
-            max_batch, per_sample, _ = estimate_max_batch_cpu(peak, batch, probe["peak_memory_bytes"], probe_batch, budget)
+            probe = run_training(
+                args,
+                method,
+                cached,
+                probe_batch,
+                args.memory_probe_steps,
+                runs_dir / f"{method}-{latents}-batch{probe_batch}",
+            )
+            max_batch, per_sample, _ = estimate_max_batch_cpu(
+                peak, batch, probe["peak_memory_bytes"], probe_batch, budget
+            )
         floor = floors[method]
-        rows.append({
-            "method": label, "latents": latents, "seconds_per_step": seconds, "floor_seconds_per_step": floor["seconds_per_step_median"],
-            "time_ratio_to_floor": seconds / floor["seconds_per_step_median"],
-            "peak_memory_bytes": peak, "floor_peak_memory_bytes": floor["peak_memory_bytes"],
-            "memory_ratio_to_floor": peak / floor["peak_memory_bytes"],
-            "max_batch": max_batch, "memory_per_sample_bytes": per_sample, "peak_memory_kind": runs[0]["peak_memory_kind"],
-            "seconds_per_step_runs": [run["seconds_per_step_median"] for run in runs],
-            "floor_seconds_per_step_runs": [run["seconds_per_step_median"] for run in floor_runs[method]],
-        })
+        rows.append(
+            {
+                "method": label,
+                "latents": latents,
+                "seconds_per_step": seconds,
+                "floor_seconds_per_step": floor["seconds_per_step_median"],
+                "time_ratio_to_floor": seconds / floor["seconds_per_step_median"],
+                "peak_memory_bytes": peak,
+                "floor_peak_memory_bytes": floor["peak_memory_bytes"],
+                "memory_ratio_to_floor": peak / floor["peak_memory_bytes"],
+                "max_batch": max_batch,
+                "memory_per_sample_bytes": per_sample,
+                "peak_memory_kind": runs[0]["peak_memory_kind"],
+                "seconds_per_step_runs": [run["seconds_per_step_median"] for run in runs],
+                "floor_seconds_per_step_runs": [run["seconds_per_step_median"] for run in floor_runs[method]],
+            }
+        )
 
     by_key = {(row["method"], row["latents"]): row for row in rows}
     mapo_vs_dpo = {}
@@ -487,7 +726,9 @@ def main(args):
     targets = {}
     cached_rows = [row for row in rows if row["latents"] == "cached"]
     if cached_rows:
-        targets["every method within 1.15x of its floor"] = all(row["time_ratio_to_floor"] <= 1.15 for row in cached_rows)
+        targets["every method within 1.15x of its floor"] = all(
+            row["time_ratio_to_floor"] <= 1.15 for row in cached_rows
+        )
     if "cached" in mapo_vs_dpo:
         targets["MaPO time <= 0.85x Diffusion-DPO"] = mapo_vs_dpo["cached"]["time"] <= 0.85
         if not args.lora_rank:
@@ -497,14 +738,27 @@ def main(args):
     report = {
         "machine": info["description"],
         "setting": {
-            "model": args.pretrained_model_name_or_path, "unet_parameters": unet_parameters, "resolution": args.resolution,
-            "train_batch_size": batch, "training": f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning",
-            "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing, "use_8bit_adam": args.use_8bit_adam,
-            "timed_steps": args.max_train_steps, "floor_steps": args.floor_steps, "floor_warmup_steps": args.floor_warmup_steps, "threads": args.num_threads, "repeats": args.repeats,
+            "model": args.pretrained_model_name_or_path,
+            "unet_parameters": unet_parameters,
+            "resolution": args.resolution,
+            "train_batch_size": batch,
+            "training": f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning",
+            "mixed_precision": args.mixed_precision,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "use_8bit_adam": args.use_8bit_adam,
+            "timed_steps": args.max_train_steps,
+            "floor_steps": args.floor_steps,
+            "floor_warmup_steps": args.floor_warmup_steps,
+            "threads": args.num_threads,
+            "repeats": args.repeats,
             "memory_probe_batch_size": None if on_gpu else probe_batch,
-            "memory_budget_bytes": budget, "peak_memory_kind": "cuda" if on_gpu else "rss",
+            "memory_budget_bytes": budget,
+            "peak_memory_kind": "cuda" if on_gpu else "rss",
         },
-        "rows": rows, "mapo_vs_dpo": mapo_vs_dpo, "targets": targets, "floor_runs": floor_runs,
+        "rows": rows,
+        "mapo_vs_dpo": mapo_vs_dpo,
+        "targets": targets,
+        "floor_runs": floor_runs,
     }
     markdown = render_markdown(report)
     Path(args.output_dir, "benchmark.md").write_text(markdown)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples" / "tiny_assets"))
@@ -43,7 +44,9 @@ def launch(script, args, num_processes=1, timeout=600, check=True):
     else:
         cmd += ["--num_processes", "1"]
     cmd += [str(REPO / script), *[str(a) for a in args]]
-    result = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    result = subprocess.run(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed with exit code {result.returncode}:\n{result.stdout[-6000:]}")
     return result
@@ -52,14 +55,35 @@ def launch(script, args, num_processes=1, timeout=600, check=True):
 def run_python(script, args, timeout=300):
     """Run a script with plain `python` (for argument errors that must stop before any model loads)."""
     return subprocess.run(
-        [sys.executable, str(REPO / script), *[str(a) for a in args]], cwd=REPO, env={**os.environ, **OFFLINE_ENV},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        [sys.executable, str(REPO / script), *[str(a) for a in args]],
+        cwd=REPO,
+        env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
     )
 
 
 def tiny_args(tiny_assets, output_dir, *extra):
     return [
-        "--pretrained_model_name_or_path", tiny_assets["model"], "--dataset_name", tiny_assets["dataset"],
-        "--resolution", 64, "--train_batch_size", 4, "--seed", 0, "--lr_warmup_steps", 0,
-        "--checkpointing_steps", 1000, "--report_to", "none", "--output_dir", output_dir, *extra,
+        "--pretrained_model_name_or_path",
+        tiny_assets["model"],
+        "--dataset_name",
+        tiny_assets["dataset"],
+        "--resolution",
+        64,
+        "--train_batch_size",
+        4,
+        "--seed",
+        0,
+        "--lr_warmup_steps",
+        0,
+        "--checkpointing_steps",
+        1000,
+        "--report_to",
+        "none",
+        "--output_dir",
+        output_dir,
+        *extra,
     ]

@@ -6,11 +6,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import run_python
 from PIL import Image
 
 import train_diffusion_dpo_sdxl
 import train_mapo_sdxl
-from conftest import run_python
+
 
 SCRIPTS = [train_diffusion_dpo_sdxl, train_mapo_sdxl]
 
@@ -31,12 +32,14 @@ def args_for(script, *extra):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
 def test_ties_and_unlabeled_rows_are_dropped_and_counted(script):
-    dataset = datasets.Dataset.from_dict({
-        "caption": ["a", "b", "c", "d", "e"],
-        "jpg_0": [solid(0)] * 5,
-        "jpg_1": [solid(255)] * 5,
-        "label_0": [1.0, 0.5, 0.0, 0.5, None],
-    })
+    dataset = datasets.Dataset.from_dict(
+        {
+            "caption": ["a", "b", "c", "d", "e"],
+            "jpg_0": [solid(0)] * 5,
+            "jpg_1": [solid(255)] * 5,
+            "label_0": [1.0, 0.5, 0.0, 0.5, None],
+        }
+    )
     pairs, dropped = script.prepare_pairs(dataset, args_for(script), "train")
     assert dropped == {"ties": 2, "unlabeled": 1}
     assert pairs["caption"] == ["a", "c"]
@@ -44,7 +47,9 @@ def test_ties_and_unlabeled_rows_are_dropped_and_counted(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
 def test_the_preferred_image_comes_first_whatever_its_column(script):
-    dataset = datasets.Dataset.from_dict({"caption": ["x", "y"], "jpg_0": [solid(10), solid(20)], "jpg_1": [solid(200), solid(250)], "label_0": [1, 0]})
+    dataset = datasets.Dataset.from_dict(
+        {"caption": ["x", "y"], "jpg_0": [solid(10), solid(20)], "jpg_1": [solid(200), solid(250)], "label_0": [1, 0]}
+    )
     args = args_for(script, "--no_hflip")
     pairs = script.PreferencePairs(script.prepare_pairs(dataset, args, "train")[0], args)
     winner_0, loser_0 = pairs[0]["pixel_values"]
@@ -65,18 +70,24 @@ def test_ordered_pair_schema_uses_chosen_and_rejected_columns(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
 def test_undecodable_image_is_skipped_and_counted(script):
-    dataset = datasets.Dataset.from_dict({
-        "caption": ["ok", "broken", "ok too"],
-        "jpg_0": [solid(0), b"\xff\xd8 not a jpeg", solid(0)],
-        "jpg_1": [solid(255)] * 3,
-        "label_0": [1.0, 1.0, 1.0],
-    })
+    dataset = datasets.Dataset.from_dict(
+        {
+            "caption": ["ok", "broken", "ok too"],
+            "jpg_0": [solid(0), b"\xff\xd8 not a jpeg", solid(0)],
+            "jpg_1": [solid(255)] * 3,
+            "label_0": [1.0, 1.0, 1.0],
+        }
+    )
     args = args_for(script)
     pairs = script.PreferencePairs(script.prepare_pairs(dataset, args, "train")[0], args)
     batch = script.collate_fn([pairs[i] for i in range(3)])
     assert batch["num_skipped"] == 1
     assert batch["skipped"][0][0] == 1 and "UnidentifiedImageError" in batch["skipped"][0][1]
-    assert batch["caption"] == ["ok", "ok too"] and batch["index"] == [0, 2] and batch["pixel_values"].shape == (2, 2, 3, 16, 16)
+    assert (
+        batch["caption"] == ["ok", "ok too"]
+        and batch["index"] == [0, 2]
+        and batch["pixel_values"].shape == (2, 2, 3, 16, 16)
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
@@ -87,7 +98,9 @@ def test_joint_crop_and_flip_keep_the_pair_aligned_and_time_ids_match_the_crop(s
     images = [Image.fromarray(winner), Image.fromarray(loser)]
     flips = set()
     for seed in range(12):
-        pixels, time_ids = script.crop_and_flip_pair(images, 16, random_crop=True, hflip=True, rng=np.random.default_rng(seed))
+        pixels, time_ids = script.crop_and_flip_pair(
+            images, 16, random_crop=True, hflip=True, rng=np.random.default_rng(seed)
+        )
         # Aligned: the loser is still the negative of the winner after the joint transform.
         assert torch.allclose(pixels[1], -pixels[0], atol=2 / 127.5)
         (orig_h, orig_w, top, left, target_h, target_w) = time_ids[0].tolist()
@@ -95,8 +108,18 @@ def test_joint_crop_and_flip_keep_the_pair_aligned_and_time_ids_match_the_crop(s
         assert time_ids[1].tolist() == time_ids[0].tolist()
         # The crop window named by (top, left) is where the pixels came from (in the mirrored image if flipped).
         resized = images[0].resize((27, 16), Image.BILINEAR)  # shorter side to 16, aspect kept
-        crop = np.asarray(resized.crop((int(left), int(top), int(left) + 16, int(top) + 16)), dtype=np.float32) / 127.5 - 1
-        mirrored = np.asarray(resized.transpose(Image.FLIP_LEFT_RIGHT).crop((int(left), int(top), int(left) + 16, int(top) + 16)), dtype=np.float32) / 127.5 - 1
+        crop = (
+            np.asarray(resized.crop((int(left), int(top), int(left) + 16, int(top) + 16)), dtype=np.float32) / 127.5
+            - 1
+        )
+        mirrored = (
+            np.asarray(
+                resized.transpose(Image.FLIP_LEFT_RIGHT).crop((int(left), int(top), int(left) + 16, int(top) + 16)),
+                dtype=np.float32,
+            )
+            / 127.5
+            - 1
+        )
         got = pixels[0].permute(1, 2, 0).numpy()
         flipped = np.allclose(got, mirrored, atol=1e-6)
         assert flipped or np.allclose(got, crop, atol=1e-6)
@@ -106,26 +129,59 @@ def test_joint_crop_and_flip_keep_the_pair_aligned_and_time_ids_match_the_crop(s
 
 def test_center_crop_without_flip_is_deterministic_and_centered():
     image = Image.fromarray(np.arange(32 * 48 * 3, dtype=np.uint32).reshape(32, 48, 3).astype(np.uint8))
-    _, time_ids = train_mapo_sdxl.crop_and_flip_pair([image, image], 16, random_crop=False, hflip=False, rng=np.random.default_rng(0))
+    _, time_ids = train_mapo_sdxl.crop_and_flip_pair(
+        [image, image], 16, random_crop=False, hflip=False, rng=np.random.default_rng(0)
+    )
     assert time_ids[0].tolist() == [32, 48, 0, 4, 16, 16]  # resized to 16x24, centered 4 px from the left
 
 
 @pytest.mark.parametrize("script", ["train_diffusion_dpo_sdxl.py", "train_mapo_sdxl.py"])
 def test_missing_column_stops_before_any_model_is_loaded(tmp_path, script):
-    datasets.Dataset.from_dict({"caption": ["x"], "jpg_0": [solid(0)], "jpg_1": [solid(9)]}).to_parquet(str(tmp_path / "train.parquet"))
-    result = run_python(script, ["--dataset_name", tmp_path / "train.parquet", "--pretrained_model_name_or_path", tmp_path / "no-such-model", "--output_dir", tmp_path / "out"])
+    datasets.Dataset.from_dict({"caption": ["x"], "jpg_0": [solid(0)], "jpg_1": [solid(9)]}).to_parquet(
+        str(tmp_path / "train.parquet")
+    )
+    result = run_python(
+        script,
+        [
+            "--dataset_name",
+            tmp_path / "train.parquet",
+            "--pretrained_model_name_or_path",
+            tmp_path / "no-such-model",
+            "--output_dir",
+            tmp_path / "out",
+        ],
+    )
     assert result.returncode == 2
     assert "has no column(s) ['label_0']" in result.stdout and "--label_column" in result.stdout
     assert "Traceback" not in result.stdout
 
 
 def test_empty_dataset_after_dropping_ties_is_a_clear_error(tmp_path):
-    datasets.Dataset.from_dict({"caption": ["x"], "jpg_0": [solid(0)], "jpg_1": [solid(9)], "label_0": [0.5]}).to_parquet(str(tmp_path / "train.parquet"))
-    result = run_python("train_mapo_sdxl.py", ["--dataset_name", tmp_path / "train.parquet", "--pretrained_model_name_or_path", tmp_path / "no-such-model", "--output_dir", tmp_path / "out"])
+    datasets.Dataset.from_dict(
+        {"caption": ["x"], "jpg_0": [solid(0)], "jpg_1": [solid(9)], "label_0": [0.5]}
+    ).to_parquet(str(tmp_path / "train.parquet"))
+    result = run_python(
+        "train_mapo_sdxl.py",
+        [
+            "--dataset_name",
+            tmp_path / "train.parquet",
+            "--pretrained_model_name_or_path",
+            tmp_path / "no-such-model",
+            "--output_dir",
+            tmp_path / "out",
+        ],
+    )
     assert result.returncode == 2 and "no preference pairs left after dropping 1 ties" in result.stdout
 
 
-@pytest.mark.parametrize("script,flag", [("train_mapo_sdxl.py", "--beta_mapo"), ("train_diffusion_dpo_sdxl.py", "--beta_dpo"), ("train_mapo_sdxl.py", "--snr_value")])
+@pytest.mark.parametrize(
+    "script,flag",
+    [
+        ("train_mapo_sdxl.py", "--beta_mapo"),
+        ("train_diffusion_dpo_sdxl.py", "--beta_dpo"),
+        ("train_mapo_sdxl.py", "--snr_value"),
+    ],
+)
 def test_non_positive_beta_is_refused(script, flag):
     result = run_python(script, [flag, "0"])
     assert result.returncode == 2 and f"{flag} must be positive" in result.stdout
@@ -133,12 +189,16 @@ def test_non_positive_beta_is_refused(script, flag):
 
 def test_unknown_lr_scheduler_is_refused_with_the_choices():
     result = run_python("train_mapo_sdxl.py", ["--lr_scheduler", "cosine_annealing"])
-    assert result.returncode == 2 and "invalid choice: 'cosine_annealing'" in result.stdout and "cosine_with_restarts" in result.stdout
+    assert (
+        result.returncode == 2
+        and "invalid choice: 'cosine_annealing'" in result.stdout
+        and "cosine_with_restarts" in result.stdout
+    )
 
 
 def test_model_with_unsupported_prediction_type_is_refused(tiny_assets, tmp_path):
-    import shutil
     import json
+    import shutil
 
     model = tmp_path / "model"
     shutil.copytree(tiny_assets["model"], model)
@@ -146,5 +206,17 @@ def test_model_with_unsupported_prediction_type_is_refused(tiny_assets, tmp_path
     config = json.loads(config_path.read_text())
     config["prediction_type"] = "sample"
     config_path.write_text(json.dumps(config))
-    result = run_python("train_mapo_sdxl.py", ["--pretrained_model_name_or_path", model, "--dataset_name", tiny_assets["dataset"], "--output_dir", tmp_path / "out", "--report_to", "none"])
+    result = run_python(
+        "train_mapo_sdxl.py",
+        [
+            "--pretrained_model_name_or_path",
+            model,
+            "--dataset_name",
+            tiny_assets["dataset"],
+            "--output_dir",
+            tmp_path / "out",
+            "--report_to",
+            "none",
+        ],
+    )
     assert result.returncode == 2 and "found prediction_type='sample'" in result.stdout

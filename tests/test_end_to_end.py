@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch, tiny_args
 from safetensors.torch import load_file
 
-from conftest import launch, tiny_args
 
 METRICS = {"loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "lr", "grad_norm"}
 DPO_METRICS = METRICS | {"ref_mse_w", "ref_mse_l"}
@@ -43,11 +43,33 @@ def assert_same_tensors(first, second, atol=1e-6):
 @pytest.fixture(scope="module")
 def mapo_lora_run(tiny_assets, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("mapo-lora")
-    result = launch("train_mapo_sdxl.py", tiny_args(
-        tiny_assets, output_dir, "--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 4, "--report_to", "tensorboard",
-        "--beta_mapo", 8, "--validation_prompts", "a photo of a red ball", "--validation_steps", 2, "--validation_inference_steps", 2,
-        "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
-    ))
+    result = launch(
+        "train_mapo_sdxl.py",
+        tiny_args(
+            tiny_assets,
+            output_dir,
+            "--lora_rank",
+            4,
+            "--learning_rate",
+            1e-2,
+            "--max_train_steps",
+            4,
+            "--report_to",
+            "tensorboard",
+            "--beta_mapo",
+            8,
+            "--validation_prompts",
+            "a photo of a red ball",
+            "--validation_steps",
+            2,
+            "--validation_inference_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--checkpoints_total_limit",
+            1,
+        ),
+    )
     return output_dir, result.stdout
 
 
@@ -78,8 +100,14 @@ def test_saved_lora_loads_into_an_sdxl_pipeline_and_changes_its_output(tiny_asse
     pipeline.set_progress_bar_config(disable=True)
 
     def render():
-        return pipeline("a photo of a red ball", num_inference_steps=2, height=64, width=64, output_type="np",
-                        generator=torch.Generator().manual_seed(0)).images
+        return pipeline(
+            "a photo of a red ball",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     before = render()
     pipeline.load_lora_weights(str(output_dir))
@@ -100,8 +128,17 @@ def test_mapo_full_finetuning_saves_a_unet_folder(tiny_assets, tmp_path):
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_dpo_trains_logs_reference_metrics_and_starts_at_log2(tiny_assets, tmp_path, mode):
     # Full fine-tuning also runs 8-bit AdamW and gradient checkpointing together (bitsandbytes runs on the CPU).
-    extra = ["--lora_rank", 4, "--learning_rate", 1e-3] if mode == "lora" else ["--learning_rate", 1e-5, "--use_8bit_adam", "--gradient_checkpointing"]
-    launch("train_diffusion_dpo_sdxl.py", tiny_args(tiny_assets, tmp_path, "--max_train_steps", 3, "--report_to", "tensorboard", "--beta_dpo", 5000, *extra))
+    extra = (
+        ["--lora_rank", 4, "--learning_rate", 1e-3]
+        if mode == "lora"
+        else ["--learning_rate", 1e-5, "--use_8bit_adam", "--gradient_checkpointing"]
+    )
+    launch(
+        "train_diffusion_dpo_sdxl.py",
+        tiny_args(
+            tiny_assets, tmp_path, "--max_train_steps", 3, "--report_to", "tensorboard", "--beta_dpo", 5000, *extra
+        ),
+    )
     tags = scalar_tags(tmp_path / "logs")
     assert DPO_METRICS <= set(tags)
     # Step 1 is computed before any update: policy == reference, so the loss is log 2 (beta = 5000
@@ -114,19 +151,50 @@ def test_dpo_trains_logs_reference_metrics_and_starts_at_log2(tiny_assets, tmp_p
 
 
 def test_sft_baseline_trains_on_winners_only(tiny_assets, tmp_path):
-    result = launch("train_diffusion_dpo_sdxl.py", tiny_args(tiny_assets, tmp_path, "--sft", "--lora_rank", 4, "--learning_rate", 1e-3, "--max_train_steps", 2, "--report_to", "tensorboard"))
+    result = launch(
+        "train_diffusion_dpo_sdxl.py",
+        tiny_args(
+            tiny_assets,
+            tmp_path,
+            "--sft",
+            "--lora_rank",
+            4,
+            "--learning_rate",
+            1e-3,
+            "--max_train_steps",
+            2,
+            "--report_to",
+            "tensorboard",
+        ),
+    )
     tags = scalar_tags(tmp_path / "logs")
-    assert {"loss", "model_mse_w", "lr", "grad_norm"} <= set(tags) and "ref_mse_w" not in tags and "implicit_acc" not in tags
+    assert (
+        {"loss", "model_mse_w", "lr", "grad_norm"} <= set(tags)
+        and "ref_mse_w" not in tags
+        and "implicit_acc" not in tags
+    )
     assert tags["loss"] == pytest.approx(tags["model_mse_w"])
     assert "SFT on chosen finished" in result.stdout
 
 
-@pytest.mark.parametrize("script,extra", [
-    ("train_diffusion_dpo_sdxl.py", ["--learning_rate", 1e-4]),  # full fine-tuning: unet/ + frozen reference copy
-    ("train_mapo_sdxl.py", ["--lora_rank", 4, "--learning_rate", 1e-2]),  # LoRA: adapter-only checkpoints
-])
+@pytest.mark.parametrize(
+    "script,extra",
+    [
+        ("train_diffusion_dpo_sdxl.py", ["--learning_rate", 1e-4]),  # full fine-tuning: unet/ + frozen reference copy
+        ("train_mapo_sdxl.py", ["--lora_rank", 4, "--learning_rate", 1e-2]),  # LoRA: adapter-only checkpoints
+    ],
+)
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_assets, tmp_path, script, extra):
-    common = ["--max_train_steps", 7, "--random_crop", "--dataloader_num_workers", 2, "--max_train_samples", 20, *extra]
+    common = [
+        "--max_train_steps",
+        7,
+        "--random_crop",
+        "--dataloader_num_workers",
+        2,
+        "--max_train_samples",
+        20,
+        *extra,
+    ]
     uninterrupted = tmp_path / "uninterrupted"
     launch(script, tiny_args(tiny_assets, uninterrupted, "--checkpointing_steps", 3, *common))
     # A run killed after step 4 leaves checkpoint-3 behind; that is what the second run resumes from.
@@ -134,17 +202,30 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_ass
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(uninterrupted / "checkpoint-3", resumed / "checkpoint-3")
-    result = launch(script, tiny_args(tiny_assets, resumed, "--checkpointing_steps", 3, "--resume_from_checkpoint", "latest", *common))
+    result = launch(
+        script,
+        tiny_args(tiny_assets, resumed, "--checkpointing_steps", 3, "--resume_from_checkpoint", "latest", *common),
+    )
     assert "Resuming from" in result.stdout
     if "--lora_rank" in extra:
-        assert_same_tensors(load_file(uninterrupted / "pytorch_lora_weights.safetensors"), load_file(resumed / "pytorch_lora_weights.safetensors"))
+        assert_same_tensors(
+            load_file(uninterrupted / "pytorch_lora_weights.safetensors"),
+            load_file(resumed / "pytorch_lora_weights.safetensors"),
+        )
     else:
         assert_same_tensors(unet_state(uninterrupted), unet_state(resumed))
 
 
 def test_two_process_cpu_run_leaves_identical_weights_on_both_ranks(tiny_assets, tmp_path):
-    result = launch("train_mapo_sdxl.py", tiny_args(tiny_assets, tmp_path, "--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 3), num_processes=2)
-    assert "Distributed environment: DistributedType.MULTI_CPU" in result.stdout and "total batch (parallel, accumulation) = 8" in result.stdout
+    result = launch(
+        "train_mapo_sdxl.py",
+        tiny_args(tiny_assets, tmp_path, "--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 3),
+        num_processes=2,
+    )
+    assert (
+        "Distributed environment: DistributedType.MULTI_CPU" in result.stdout
+        and "total batch (parallel, accumulation) = 8" in result.stdout
+    )
     assert "weights identical on all processes: yes" in result.stdout
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
 
@@ -155,15 +236,30 @@ def heldout_accuracies(log):
     return float(match.group(1)), float(match.group(2))
 
 
-@pytest.mark.parametrize("script,extra", [
-    ("train_diffusion_dpo_sdxl.py", ["--beta_dpo", 5000, "--learning_rate", 1e-4]),
-    ("train_mapo_sdxl.py", ["--beta_mapo", 8, "--learning_rate", 1e-3]),
-])
+@pytest.mark.parametrize(
+    "script,extra",
+    [
+        ("train_diffusion_dpo_sdxl.py", ["--beta_dpo", 5000, "--learning_rate", 1e-4]),
+        ("train_mapo_sdxl.py", ["--beta_mapo", 8, "--learning_rate", 1e-3]),
+    ],
+)
 def test_training_raises_heldout_preference_accuracy(tiny_assets, tmp_path, script, extra):
-    result = launch(script, tiny_args(
-        tiny_assets, tmp_path, "--train_batch_size", 8, "--max_train_steps", 60,
-        "--preference_eval_split", "test", "--preference_eval_timesteps", 8, *extra,
-    ))
+    result = launch(
+        script,
+        tiny_args(
+            tiny_assets,
+            tmp_path,
+            "--train_batch_size",
+            8,
+            "--max_train_steps",
+            60,
+            "--preference_eval_split",
+            "test",
+            "--preference_eval_timesteps",
+            8,
+            *extra,
+        ),
+    )
     before, after = heldout_accuracies(result.stdout)
     assert 0.3 < before < 0.7  # the tiny dataset is balanced: an untrained model prefers neither image
     assert after >= 0.85 and after - before >= 0.25

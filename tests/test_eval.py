@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import launch, run_python
 from PIL import Image
 
-from conftest import launch, run_python
 from examples.eval import compare
 from examples.eval.generate import image_seed
 from examples.eval.prompts import PromptSetError, load_prompts
+
 
 PROMPTS = ["a photo of a red ball", "a photo of a blue ball", "a photo of a green ball"]
 K = 2
@@ -20,16 +21,34 @@ K = 2
 
 def generate_args(tiny_assets, output_dir, model_name, prompts_file, *extra):
     return [
-        "--pretrained_model_name_or_path", tiny_assets["model"], "--model_name", model_name, "--prompts", prompts_file,
-        "--images_per_prompt", K, "--num_inference_steps", 2, "--resolution", 64, "--batch_size", 2, "--seed", 0,
-        "--output_dir", output_dir, *extra,
+        "--pretrained_model_name_or_path",
+        tiny_assets["model"],
+        "--model_name",
+        model_name,
+        "--prompts",
+        prompts_file,
+        "--images_per_prompt",
+        K,
+        "--num_inference_steps",
+        2,
+        "--resolution",
+        64,
+        "--batch_size",
+        2,
+        "--seed",
+        0,
+        "--output_dir",
+        output_dir,
+        *extra,
     ]
 
 
 def run_tool(script, args, expect_success=True):
     result = run_python(f"examples/eval/{script}", args)
     if expect_success and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-4000:]}")
+        raise AssertionError(
+            f"{script} {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-4000:]}"
+        )
     return result
 
 
@@ -63,9 +82,13 @@ def eval_assets(tiny_assets, tmp_path_factory):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(tiny_assets["model"], subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )
     (root / "lora").mkdir()
-    StableDiffusionXLPipeline.save_lora_weights(root / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    StableDiffusionXLPipeline.save_lora_weights(
+        root / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
 
     unet = UNet2DConditionModel.from_pretrained(tiny_assets["model"], subfolder="unet")
     with torch.no_grad():
@@ -75,7 +98,14 @@ def eval_assets(tiny_assets, tmp_path_factory):
     rewards = write_tiny_reward_models(root / "rewards")
     output_dir = root / "generated"
     run_tool("generate.py", generate_args(tiny_assets, output_dir, "base", prompts_file))
-    return {"root": root, "prompts_file": prompts_file, "lora": root / "lora", "full": root / "full", "rewards": rewards, "output_dir": output_dir}
+    return {
+        "root": root,
+        "prompts_file": prompts_file,
+        "lora": root / "lora",
+        "full": root / "full",
+        "rewards": rewards,
+        "output_dir": output_dir,
+    }
 
 
 def test_every_tool_explains_itself_with_help():
@@ -100,7 +130,9 @@ def test_same_seeds_give_identical_images_across_two_runs(eval_assets, tiny_asse
     other = eval_assets["root"] / "second_run"
     run_tool("generate.py", generate_args(tiny_assets, other, "base", eval_assets["prompts_file"]))
     for row in read_manifest(eval_assets["output_dir"] / "base"):
-        assert np.array_equal(pixels(other / "base" / row["image"]), pixels(eval_assets["output_dir"] / "base" / row["image"]))
+        assert np.array_equal(
+            pixels(other / "base" / row["image"]), pixels(eval_assets["output_dir"] / "base" / row["image"])
+        )
 
 
 def test_resumed_generation_redoes_nothing_and_fills_only_what_is_missing(eval_assets, tiny_assets):
@@ -126,26 +158,54 @@ def test_resumed_generation_redoes_nothing_and_fills_only_what_is_missing(eval_a
 
 def test_generate_under_accelerate_launch_splits_the_images_over_two_processes(eval_assets, tiny_assets):
     output_dir = eval_assets["root"] / "two_processes"
-    result = launch("examples/eval/generate.py", generate_args(tiny_assets, output_dir, "base", eval_assets["prompts_file"]), num_processes=2)
+    result = launch(
+        "examples/eval/generate.py",
+        generate_args(tiny_assets, output_dir, "base", eval_assets["prompts_file"]),
+        num_processes=2,
+    )
     assert "6 images generated (per process: [3, 3])" in result.stdout
-    assert [row["image"] for row in read_manifest(output_dir / "base")] == [row["image"] for row in read_manifest(eval_assets["output_dir"] / "base")]
-    for row in read_manifest(output_dir / "base"):  # each image's noise comes from its own seed, not from the process or batch
-        difference = np.abs(pixels(output_dir / "base" / row["image"]) - pixels(eval_assets["output_dir"] / "base" / row["image"]))
+    assert [row["image"] for row in read_manifest(output_dir / "base")] == [
+        row["image"] for row in read_manifest(eval_assets["output_dir"] / "base")
+    ]
+    for row in read_manifest(
+        output_dir / "base"
+    ):  # each image's noise comes from its own seed, not from the process or batch
+        difference = np.abs(
+            pixels(output_dir / "base" / row["image"]) - pixels(eval_assets["output_dir"] / "base" / row["image"])
+        )
         assert difference.max() <= 1
 
 
 @pytest.mark.parametrize("weights", ["lora", "unet"])
 def test_trained_weights_change_the_images_but_not_the_seeds(weights, eval_assets, tiny_assets):
     flag = ["--lora_path", eval_assets["lora"]] if weights == "lora" else ["--unet_path", eval_assets["full"]]
-    run_tool("generate.py", generate_args(tiny_assets, eval_assets["output_dir"], weights, eval_assets["prompts_file"], *flag))
-    base_rows, rows = read_manifest(eval_assets["output_dir"] / "base"), read_manifest(eval_assets["output_dir"] / weights)
+    run_tool(
+        "generate.py",
+        generate_args(tiny_assets, eval_assets["output_dir"], weights, eval_assets["prompts_file"], *flag),
+    )
+    base_rows, rows = (
+        read_manifest(eval_assets["output_dir"] / "base"),
+        read_manifest(eval_assets["output_dir"] / weights),
+    )
     assert [row["seed"] for row in rows] == [row["seed"] for row in base_rows]
-    differences = [np.abs(pixels(eval_assets["output_dir"] / weights / row["image"]) - pixels(eval_assets["output_dir"] / "base" / row["image"])).mean() for row in rows]
+    differences = [
+        np.abs(
+            pixels(eval_assets["output_dir"] / weights / row["image"])
+            - pixels(eval_assets["output_dir"] / "base" / row["image"])
+        ).mean()
+        for row in rows
+    ]
     assert min(differences) > 1.0
 
 
 def test_generate_refuses_to_mix_settings_in_one_folder(eval_assets, tiny_assets):
-    result = run_tool("generate.py", generate_args(tiny_assets, eval_assets["output_dir"], "base", eval_assets["prompts_file"], "--guidance_scale", 7.5), expect_success=False)
+    result = run_tool(
+        "generate.py",
+        generate_args(
+            tiny_assets, eval_assets["output_dir"], "base", eval_assets["prompts_file"], "--guidance_scale", 7.5
+        ),
+        expect_success=False,
+    )
     assert result.returncode == 2
     assert "guidance_scale: 5.0 on disk, 7.5 now" in result.stdout
 
@@ -166,10 +226,15 @@ def test_prompt_sets_load_from_text_csv_jsonl_and_dataset_columns(tiny_assets, t
     prompts, counts = load_prompts(str(tmp_path / "p.jsonl"), max_prompts=1)
     assert prompts == ["one"] and counts == {"read": 3, "empty": 1, "duplicates": 0, "beyond_max_prompts": 1}
     prompts, counts = load_prompts(tiny_assets["dataset"], column="caption", split="test")
-    assert sorted(prompts) == sorted(f"a photo of a {c} ball" for c in ("red", "green", "blue", "yellow", "purple", "cyan"))
+    assert sorted(prompts) == sorted(
+        f"a photo of a {c} ball" for c in ("red", "green", "blue", "yellow", "purple", "cyan")
+    )
     assert counts["read"] == 96
     shuffled, _ = load_prompts(tiny_assets["dataset"], column="caption", split="test", shuffle_seed=1)
-    assert sorted(shuffled) == sorted(prompts) and shuffled == load_prompts(tiny_assets["dataset"], column="caption", split="test", shuffle_seed=1)[0]
+    assert (
+        sorted(shuffled) == sorted(prompts)
+        and shuffled == load_prompts(tiny_assets["dataset"], column="caption", split="test", shuffle_seed=1)[0]
+    )
     with pytest.raises(PromptSetError, match="no column 'prompt_text'"):
         load_prompts(str(tmp_path / "p.csv"), column="prompt_text")
     with pytest.raises(PromptSetError, match="Unknown prompt set"):
@@ -177,7 +242,12 @@ def test_prompt_sets_load_from_text_csv_jsonl_and_dataset_columns(tiny_assets, t
 
 
 def reward_args(eval_assets, *names):
-    return ["--reward_models", *names, "--reward_model_paths", *(f"{name}={eval_assets['rewards'][name]}" for name in names)]
+    return [
+        "--reward_models",
+        *names,
+        "--reward_model_paths",
+        *(f"{name}={eval_assets['rewards'][name]}" for name in names),
+    ]
 
 
 def test_score_writes_one_row_per_image_with_the_reward_models_values_and_resumes(eval_assets):
@@ -187,15 +257,21 @@ def test_score_writes_one_row_per_image_with_the_reward_models_values_and_resume
 
     run_dir = eval_assets["root"] / "scored" / "base"
     shutil.copytree(eval_assets["output_dir"] / "base", run_dir)
-    first = run_tool("score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore", "hpsv21"), "--batch_size", 4])
+    first = run_tool(
+        "score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore", "hpsv21"), "--batch_size", 4]
+    )
     assert "pickscore: 6 computed, 0 already present" in first.stdout
     rows = read_csv(run_dir / "scores.csv")
     assert [row["image"] for row in rows] == [row["image"] for row in read_manifest(run_dir)]
     assert list(rows[0]) == ["prompt_index", "k", "seed", "prompt", "image", "pickscore", "hpsv21"]
-    expected = load_reward_model("hpsv21", path=eval_assets["rewards"]["hpsv21"], device="cpu").score([run_dir / row["image"] for row in rows], [row["prompt"] for row in rows])
+    expected = load_reward_model("hpsv21", path=eval_assets["rewards"]["hpsv21"], device="cpu").score(
+        [run_dir / row["image"] for row in rows], [row["prompt"] for row in rows]
+    )
     torch.testing.assert_close(torch.tensor([float(row["hpsv21"]) for row in rows]), expected, rtol=1e-5, atol=1e-4)
 
-    again = run_tool("score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore", "hpsv21", "aesthetic")])
+    again = run_tool(
+        "score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore", "hpsv21", "aesthetic")]
+    )
     assert "pickscore: all 6 scores already present, model not loaded" in again.stdout
     assert "hpsv21: all 6 scores already present, model not loaded" in again.stdout
     assert "aesthetic: 6 computed, 0 already present" in again.stdout
@@ -208,15 +284,30 @@ def test_score_stops_on_a_missing_image_unless_told_to_skip_it(eval_assets):
     run_dir = eval_assets["root"] / "missing" / "base"
     shutil.copytree(eval_assets["output_dir"] / "base", run_dir)
     (run_dir / "00001_00.png").unlink()
-    stopped = run_tool("score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore")], expect_success=False)
+    stopped = run_tool(
+        "score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore")], expect_success=False
+    )
     assert stopped.returncode == 2 and "1 images listed" in stopped.stdout and "00001_00.png" in stopped.stdout
-    skipped = run_tool("score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore"), "--skip_missing_images"])
+    skipped = run_tool(
+        "score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore"), "--skip_missing_images"]
+    )
     assert "1 missing images skipped" in skipped.stdout and "pickscore: 5 computed" in skipped.stdout
-    assert [row["pickscore"] == "" for row in read_csv(run_dir / "scores.csv")] == [False, False, True, False, False, False]
+    assert [row["pickscore"] == "" for row in read_csv(run_dir / "scores.csv")] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_score_rejects_an_unknown_reward_model_before_loading_anything(eval_assets):
-    result = run_tool("score.py", ["--run_dirs", eval_assets["output_dir"] / "base", "--reward_models", "pickscore", "hsp"], expect_success=False)
+    result = run_tool(
+        "score.py",
+        ["--run_dirs", eval_assets["output_dir"] / "base", "--reward_models", "pickscore", "hsp"],
+        expect_success=False,
+    )
     assert result.returncode == 2 and "Unknown reward model(s) ['hsp']" in result.stdout
 
 
@@ -241,15 +332,32 @@ def write_score_table(path, scores):
 
 
 HAND_MADE = {
-    "base": {"p1": {"aesthetic": [1.0, 3.0], "pickscore": [20.0, 20.0]}, "p2": {"aesthetic": [5.0, 5.0], "pickscore": [21.0, 23.0]}},
-    "tuned": {"p1": {"aesthetic": [2.0, 4.0], "pickscore": [20.0, 21.0]}, "p2": {"aesthetic": [5.0, 6.0], "pickscore": [22.0, 22.0]}},
+    "base": {
+        "p1": {"aesthetic": [1.0, 3.0], "pickscore": [20.0, 20.0]},
+        "p2": {"aesthetic": [5.0, 5.0], "pickscore": [21.0, 23.0]},
+    },
+    "tuned": {
+        "p1": {"aesthetic": [2.0, 4.0], "pickscore": [20.0, 21.0]},
+        "p2": {"aesthetic": [5.0, 6.0], "pickscore": [22.0, 22.0]},
+    },
 }
 
 
 def test_compare_on_hand_made_tables_gives_the_hand_computed_means_intervals_and_win_rates(tmp_path):
     for name, scores in HAND_MADE.items():
         write_score_table(tmp_path / name / "scores.csv", scores)
-    run_tool("compare.py", ["--runs", tmp_path / "base", tmp_path / "tuned", "--num_bootstrap", 2000, "--output_prefix", tmp_path / "out" / "table"])
+    run_tool(
+        "compare.py",
+        [
+            "--runs",
+            tmp_path / "base",
+            tmp_path / "tuned",
+            "--num_bootstrap",
+            2000,
+            "--output_prefix",
+            tmp_path / "out" / "table",
+        ],
+    )
     summary = json.loads((tmp_path / "out" / "table.json").read_text())
     base, tuned = summary["results"]["base"], summary["results"]["tuned"]
     assert base["aesthetic"]["mean"] == pytest.approx(3.5)  # (1+3+5+5)/4
@@ -265,7 +373,11 @@ def test_compare_on_hand_made_tables_gives_the_hand_computed_means_intervals_and
             assert results[metric]["ci_low"] <= results[metric]["mean"] <= results[metric]["ci_high"]
     # two prompts: the resampled means can only be p1's, p2's, or their average
     assert (base["aesthetic"]["ci_low"], base["aesthetic"]["ci_high"]) == (pytest.approx(2.0), pytest.approx(5.0))
-    assert summary["prompts"]["aesthetic"] == {"shared": 2, "dropped": {"base": 0, "tuned": 0}, "empty_cells": {"base": 0, "tuned": 0}}
+    assert summary["prompts"]["aesthetic"] == {
+        "shared": 2,
+        "dropped": {"base": 0, "tuned": 0},
+        "empty_cells": {"base": 0, "tuned": 0},
+    }
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| tuned | 4.250 [" in table and "| tuned | 75.0 [" in table
     with Image.open(tmp_path / "out" / "table.png") as chart:
@@ -278,9 +390,15 @@ def test_bootstrap_interval_of_equal_prompt_means_is_that_mean():
 
 
 def test_compare_counts_the_prompts_that_are_not_in_every_run(tmp_path):
-    write_score_table(tmp_path / "base" / "scores.csv", {**HAND_MADE["base"], "p3": {"aesthetic": [9.0, 9.0], "pickscore": [30.0, 30.0]}})
+    write_score_table(
+        tmp_path / "base" / "scores.csv",
+        {**HAND_MADE["base"], "p3": {"aesthetic": [9.0, 9.0], "pickscore": [30.0, 30.0]}},
+    )
     write_score_table(tmp_path / "tuned" / "scores.csv", HAND_MADE["tuned"])
-    result = run_tool("compare.py", ["--runs", tmp_path / "base", tmp_path / "tuned", "--num_bootstrap", 100, "--output_prefix", tmp_path / "cmp"])
+    result = run_tool(
+        "compare.py",
+        ["--runs", tmp_path / "base", tmp_path / "tuned", "--num_bootstrap", 100, "--output_prefix", tmp_path / "cmp"],
+    )
     assert "prompts left out per run: {'base': 1}" in result.stdout
     summary = json.loads((tmp_path / "cmp.json").read_text())
     assert summary["results"]["base"]["aesthetic"]["mean"] == pytest.approx(3.5)  # p3 is not compared
@@ -304,10 +422,22 @@ def test_chart_has_one_bar_per_model_and_metric_at_the_mean(tmp_path):
 def test_generate_score_compare_end_to_end(eval_assets, tiny_assets):
     base, lora = eval_assets["output_dir"] / "base", eval_assets["output_dir"] / "lora"
     # resumable: a no-op when the LoRA test above already made these images
-    run_tool("generate.py", generate_args(tiny_assets, eval_assets["output_dir"], "lora", eval_assets["prompts_file"], "--lora_path", eval_assets["lora"]))
+    run_tool(
+        "generate.py",
+        generate_args(
+            tiny_assets,
+            eval_assets["output_dir"],
+            "lora",
+            eval_assets["prompts_file"],
+            "--lora_path",
+            eval_assets["lora"],
+        ),
+    )
     run_tool("score.py", ["--run_dirs", base, lora, *reward_args(eval_assets, "pickscore", "imagereward")])
     prefix = eval_assets["root"] / "report" / "table"
-    result = run_tool("compare.py", ["--runs", base, lora, "--baseline", "base", "--num_bootstrap", 500, "--output_prefix", prefix])
+    result = run_tool(
+        "compare.py", ["--runs", base, lora, "--baseline", "base", "--num_bootstrap", 500, "--output_prefix", prefix]
+    )
     assert "| lora |" in result.stdout and "PickScore" in result.stdout and "ImageReward" in result.stdout
     for suffix in ("md", "json", "png"):
         assert Path(f"{prefix}.{suffix}").is_file()

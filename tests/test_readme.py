@@ -8,11 +8,21 @@ import pytest
 import train_diffusion_dpo_sdxl
 import train_mapo_sdxl
 
+
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 
-ACCELERATE_LAUNCH_FLAGS = {"--num_processes", "--num_machines", "--multi_gpu", "--config_file", "--main_process_port", "--dynamo_backend", "--use_deepspeed", "--use_fsdp"}
+ACCELERATE_LAUNCH_FLAGS = {
+    "--num_processes",
+    "--num_machines",
+    "--multi_gpu",
+    "--config_file",
+    "--main_process_port",
+    "--dynamo_backend",
+    "--use_deepspeed",
+    "--use_fsdp",
+}
 
 
 def option_strings(script):
@@ -30,7 +40,11 @@ def option_strings(script):
         script.parse_args([])
     finally:
         argparse.ArgumentParser.parse_args = original
-    return [action.option_strings[0] for action in captured["parser"]._actions if action.option_strings and action.dest != "help"]
+    return [
+        action.option_strings[0]
+        for action in captured["parser"]._actions
+        if action.option_strings and action.dest != "help"
+    ]
 
 
 @pytest.mark.parametrize("script", [train_diffusion_dpo_sdxl, train_mapo_sdxl], ids=lambda s: s.__name__)
@@ -41,7 +55,9 @@ def test_every_flag_is_documented_in_the_readme(script):
 
 @pytest.mark.parametrize("readme", ["README.md", "examples/eval/README.md"])
 def test_flags_used_in_training_commands_exist(readme):
-    known = set(option_strings(train_diffusion_dpo_sdxl)) | set(option_strings(train_mapo_sdxl)) | ACCELERATE_LAUNCH_FLAGS
+    known = (
+        set(option_strings(train_diffusion_dpo_sdxl)) | set(option_strings(train_mapo_sdxl)) | ACCELERATE_LAUNCH_FLAGS
+    )
     for block in re.findall(r"```bash\n(.*?)```", (REPO / readme).read_text(), flags=re.S):
         for command in block.split("\n\n"):
             if "train_" not in command:
@@ -51,5 +67,10 @@ def test_flags_used_in_training_commands_exist(readme):
 
 
 def test_files_named_in_the_two_commands_exist():
-    for path in ("examples/demo/run_demo.sh", "tests/run_tests.sh", "examples/setup_env.sh", "examples/tiny_assets/make_tiny_assets.py"):
+    for path in (
+        "examples/demo/run_demo.sh",
+        "tests/run_tests.sh",
+        "examples/setup_env.sh",
+        "examples/tiny_assets/make_tiny_assets.py",
+    ):
         assert (REPO / path).exists() and path in README

@@ -21,6 +21,7 @@ from examples.rewards import (
 from examples.rewards.image_reward import IMAGE_REWARD_FILENAME, REWARD_STD
 from examples.rewards.tiny import write_tiny_reward_models
 
+
 LOCAL_MODELS = ["pickscore", "hpsv21", "imagereward", "aesthetic", "clipscore"]
 PROMPTS = ["a photo of a red ball", "a blue cat", "the dog of a photo"]
 
@@ -37,13 +38,17 @@ def images():
 
 
 @pytest.mark.parametrize("name", LOCAL_MODELS)
-def test_each_reward_loads_from_a_local_tiny_checkpoint_and_scores_a_batch_deterministically(name, tiny_rewards, images):
+def test_each_reward_loads_from_a_local_tiny_checkpoint_and_scores_a_batch_deterministically(
+    name, tiny_rewards, images
+):
     reward = load_reward_model(name, path=tiny_rewards[name], device="cpu", batch_size=2)
     scores = reward.score(images, PROMPTS)
     assert scores.shape == (3,) and scores.dtype == torch.float32
     assert torch.isfinite(scores).all()
     assert torch.equal(reward.score(images, PROMPTS), scores)  # same input, same scores
-    torch.testing.assert_close(reward.score(images, PROMPTS, batch_size=3), scores, rtol=1e-5, atol=1e-5)  # batching does not matter
+    torch.testing.assert_close(
+        reward.score(images, PROMPTS, batch_size=3), scores, rtol=1e-5, atol=1e-5
+    )  # batching does not matter
     assert reward.kind in KINDS and reward.name == name
     assert reward.device == torch.device("cpu") and reward.dtype == torch.float32
 
@@ -60,13 +65,19 @@ def test_rewards_read_image_paths_as_well_as_pil_images(tiny_rewards, images, tm
 def clip_reference(folder):
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    return CLIPModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
+    return (
+        CLIPModel.from_pretrained(folder).eval(),
+        AutoTokenizer.from_pretrained(folder),
+        CLIPImageProcessor.from_pretrained(folder),
+    )
 
 
 @torch.no_grad()
 def test_pickscore_is_logit_scale_times_the_cosine_of_clip_embeddings(tiny_rewards, images):
     model, tokenizer, processor = clip_reference(tiny_rewards["pickscore"])
-    image_features = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).pooler_output
+    image_features = model.get_image_features(
+        pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]
+    ).pooler_output
     text_features = model.get_text_features(**tokenizer(PROMPTS, padding=True, return_tensors="pt")).pooler_output
     expected = model.logit_scale.exp() * F.cosine_similarity(image_features, text_features)
     scores = load_reward_model("pickscore", path=tiny_rewards["pickscore"], device="cpu").score(images, PROMPTS)
@@ -76,22 +87,33 @@ def test_pickscore_is_logit_scale_times_the_cosine_of_clip_embeddings(tiny_rewar
 @torch.no_grad()
 def test_clipscore_is_weight_times_the_positive_part_of_the_cosine(tiny_rewards, images):
     model, tokenizer, processor = clip_reference(tiny_rewards["clipscore"])
-    image_features = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).pooler_output
+    image_features = model.get_image_features(
+        pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]
+    ).pooler_output
     text_features = model.get_text_features(**tokenizer(PROMPTS, padding=True, return_tensors="pt")).pooler_output
     cosine = F.cosine_similarity(image_features, text_features)
-    reward = load_reward_model("clipscore", path=tiny_rewards["clipscore"], device="cpu", weight=2.5)  # Hessel et al.'s w
+    reward = load_reward_model(
+        "clipscore", path=tiny_rewards["clipscore"], device="cpu", weight=2.5
+    )  # Hessel et al.'s w
     torch.testing.assert_close(reward.score(images, PROMPTS), 2.5 * cosine.clamp_min(0), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
 def test_aesthetic_score_is_the_mlp_of_the_normalised_clip_image_embedding(tiny_rewards, images):
     model, _, processor = clip_reference(tiny_rewards["aesthetic"])
-    embedding = F.normalize(model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).pooler_output, dim=-1)
+    embedding = F.normalize(
+        model.get_image_features(
+            pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]
+        ).pooler_output,
+        dim=-1,
+    )
     head = torch.load(f"{tiny_rewards['aesthetic']}/sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
     hidden = embedding
     for layer in (0, 2, 4, 6, 7):  # Linear layers; the Dropouts between them are identities at inference
         hidden = hidden @ head[f"layers.{layer}.weight"].T + head[f"layers.{layer}.bias"]
-    scores = load_reward_model("aesthetic", path=tiny_rewards["aesthetic"], device="cpu").score(images, PROMPTS[:1] * 3)
+    scores = load_reward_model("aesthetic", path=tiny_rewards["aesthetic"], device="cpu").score(
+        images, PROMPTS[:1] * 3
+    )
     torch.testing.assert_close(scores, hidden.squeeze(-1), rtol=1e-5, atol=1e-6)
 
 
@@ -102,24 +124,48 @@ def open_clip_reference_features(state_dict, config, pixel_values, input_ids, eo
         for i in range(layers):
             p = f"{prefix}.{i}."
             h = F.layer_norm(x, x.shape[-1:], state_dict[p + "ln_1.weight"], state_dict[p + "ln_1.bias"])
-            q, k, v = F.linear(h, state_dict[p + "attn.in_proj_weight"], state_dict[p + "attn.in_proj_bias"]).chunk(3, dim=-1)
+            q, k, v = F.linear(h, state_dict[p + "attn.in_proj_weight"], state_dict[p + "attn.in_proj_bias"]).chunk(
+                3, dim=-1
+            )
             split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
-            attention = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=causal).transpose(1, 2).reshape(h.shape)
+            attention = (
+                F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=causal)
+                .transpose(1, 2)
+                .reshape(h.shape)
+            )
             x = x + F.linear(attention, state_dict[p + "attn.out_proj.weight"], state_dict[p + "attn.out_proj.bias"])
             h = F.layer_norm(x, x.shape[-1:], state_dict[p + "ln_2.weight"], state_dict[p + "ln_2.bias"])
-            x = x + F.linear(F.gelu(F.linear(h, state_dict[p + "mlp.c_fc.weight"], state_dict[p + "mlp.c_fc.bias"])), state_dict[p + "mlp.c_proj.weight"], state_dict[p + "mlp.c_proj.bias"])
+            x = x + F.linear(
+                F.gelu(F.linear(h, state_dict[p + "mlp.c_fc.weight"], state_dict[p + "mlp.c_fc.bias"])),
+                state_dict[p + "mlp.c_proj.weight"],
+                state_dict[p + "mlp.c_proj.bias"],
+            )
         return x
 
     vision, text = config["vision_cfg"], config["text_cfg"]
-    patches = F.conv2d(pixel_values, state_dict["visual.conv1.weight"], stride=vision["patch_size"]).flatten(2).transpose(1, 2)
-    x = torch.cat([state_dict["visual.class_embedding"].expand(len(patches), 1, -1), patches], dim=1) + state_dict["visual.positional_embedding"]
+    patches = (
+        F.conv2d(pixel_values, state_dict["visual.conv1.weight"], stride=vision["patch_size"])
+        .flatten(2)
+        .transpose(1, 2)
+    )
+    x = (
+        torch.cat([state_dict["visual.class_embedding"].expand(len(patches), 1, -1), patches], dim=1)
+        + state_dict["visual.positional_embedding"]
+    )
     x = F.layer_norm(x, x.shape[-1:], state_dict["visual.ln_pre.weight"], state_dict["visual.ln_pre.bias"])
-    x = resblocks(x, "visual.transformer.resblocks", vision["layers"], vision["width"] // vision["head_width"], causal=False)
-    image_features = F.layer_norm(x[:, 0], x.shape[-1:], state_dict["visual.ln_post.weight"], state_dict["visual.ln_post.bias"]) @ state_dict["visual.proj"]
+    x = resblocks(
+        x, "visual.transformer.resblocks", vision["layers"], vision["width"] // vision["head_width"], causal=False
+    )
+    image_features = (
+        F.layer_norm(x[:, 0], x.shape[-1:], state_dict["visual.ln_post.weight"], state_dict["visual.ln_post.bias"])
+        @ state_dict["visual.proj"]
+    )
     x = state_dict["token_embedding.weight"][input_ids] + state_dict["positional_embedding"][: input_ids.shape[1]]
     x = resblocks(x, "transformer.resblocks", text["layers"], text["heads"], causal=True)
     x = F.layer_norm(x, x.shape[-1:], state_dict["ln_final.weight"], state_dict["ln_final.bias"])
-    text_features = x[torch.arange(len(x)), input_ids.argmax(dim=-1)] @ state_dict["text_projection"]  # open_clip pools the argmax id (EOT)
+    text_features = (
+        x[torch.arange(len(x)), input_ids.argmax(dim=-1)] @ state_dict["text_projection"]
+    )  # open_clip pools the argmax id (EOT)
     assert (input_ids.argmax(dim=-1) == (input_ids == eot_token_id).int().argmax(dim=-1)).all()
     return image_features, text_features
 
@@ -132,8 +178,12 @@ def test_hps_on_transformers_clip_equals_open_clip_forward_pass_on_the_same_weig
     state_dict = torch.load(f"{folder}/HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
     pixel_values = reward.image_processor(images=images, return_tensors="pt")["pixel_values"]
     input_ids = reward.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
-    image_features, text_features = open_clip_reference_features(state_dict, config, pixel_values, input_ids, reward.tokenizer.eos_token_id)
-    expected = 100 * F.cosine_similarity(image_features, text_features)  # hpsv2.score's cosine, x 100 as papers print it
+    image_features, text_features = open_clip_reference_features(
+        state_dict, config, pixel_values, input_ids, reward.tokenizer.eos_token_id
+    )
+    expected = 100 * F.cosine_similarity(
+        image_features, text_features
+    )  # hpsv2.score's cosine, x 100 as papers print it
     torch.testing.assert_close(reward.score(images, PROMPTS), expected, rtol=1e-4, atol=1e-4)
     assert expected.std() > 1  # the tiny checkpoint separates the images: the comparison is not between constants
 
@@ -147,9 +197,15 @@ def test_open_clip_checkpoints_with_tensors_a_plain_clip_lacks_are_refused(tiny_
 
 def test_image_reward_checkpoint_in_its_own_names_loads_with_only_the_unused_projections_left_over(tiny_rewards):
     reward = load_reward_model("imagereward", path=tiny_rewards["imagereward"], device="cpu")
-    assert sorted(reward.unused_tensors) == sorted([
-        "blip.text_encoder.embeddings.position_ids", "blip.text_proj.bias", "blip.text_proj.weight", "blip.vision_proj.bias", "blip.vision_proj.weight",
-    ])
+    assert sorted(reward.unused_tensors) == sorted(
+        [
+            "blip.text_encoder.embeddings.position_ids",
+            "blip.text_proj.bias",
+            "blip.text_proj.weight",
+            "blip.vision_proj.bias",
+            "blip.vision_proj.weight",
+        ]
+    )
 
 
 def test_image_reward_is_normalised_by_its_published_mean_and_std(tiny_rewards, images, tmp_path):

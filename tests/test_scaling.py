@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import OFFLINE_ENV, REPO, free_port, launch, tiny_args
 from safetensors.torch import load_file
 
-from conftest import OFFLINE_ENV, REPO, free_port, launch, tiny_args
 
 CONFIGS = REPO / "examples" / "accelerate_configs"
 sys.path.insert(0, str(REPO / "examples"))
@@ -29,10 +29,25 @@ def max_abs_diff(first, second):
 def launch_with_config(config, script, args, overrides, env_overrides=(), timeout=600):
     """`accelerate launch --config_file <config> <overrides>`: a GPU config with the flags that make it run on the CPU."""
     env = {**os.environ, **OFFLINE_ENV, **dict(env_overrides)}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(CONFIGS / config), "--mixed_precision", "no",
-           "--main_process_port", str(free_port()), *overrides, str(REPO / script), *[str(a) for a in args]]
-    result = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed with exit code {result.returncode}:\n{result.stdout[-6000:]}"
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *overrides,
+        str(REPO / script),
+        *[str(a) for a in args],
+    ]
+    result = subprocess.run(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)} failed with exit code {result.returncode}:\n{result.stdout[-6000:]}"
+    )
     return result.stdout
 
 
@@ -50,7 +65,9 @@ def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_bat
     # (differences ~1e-4) stand out from float noise (~1e-7).
     common = ["--max_train_steps", 3, "--learning_rate", 1e-4, "--adam_epsilon", 1e-3]
     launch(script, tiny_args(tiny_assets, tmp_path / "one", "--train_batch_size", 4, *common))
-    log = launch(script, tiny_args(tiny_assets, tmp_path / "two", "--train_batch_size", 2, *common), num_processes=2).stdout
+    log = launch(
+        script, tiny_args(tiny_assets, tmp_path / "two", "--train_batch_size", 2, *common), num_processes=2
+    ).stdout
     assert "total batch (parallel, accumulation) = 4" in log and "weights identical on all processes: yes" in log
 
     one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
@@ -64,12 +81,15 @@ def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_bat
 # ----------------------------------------------------------------------------------------------
 # accelerate configs
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config,distributed_type,num_processes", [
-    ("single_gpu.yaml", "NO", 1),
-    ("multi_gpu_ddp.yaml", "MULTI_GPU", 8),
-    ("deepspeed_zero2.yaml", "DEEPSPEED", 8),
-    ("fsdp.yaml", "FSDP", 8),
-])
+@pytest.mark.parametrize(
+    "config,distributed_type,num_processes",
+    [
+        ("single_gpu.yaml", "NO", 1),
+        ("multi_gpu_ddp.yaml", "MULTI_GPU", 8),
+        ("deepspeed_zero2.yaml", "DEEPSPEED", 8),
+        ("fsdp.yaml", "FSDP", 8),
+    ],
+)
 def test_accelerate_configs_load_and_say_what_they_run(config, distributed_type, num_processes):
     from accelerate.commands.config.config_args import ClusterConfig
 
@@ -86,16 +106,25 @@ def test_accelerate_configs_load_and_say_what_they_run(config, distributed_type,
 
 
 def test_single_gpu_config_trains_on_the_cpu(tiny_assets, tmp_path):
-    log = launch_with_config("single_gpu.yaml", "train_mapo_sdxl.py", tiny_args(tiny_assets, tmp_path, "--lora_rank", 4, "--max_train_steps", 2), ["--cpu"])
+    log = launch_with_config(
+        "single_gpu.yaml",
+        "train_mapo_sdxl.py",
+        tiny_args(tiny_assets, tmp_path, "--lora_rank", 4, "--max_train_steps", 2),
+        ["--cpu"],
+    )
     assert "MaPO finished: 2 steps" in log
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_multi_gpu_ddp_config_trains_two_cpu_processes(tiny_assets, tmp_path):
     # ACCELERATE_USE_CPU turns the config's MULTI_GPU into MULTI_CPU (gloo); `--cpu` would start one process.
-    log = launch_with_config("multi_gpu_ddp.yaml", "train_diffusion_dpo_sdxl.py",
-                             tiny_args(tiny_assets, tmp_path, "--train_batch_size", 2, "--max_train_steps", 2, "--learning_rate", 1e-4),
-                             ["--num_processes", "2"], {"ACCELERATE_USE_CPU": "1"})
+    log = launch_with_config(
+        "multi_gpu_ddp.yaml",
+        "train_diffusion_dpo_sdxl.py",
+        tiny_args(tiny_assets, tmp_path, "--train_batch_size", 2, "--max_train_steps", 2, "--learning_rate", 1e-4),
+        ["--num_processes", "2"],
+        {"ACCELERATE_USE_CPU": "1"},
+    )
     assert "Distributed environment: DistributedType.MULTI_CPU" in log and "Num processes: 2" in log
     assert "weights identical on all processes: yes" in log and (tmp_path / "unet" / "config.json").exists()
 
@@ -104,9 +133,12 @@ def test_deepspeed_zero2_config_trains_one_cpu_process(tiny_assets, tmp_path):
     # DeepSpeed runs on the CPU in one process only: with ACCELERATE_USE_CPU accelerate drops DeepSpeed,
     # and without it accelerate sets up a single process while DeepSpeed sees two (its batch check fails).
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install deepspeed, after torch)")
-    log = launch_with_config("deepspeed_zero2.yaml", "train_mapo_sdxl.py",
-                             tiny_args(tiny_assets, tmp_path, "--train_batch_size", 2, "--max_train_steps", 2, "--learning_rate", 1e-4),
-                             ["--num_processes", "1"])
+    log = launch_with_config(
+        "deepspeed_zero2.yaml",
+        "train_mapo_sdxl.py",
+        tiny_args(tiny_assets, tmp_path, "--train_batch_size", 2, "--max_train_steps", 2, "--learning_rate", 1e-4),
+        ["--num_processes", "1"],
+    )
     assert "DistributedType.DEEPSPEED" in log and "MaPO finished: 2 steps" in log
     assert (tmp_path / "unet" / "config.json").exists()
 
@@ -125,9 +157,25 @@ def test_max_batch_estimate_is_intercept_plus_slope():
 def test_benchmark_in_its_reduced_setting_fills_every_column_quickly(tiny_assets, tmp_path):
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "benchmark_efficiency.py"), "--quick", "--output_dir", str(tmp_path),
-         "--pretrained_model_name_or_path", tiny_assets["model"], "--dataset_name", tiny_assets["dataset"], "--resolution", "64"],
-        cwd=REPO, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "examples" / "benchmark_efficiency.py"),
+            "--quick",
+            "--output_dir",
+            str(tmp_path),
+            "--pretrained_model_name_or_path",
+            tiny_assets["model"],
+            "--dataset_name",
+            tiny_assets["dataset"],
+            "--resolution",
+            "64",
+        ],
+        cwd=REPO,
+        env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-6000:]
@@ -135,10 +183,19 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_quickly(tiny_assets
 
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert {(row["method"], row["latents"]) for row in report["rows"]} == {
-        (method, latents) for method in ("MaPO", "Diffusion-DPO") for latents in ("cached", "uncached")}
+        (method, latents) for method in ("MaPO", "Diffusion-DPO") for latents in ("cached", "uncached")
+    }
     for row in report["rows"]:
-        for column in ("seconds_per_step", "floor_seconds_per_step", "time_ratio_to_floor", "peak_memory_bytes",
-                       "floor_peak_memory_bytes", "memory_ratio_to_floor", "max_batch", "memory_per_sample_bytes"):
+        for column in (
+            "seconds_per_step",
+            "floor_seconds_per_step",
+            "time_ratio_to_floor",
+            "peak_memory_bytes",
+            "floor_peak_memory_bytes",
+            "memory_ratio_to_floor",
+            "max_batch",
+            "memory_per_sample_bytes",
+        ):
             assert row[column] is not None and row[column] > 0, (row["method"], row["latents"], column, row[column])
         assert row["time_ratio_to_floor"] == pytest.approx(row["seconds_per_step"] / row["floor_seconds_per_step"])
         assert row["peak_memory_kind"] == "rss"
@@ -147,7 +204,9 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_quickly(tiny_assets
 
     markdown = (tmp_path / "benchmark.md").read_text()
     assert markdown.strip() in result.stdout  # what it prints is what it writes
-    table = [line for line in markdown.splitlines() if line.startswith("| MaPO |") or line.startswith("| Diffusion-DPO |")]
+    table = [
+        line for line in markdown.splitlines() if line.startswith("| MaPO |") or line.startswith("| Diffusion-DPO |")
+    ]
     assert len(table) == 4
     for line in table:
         cells = [cell.strip() for cell in line.strip("|").split("|")]

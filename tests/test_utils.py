@@ -18,7 +18,13 @@ from utils import (
 
 
 def sdxl_scheduler(prediction_type="epsilon"):
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type=prediction_type)
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+    )
 
 
 def test_epsilon_target_is_the_noise_and_x_t_is_the_forward_process():

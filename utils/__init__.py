@@ -13,6 +13,7 @@ from .diffusion import (
     sigmoid_loss_weight,
 )
 
+
 __all__ = [
     "DDPM_PREDICTION_TYPES",
     "flow_matching_log_snr",

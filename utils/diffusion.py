@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 DDPM_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -30,7 +31,9 @@ def sample_generators(seed, epoch, sample_ids, device="cpu"):
 
 def sample_timesteps(num_train_timesteps, generators, device="cpu"):
     """t ~ U{0, ..., T-1}, one per generator, shape (B,)."""
-    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g, device=device) for g in generators]).long()
+    return torch.cat(
+        [torch.randint(0, num_train_timesteps, (1,), generator=g, device=device) for g in generators]
+    ).long()
 
 
 def sample_noise(shape, generators, device="cpu", dtype=torch.float32):

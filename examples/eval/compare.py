@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.rewards`
 
 ID_COLUMNS = ["prompt_index", "k", "seed", "prompt", "image"]
@@ -36,15 +37,37 @@ class InputError(ValueError):
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=str, nargs="+", required=True, help="Two or more run folders (with scores.csv) or score CSV files.")
-    parser.add_argument("--names", type=str, nargs="+", default=None, help="Names of the runs in the tables (default: folder names).")
-    parser.add_argument("--baseline", type=str, default=None, help="Run the win-rates are computed against (default: the first).")
-    parser.add_argument("--metrics", type=str, nargs="+", default=None, help="Score columns to compare (default: every score column all runs have).")
-    parser.add_argument("--scores_filename", type=str, default="scores.csv", help="Score table inside each run folder.")
-    parser.add_argument("--num_bootstrap", type=int, default=10000, help="Bootstrap resamples of the prompts for the intervals.")
+    parser.add_argument(
+        "--runs",
+        type=str,
+        nargs="+",
+        required=True,
+        help="Two or more run folders (with scores.csv) or score CSV files.",
+    )
+    parser.add_argument(
+        "--names", type=str, nargs="+", default=None, help="Names of the runs in the tables (default: folder names)."
+    )
+    parser.add_argument(
+        "--baseline", type=str, default=None, help="Run the win-rates are computed against (default: the first)."
+    )
+    parser.add_argument(
+        "--metrics",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Score columns to compare (default: every score column all runs have).",
+    )
+    parser.add_argument(
+        "--scores_filename", type=str, default="scores.csv", help="Score table inside each run folder."
+    )
+    parser.add_argument(
+        "--num_bootstrap", type=int, default=10000, help="Bootstrap resamples of the prompts for the intervals."
+    )
     parser.add_argument("--confidence", type=float, default=0.95, help="Coverage of the bootstrap intervals.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap resampling.")
-    parser.add_argument("--output_prefix", type=str, default="comparison", help="Writes PREFIX.md, PREFIX.json and PREFIX.png.")
+    parser.add_argument(
+        "--output_prefix", type=str, default="comparison", help="Writes PREFIX.md, PREFIX.json and PREFIX.png."
+    )
     parser.add_argument("--title", type=str, default=None, help="Title of the chart.")
     args = parser.parse_args(input_args)
     try:
@@ -121,8 +144,13 @@ def summarize(tables, metrics, baseline, num_bootstrap=10000, confidence=0.95, s
     """tables: {run name: rows of its score table}. Returns the dict compare.py writes as JSON."""
     rng = np.random.default_rng(seed)
     summary = {
-        "baseline": baseline, "metrics": metrics, "confidence": confidence, "num_bootstrap": num_bootstrap, "seed": seed,
-        "prompts": {}, "results": {name: {} for name in tables},
+        "baseline": baseline,
+        "metrics": metrics,
+        "confidence": confidence,
+        "num_bootstrap": num_bootstrap,
+        "seed": seed,
+        "prompts": {},
+        "results": {name: {} for name in tables},
     }
     for metric in metrics:
         grouped, empty_cells = {}, {}
@@ -130,20 +158,37 @@ def summarize(tables, metrics, baseline, num_bootstrap=10000, confidence=0.95, s
             grouped[name], empty_cells[name] = scores_by_prompt(rows, metric)
         shared = sorted(set.intersection(*(set(groups) for groups in grouped.values())))
         if not shared:
-            raise InputError(f"No prompt has {metric} scores in every run; compare runs generated from the same prompt set.")
+            raise InputError(
+                f"No prompt has {metric} scores in every run; compare runs generated from the same prompt set."
+            )
         summary["prompts"][metric] = {
             "shared": len(shared),
-            "dropped": {name: len(groups) - len(shared) for name, groups in grouped.items()},  # prompts not in every run
+            "dropped": {
+                name: len(groups) - len(shared) for name, groups in grouped.items()
+            },  # prompts not in every run
             "empty_cells": empty_cells,  # images without a score (score.py --skip_missing_images)
         }
         for name, groups in grouped.items():
             prompt_means = np.array([groups[prompt].mean() for prompt in shared])  # (P,)
             low, high = bootstrap_interval(prompt_means, num_bootstrap, confidence, rng)
-            result = {"mean": float(prompt_means.mean()), "ci_low": low, "ci_high": high, "num_images": int(sum(len(groups[p]) for p in shared))}
+            result = {
+                "mean": float(prompt_means.mean()),
+                "ci_low": low,
+                "ci_high": high,
+                "num_images": int(sum(len(groups[p]) for p in shared)),
+            }
             if name != baseline:
-                prompt_win_rates = np.array([win_rate(groups[prompt], grouped[baseline][prompt]) for prompt in shared])  # (P,)
+                prompt_win_rates = np.array(
+                    [win_rate(groups[prompt], grouped[baseline][prompt]) for prompt in shared]
+                )  # (P,)
                 win_low, win_high = bootstrap_interval(prompt_win_rates, num_bootstrap, confidence, rng)
-                result.update({"win_rate": float(prompt_win_rates.mean()), "win_rate_ci_low": win_low, "win_rate_ci_high": win_high})
+                result.update(
+                    {
+                        "win_rate": float(prompt_win_rates.mean()),
+                        "win_rate_ci_low": win_low,
+                        "win_rate_ci_high": win_high,
+                    }
+                )
             summary["results"][name][metric] = result
     return summary
 
@@ -158,16 +203,33 @@ def display_name(metric):
 
 def markdown_tables(summary):
     metrics, confidence = summary["metrics"], round(100 * summary["confidence"])
-    header = "| Model | " + " | ".join(display_name(metric) for metric in metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
-    means = [f"Mean score, with {confidence} % bootstrap intervals over prompts ({summary['num_bootstrap']} resamples).\n\n", header]
+    header = (
+        "| Model | "
+        + " | ".join(display_name(metric) for metric in metrics)
+        + " |\n|---|"
+        + "---|" * len(metrics)
+        + "\n"
+    )
+    means = [
+        f"Mean score, with {confidence} % bootstrap intervals over prompts ({summary['num_bootstrap']} resamples).\n\n",
+        header,
+    ]
     for name, results in summary["results"].items():
-        cells = [f"{results[m]['mean']:.3f} [{results[m]['ci_low']:.3f}, {results[m]['ci_high']:.3f}]" for m in metrics]
+        cells = [
+            f"{results[m]['mean']:.3f} [{results[m]['ci_low']:.3f}, {results[m]['ci_high']:.3f}]" for m in metrics
+        ]
         means.append(f"| {name} | " + " | ".join(cells) + " |\n")
-    wins = [f"\nWin-rate (%) against {summary['baseline']}: K x K one-to-one comparisons per prompt, ties count half (CaPO App. B.2).\n\n", header]
+    wins = [
+        f"\nWin-rate (%) against {summary['baseline']}: K x K one-to-one comparisons per prompt, ties count half (CaPO App. B.2).\n\n",
+        header,
+    ]
     for name, results in summary["results"].items():
         if name == summary["baseline"]:
             continue
-        cells = [f"{100 * results[m]['win_rate']:.1f} [{100 * results[m]['win_rate_ci_low']:.1f}, {100 * results[m]['win_rate_ci_high']:.1f}]" for m in metrics]
+        cells = [
+            f"{100 * results[m]['win_rate']:.1f} [{100 * results[m]['win_rate_ci_low']:.1f}, {100 * results[m]['win_rate_ci_high']:.1f}]"
+            for m in metrics
+        ]
         wins.append(f"| {name} | " + " | ".join(cells) + " |\n")
     prompts = ", ".join(f"{display_name(m)} {info['shared']}" for m, info in summary["prompts"].items())
     return "".join(means) + "".join(wins) + f"\nPrompts compared: {prompts}.\n"
@@ -190,7 +252,14 @@ def draw_chart(summary, path, title=None):
         low, high = min(r["ci_low"] for r in results), max(r["ci_high"] for r in results)
         margin = max(0.25 * (high - low), 1e-3 * max(abs(high), 1.0))
         floor = low - margin  # bars rise from just below the lowest interval: the differences are the point, not zero
-        axis.bar(range(len(names)), means - floor, bottom=floor, yerr=errors, capsize=4, color=[colors[i % len(colors)] for i in range(len(names))])
+        axis.bar(
+            range(len(names)),
+            means - floor,
+            bottom=floor,
+            yerr=errors,
+            capsize=4,
+            color=[colors[i % len(colors)] for i in range(len(names))],
+        )
         axis.set_ylim(floor, high + margin)
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
         axis.set_title(display_name(metric))
@@ -212,16 +281,22 @@ def main(args):
     missing = {name: [m for m in metrics if m not in columns[name]] for name in names}
     missing = {name: absent for name, absent in missing.items() if absent}
     if missing:
-        raise InputError(f"Runs lack score columns {missing}; score them with score.py --reward_models ..., or choose --metrics from {common}.")
+        raise InputError(
+            f"Runs lack score columns {missing}; score them with score.py --reward_models ..., or choose --metrics from {common}."
+        )
     if not metrics:
-        raise InputError(f"The runs share no score column; score them with the same --reward_models. Columns: {columns}.")
+        raise InputError(
+            f"The runs share no score column; score them with the same --reward_models. Columns: {columns}."
+        )
 
     summary = summarize(tables, metrics, baseline, args.num_bootstrap, args.confidence, args.seed)
     summary["runs"] = dict(zip(names, args.runs))
     for metric, info in summary["prompts"].items():
         losses = {name: lost for name, lost in info["dropped"].items() if lost}
         if losses:
-            print(f"{metric}: compared on the {info['shared']} prompts every run has; prompts left out per run: {losses}")
+            print(
+                f"{metric}: compared on the {info['shared']} prompts every run has; prompts left out per run: {losses}"
+            )
         unscored = {name: count for name, count in info["empty_cells"].items() if count}
         if unscored:
             print(f"{metric}: images without a score, left out: {unscored}")

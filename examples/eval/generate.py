@@ -27,8 +27,10 @@ import os
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.eval.prompts`
 from examples.eval.prompts import PROMPT_SET_NAMES, PromptSetError, load_prompts  # noqa: E402
+
 
 SCHEDULERS = {
     "default": None,  # the pipeline's own (Euler discrete for SDXL base 1.0)
@@ -47,36 +49,97 @@ class InputError(ValueError):
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model_name_or_path", type=str, default="stabilityai/stable-diffusion-xl-base-1.0",
-                        help="Base SDXL pipeline (hub id or folder).")
-    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                        help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix for fp16.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        help="Base SDXL pipeline (hub id or folder).",
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix for fp16.",
+    )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
-    parser.add_argument("--lora_path", type=str, default=None,
-                        help=f"LoRA weights to apply: a training output folder holding {LORA_WEIGHT_NAME}, or a .safetensors file.")
-    parser.add_argument("--lora_scale", type=float, default=1.0, help="Scale of the LoRA update when it is fused into the weights.")
-    parser.add_argument("--unet_path", type=str, default=None,
-                        help="A fine-tuned UNet: a training output folder holding unet/, the unet/ folder itself, or a hub repository of either kind.")
-    parser.add_argument("--model_name", type=str, required=True,
-                        help="Name of this model's sub-folder of --output_dir and of its row in compare.py's table.")
-    parser.add_argument("--prompts", type=str, required=True,
-                        help=f"Prompt set: one of {PROMPT_SET_NAMES}, a .txt/.csv/.tsv/.json/.jsonl/.parquet file, a dataset folder or a hub dataset id.")
-    parser.add_argument("--prompt_column", type=str, default=None, help="Column holding the prompts (files and datasets; default: prompt, caption, Prompt or text).")
-    parser.add_argument("--prompt_split", type=str, default=None, help="Dataset split to read (default: the named set's, else test).")
-    parser.add_argument("--max_prompts", type=int, default=None, help="Keep the first N prompts (after removing duplicates and shuffling).")
-    parser.add_argument("--shuffle_prompts_seed", type=int, default=None, help="Shuffle the prompts with this seed before --max_prompts (to sample, e.g. DiffusionDB).")
-    parser.add_argument("--keep_duplicate_prompts", action="store_true", help="Keep repeated prompts (by default each distinct prompt is used once).")
-    parser.add_argument("--images_per_prompt", type=int, default=4, help="K, images per prompt (CaPO's win-rate makes K^2 comparisons per prompt).")
-    parser.add_argument("--seed", type=int, default=0, help="Base seed; image k of prompt i uses SeedSequence((seed, i, k)).")
+    parser.add_argument(
+        "--lora_path",
+        type=str,
+        default=None,
+        help=f"LoRA weights to apply: a training output folder holding {LORA_WEIGHT_NAME}, or a .safetensors file.",
+    )
+    parser.add_argument(
+        "--lora_scale", type=float, default=1.0, help="Scale of the LoRA update when it is fused into the weights."
+    )
+    parser.add_argument(
+        "--unet_path",
+        type=str,
+        default=None,
+        help="A fine-tuned UNet: a training output folder holding unet/, the unet/ folder itself, or a hub repository of either kind.",
+    )
+    parser.add_argument(
+        "--model_name",
+        type=str,
+        required=True,
+        help="Name of this model's sub-folder of --output_dir and of its row in compare.py's table.",
+    )
+    parser.add_argument(
+        "--prompts",
+        type=str,
+        required=True,
+        help=f"Prompt set: one of {PROMPT_SET_NAMES}, a .txt/.csv/.tsv/.json/.jsonl/.parquet file, a dataset folder or a hub dataset id.",
+    )
+    parser.add_argument(
+        "--prompt_column",
+        type=str,
+        default=None,
+        help="Column holding the prompts (files and datasets; default: prompt, caption, Prompt or text).",
+    )
+    parser.add_argument(
+        "--prompt_split", type=str, default=None, help="Dataset split to read (default: the named set's, else test)."
+    )
+    parser.add_argument(
+        "--max_prompts",
+        type=int,
+        default=None,
+        help="Keep the first N prompts (after removing duplicates and shuffling).",
+    )
+    parser.add_argument(
+        "--shuffle_prompts_seed",
+        type=int,
+        default=None,
+        help="Shuffle the prompts with this seed before --max_prompts (to sample, e.g. DiffusionDB).",
+    )
+    parser.add_argument(
+        "--keep_duplicate_prompts",
+        action="store_true",
+        help="Keep repeated prompts (by default each distinct prompt is used once).",
+    )
+    parser.add_argument(
+        "--images_per_prompt",
+        type=int,
+        default=4,
+        help="K, images per prompt (CaPO's win-rate makes K^2 comparisons per prompt).",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Base seed; image k of prompt i uses SeedSequence((seed, i, k))."
+    )
     parser.add_argument("--scheduler", type=str, default="default", choices=list(SCHEDULERS), help="Sampler.")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps.")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="Classifier-free guidance scale.")
-    parser.add_argument("--negative_prompt", type=str, default=None, help="Negative prompt for every image (default: none).")
+    parser.add_argument(
+        "--negative_prompt", type=str, default=None, help="Negative prompt for every image (default: none)."
+    )
     parser.add_argument("--resolution", type=int, default=1024, help="Side of the square images.")
     parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call on each process.")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                        help="Weights and activations precision (default: the accelerate config's).")
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Weights and activations precision (default: the accelerate config's).",
+    )
     parser.add_argument("--output_dir", type=str, required=True, help="Images go to OUTPUT_DIR/MODEL_NAME/.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     args = parser.parse_args(input_args)
@@ -97,16 +160,24 @@ def check_args(args):
     if args.resolution % 8 != 0:
         raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}.")
     if args.lora_path is not None and args.unet_path is not None:
-        raise InputError("Give --lora_path or --unet_path, not both: each evaluates one trained model against the same base.")
+        raise InputError(
+            "Give --lora_path or --unet_path, not both: each evaluates one trained model against the same base."
+        )
     if args.lora_path is not None:
         lora = Path(args.lora_path)
         if lora.is_dir() and not (lora / LORA_WEIGHT_NAME).is_file():
-            raise InputError(f"--lora_path {args.lora_path!r} is a folder without {LORA_WEIGHT_NAME}; expected a training output folder or the .safetensors file.")
+            raise InputError(
+                f"--lora_path {args.lora_path!r} is a folder without {LORA_WEIGHT_NAME}; expected a training output folder or the .safetensors file."
+            )
         if not lora.exists():
             raise InputError(f"--lora_path {args.lora_path!r} does not exist.")
     if args.unet_path is not None and Path(args.unet_path).exists():
         unet_subfolder(args.unet_path)  # a hub id is checked when the model loads
-    if not args.model_name or any(character in args.model_name for character in "/\\") or args.model_name.startswith("."):
+    if (
+        not args.model_name
+        or any(character in args.model_name for character in "/\\")
+        or args.model_name.startswith(".")
+    ):
         raise InputError(f"--model_name must be a plain folder name (no slashes), got {args.model_name!r}.")
 
 
@@ -123,7 +194,9 @@ def unet_subfolder(unet_path):
         return "unet"
     if has("config.json"):
         return None
-    raise InputError(f"--unet_path {unet_path!r} holds neither unet/config.json nor config.json; expected a training output folder with unet/, a unet folder, or such a hub repository.")
+    raise InputError(
+        f"--unet_path {unet_path!r} holds neither unet/config.json nor config.json; expected a training output folder with unet/, a unet folder, or such a hub repository."
+    )
 
 
 def image_seed(base_seed, prompt_index, k):
@@ -166,7 +239,9 @@ def check_run_folder(run_dir, settings, prompts):
         changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
         if changed:
             details = "; ".join(f"{key}: {old!r} on disk, {new!r} now" for key, (old, new) in changed.items())
-            raise InputError(f"{run_dir} holds images made with other settings ({details}). Use another --model_name or --output_dir, or delete the folder.")
+            raise InputError(
+                f"{run_dir} holds images made with other settings ({details}). Use another --model_name or --output_dir, or delete the folder."
+            )
     if prompts_file.is_file():
         previous_prompts = json.loads(prompts_file.read_text())
         shared = min(len(previous_prompts), len(prompts))
@@ -190,11 +265,20 @@ def load_pipeline(args, weight_dtype, device):
 
     components = {}
     if args.pretrained_vae_model_name_or_path is not None:
-        components["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=weight_dtype, cache_dir=args.cache_dir)
+        components["vae"] = AutoencoderKL.from_pretrained(
+            args.pretrained_vae_model_name_or_path, dtype=weight_dtype, cache_dir=args.cache_dir
+        )
     if args.unet_path is not None:
-        components["unet"] = UNet2DConditionModel.from_pretrained(args.unet_path, subfolder=unet_subfolder(args.unet_path), dtype=weight_dtype, cache_dir=args.cache_dir)
+        components["unet"] = UNet2DConditionModel.from_pretrained(
+            args.unet_path, subfolder=unet_subfolder(args.unet_path), dtype=weight_dtype, cache_dir=args.cache_dir
+        )
     pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, dtype=weight_dtype, cache_dir=args.cache_dir, **components
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        dtype=weight_dtype,
+        cache_dir=args.cache_dir,
+        **components,
     )
     if SCHEDULERS[args.scheduler] is not None:
         pipeline.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipeline.scheduler.config)
@@ -221,8 +305,13 @@ def main(args):
     try:
         with accelerator.main_process_first():
             prompts, counts = load_prompts(
-                args.prompts, column=args.prompt_column, split=args.prompt_split, cache_dir=args.cache_dir,
-                keep_duplicates=args.keep_duplicate_prompts, shuffle_seed=args.shuffle_prompts_seed, max_prompts=args.max_prompts,
+                args.prompts,
+                column=args.prompt_column,
+                split=args.prompt_split,
+                cache_dir=args.cache_dir,
+                keep_duplicates=args.keep_duplicate_prompts,
+                shuffle_seed=args.shuffle_prompts_seed,
+                max_prompts=args.max_prompts,
             )
     except PromptSetError as error:
         raise InputError(str(error)) from error
@@ -239,17 +328,32 @@ def main(args):
     accelerator.wait_for_everyone()  # every process has listed the missing images before any is written
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        previous_prompts = json.loads((run_dir / "prompts.json").read_text()) if (run_dir / "prompts.json").is_file() else []
-        kept_prompts = prompts if len(prompts) >= len(previous_prompts) else previous_prompts  # a shorter run keeps the longer list
-        write_atomically(run_dir / "generation_config.json", lambda path: path.write_text(json.dumps(settings, indent=2)))
-        write_atomically(run_dir / "prompts.json", lambda path: path.write_text(json.dumps(kept_prompts, indent=0, ensure_ascii=False)))
-    log(f"{args.model_name}: {len(pending)} images to generate, {len(all_items) - len(pending)} already in {run_dir} (skipped)")
+        previous_prompts = (
+            json.loads((run_dir / "prompts.json").read_text()) if (run_dir / "prompts.json").is_file() else []
+        )
+        kept_prompts = (
+            prompts if len(prompts) >= len(previous_prompts) else previous_prompts
+        )  # a shorter run keeps the longer list
+        write_atomically(
+            run_dir / "generation_config.json", lambda path: path.write_text(json.dumps(settings, indent=2))
+        )
+        write_atomically(
+            run_dir / "prompts.json",
+            lambda path: path.write_text(json.dumps(kept_prompts, indent=0, ensure_ascii=False)),
+        )
+    log(
+        f"{args.model_name}: {len(pending)} images to generate, {len(all_items) - len(pending)} already in {run_dir} (skipped)"
+    )
 
     generated = 0
     with accelerator.split_between_processes(pending) as my_items:
         if my_items:
             pipeline = load_pipeline(args, weight_dtype, accelerator.device)
-            progress = tqdm(total=len(my_items), desc=f"generating {args.model_name} (this process's share)", disable=not accelerator.is_local_main_process)
+            progress = tqdm(
+                total=len(my_items),
+                desc=f"generating {args.model_name} (this process's share)",
+                disable=not accelerator.is_local_main_process,
+            )
             for start in range(0, len(my_items), args.batch_size):
                 batch = my_items[start : start + args.batch_size]
                 generators = [torch.Generator("cpu").manual_seed(image_seed(args.seed, i, k)) for i, k in batch]
@@ -272,18 +376,29 @@ def main(args):
 
     if accelerator.is_main_process:
         rows = [
-            {"prompt": prompts[i], "prompt_index": i, "k": k, "seed": image_seed(args.seed, i, k), "image": image_filename(i, k)}
+            {
+                "prompt": prompts[i],
+                "prompt_index": i,
+                "k": k,
+                "seed": image_seed(args.seed, i, k),
+                "image": image_filename(i, k),
+            }
             for i, k in all_items
             if (run_dir / image_filename(i, k)).is_file()
         ]
         missing = len(all_items) - len(rows)
-        write_atomically(run_dir / "manifest.jsonl", lambda path: path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)))
+        write_atomically(
+            run_dir / "manifest.jsonl",
+            lambda path: path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)),
+        )
         log(
             f"== generate finished: {sum(generated_per_process)} images generated (per process: {generated_per_process}), "
             f"{len(all_items) - len(pending)} skipped (already on disk), {missing} missing; manifest with {len(rows)} images in {run_dir / 'manifest.jsonl'}"
         )
         if missing:
-            raise RuntimeError(f"{missing} images are missing from {run_dir} after generation; rerun the same command to make them.")
+            raise RuntimeError(
+                f"{missing} images are missing from {run_dir} after generation; rerun the same command to make them."
+            )
     accelerator.end_training()
 
 

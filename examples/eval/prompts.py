@@ -20,6 +20,7 @@ import json
 import random
 from pathlib import Path
 
+
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 NAMED_DATASET_SETS = {
     "pickapic_v2_test": {"dataset": "yuvalkirstain/pickapic_v2_no_images", "split": "test", "column": "caption"},
@@ -36,12 +37,16 @@ class PromptSetError(ValueError):
 def _pick_column(columns, column, source):
     if column is not None:
         if column not in columns:
-            raise PromptSetError(f"{source} has no column {column!r}; its columns are {list(columns)}. Name the prompt column with --prompt_column.")
+            raise PromptSetError(
+                f"{source} has no column {column!r}; its columns are {list(columns)}. Name the prompt column with --prompt_column."
+            )
         return column
     for candidate in DEFAULT_COLUMNS:
         if candidate in columns:
             return candidate
-    raise PromptSetError(f"{source} has none of the columns {list(DEFAULT_COLUMNS)}; its columns are {list(columns)}. Name the prompt column with --prompt_column.")
+    raise PromptSetError(
+        f"{source} has none of the columns {list(DEFAULT_COLUMNS)}; its columns are {list(columns)}. Name the prompt column with --prompt_column."
+    )
 
 
 def _read_table_file(path, column):
@@ -64,7 +69,9 @@ def _read_table_file(path, column):
         table = pq.read_table(path)
         return table.column(_pick_column(table.column_names, column, str(path))).to_pylist()
     else:
-        raise PromptSetError(f"Unsupported prompt file {str(path)!r}; expected .txt, .csv, .tsv, .json, .jsonl or .parquet.")
+        raise PromptSetError(
+            f"Unsupported prompt file {str(path)!r}; expected .txt, .csv, .tsv, .json, .jsonl or .parquet."
+        )
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise PromptSetError(f"{str(path)!r} should hold a list of strings or of objects with a prompt field.")
     name = _pick_column(rows[0].keys() if rows else [], column, str(path))
@@ -79,13 +86,17 @@ def _read_dataset(name, split, column, cache_dir):
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
-                raise PromptSetError(f"{name!r} has no split {split!r}; it has {list(dataset)}. Choose one with --prompt_split.")
+                raise PromptSetError(
+                    f"{name!r} has no split {split!r}; it has {list(dataset)}. Choose one with --prompt_split."
+                )
             dataset = dataset[split]
     else:
         try:
             dataset = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
         except ValueError as error:  # unknown split
-            raise PromptSetError(f"Could not read split {split!r} of {name!r}: {error} Choose the split with --prompt_split.") from error
+            raise PromptSetError(
+                f"Could not read split {split!r} of {name!r}: {error} Choose the split with --prompt_split."
+            ) from error
     return dataset[_pick_column(dataset.column_names, column, f"{name!r} (split {split!r})")]
 
 
@@ -94,7 +105,9 @@ def _read_hpdv2(styles, cache_dir):
 
     prompts = []
     for style in styles:
-        file = hf_hub_download("zhwang/HPDv2", f"{style}.json", subfolder="benchmark", repo_type="dataset", cache_dir=cache_dir)
+        file = hf_hub_download(
+            "zhwang/HPDv2", f"{style}.json", subfolder="benchmark", repo_type="dataset", cache_dir=cache_dir
+        )
         prompts.extend(json.loads(Path(file).read_text(encoding="utf-8")))
     return prompts
 
@@ -111,7 +124,12 @@ def read_prompt_set(spec, column=None, split=None, cache_dir=None):
     if spec == "diffusiondb":
         import datasets
 
-        metadata = datasets.load_dataset("parquet", data_files="hf://datasets/poloclub/diffusiondb/metadata.parquet", split="train", cache_dir=cache_dir)
+        metadata = datasets.load_dataset(
+            "parquet",
+            data_files="hf://datasets/poloclub/diffusiondb/metadata.parquet",
+            split="train",
+            cache_dir=cache_dir,
+        )
         return metadata["prompt"]
     path = Path(spec)
     if path.is_file():
@@ -120,7 +138,9 @@ def read_prompt_set(spec, column=None, split=None, cache_dir=None):
         return _read_table_file(path, column)
     if path.is_dir() or "/" in spec:
         return _read_dataset(spec, split or "test", column, cache_dir)
-    raise PromptSetError(f"Unknown prompt set {spec!r}: expected one of {PROMPT_SET_NAMES}, a prompt file, a dataset folder or a hub dataset id.")
+    raise PromptSetError(
+        f"Unknown prompt set {spec!r}: expected one of {PROMPT_SET_NAMES}, a prompt file, a dataset folder or a hub dataset id."
+    )
 
 
 def select_prompts(prompts, keep_duplicates=False, shuffle_seed=None, max_prompts=None):
@@ -145,10 +165,14 @@ def select_prompts(prompts, keep_duplicates=False, shuffle_seed=None, max_prompt
         counts["beyond_max_prompts"] = len(cleaned) - max_prompts
         cleaned = cleaned[:max_prompts]
     if not cleaned:
-        raise PromptSetError(f"The prompt set is empty after cleaning ({counts}); expected at least one non-empty prompt.")
+        raise PromptSetError(
+            f"The prompt set is empty after cleaning ({counts}); expected at least one non-empty prompt."
+        )
     return cleaned, counts
 
 
-def load_prompts(spec, column=None, split=None, cache_dir=None, keep_duplicates=False, shuffle_seed=None, max_prompts=None):
+def load_prompts(
+    spec, column=None, split=None, cache_dir=None, keep_duplicates=False, shuffle_seed=None, max_prompts=None
+):
     """`read_prompt_set` then `select_prompts`: (prompts, counts)."""
     return select_prompts(read_prompt_set(spec, column, split, cache_dir), keep_duplicates, shuffle_seed, max_prompts)

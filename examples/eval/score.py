@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.rewards`
 
 DEFAULT_REWARD_MODELS = ["aesthetic", "hpsv21", "pickscore"]  # MaPO Table 1
@@ -35,17 +36,43 @@ class InputError(ValueError):
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run_dirs", type=str, nargs="+", required=True, help="Folders written by generate.py (each with manifest.jsonl).")
-    parser.add_argument("--reward_models", type=str, nargs="+", default=DEFAULT_REWARD_MODELS,
-                        help="Reward models to score with: pickscore, hpsv21, imagereward, aesthetic, clipscore, vqascore.")
-    parser.add_argument("--reward_model_paths", type=str, nargs="*", default=[], metavar="NAME=PATH",
-                        help="Local weights for some reward models, e.g. pickscore=/models/PickScore_v1 (default: published weights).")
+    parser.add_argument(
+        "--run_dirs",
+        type=str,
+        nargs="+",
+        required=True,
+        help="Folders written by generate.py (each with manifest.jsonl).",
+    )
+    parser.add_argument(
+        "--reward_models",
+        type=str,
+        nargs="+",
+        default=DEFAULT_REWARD_MODELS,
+        help="Reward models to score with: pickscore, hpsv21, imagereward, aesthetic, clipscore, vqascore.",
+    )
+    parser.add_argument(
+        "--reward_model_paths",
+        type=str,
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="Local weights for some reward models, e.g. pickscore=/models/PickScore_v1 (default: published weights).",
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="Images per reward-model call.")
-    parser.add_argument("--device", type=str, default=None, help="Device of the reward models (default: cuda if available, else cpu).")
-    parser.add_argument("--dtype", type=str, default="fp32", choices=["fp32", "fp16", "bf16"], help="Precision of the reward models.")
-    parser.add_argument("--scores_filename", type=str, default="scores.csv", help="Name of the score table written in each run folder.")
-    parser.add_argument("--skip_missing_images", action="store_true",
-                        help="Leave images listed in the manifest but missing on disk unscored (counted) instead of stopping.")
+    parser.add_argument(
+        "--device", type=str, default=None, help="Device of the reward models (default: cuda if available, else cpu)."
+    )
+    parser.add_argument(
+        "--dtype", type=str, default="fp32", choices=["fp32", "fp16", "bf16"], help="Precision of the reward models."
+    )
+    parser.add_argument(
+        "--scores_filename", type=str, default="scores.csv", help="Name of the score table written in each run folder."
+    )
+    parser.add_argument(
+        "--skip_missing_images",
+        action="store_true",
+        help="Leave images listed in the manifest but missing on disk unscored (counted) instead of stopping.",
+    )
     args = parser.parse_args(input_args)
     try:
         check_args(args)
@@ -81,11 +108,17 @@ def check_args(args):
     args.reward_model_paths = parse_model_paths(args.reward_model_paths, args.reward_models)
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / "manifest.jsonl").is_file():
-            raise InputError(f"No manifest.jsonl in {run_dir!r}; expected a folder written by examples/eval/generate.py.")
+            raise InputError(
+                f"No manifest.jsonl in {run_dir!r}; expected a folder written by examples/eval/generate.py."
+            )
 
 
 def read_manifest(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (run_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     if not rows:
         raise InputError(f"{run_dir / 'manifest.jsonl'} lists no images; run generate.py for this folder first.")
     return rows
@@ -98,7 +131,9 @@ def read_scores(path):
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         rewards = [column for column in reader.fieldnames or [] if column not in ID_COLUMNS]
-        return {row["image"]: {name: float(row[name]) for name in rewards if row[name] not in ("", None)} for row in reader}, rewards
+        return {
+            row["image"]: {name: float(row[name]) for name in rewards if row[name] not in ("", None)} for row in reader
+        }, rewards
 
 
 def write_scores(path, manifest, scores, reward_columns):
@@ -108,7 +143,10 @@ def write_scores(path, manifest, scores, reward_columns):
         writer.writerow(ID_COLUMNS + reward_columns)
         for row in manifest:
             image_scores = scores.get(row["image"], {})
-            writer.writerow([row[column] for column in ID_COLUMNS] + [repr(image_scores[name]) if name in image_scores else "" for name in reward_columns])
+            writer.writerow(
+                [row[column] for column in ID_COLUMNS]
+                + [repr(image_scores[name]) if name in image_scores else "" for name in reward_columns]
+            )
     os.replace(temporary, path)
 
 
@@ -131,7 +169,11 @@ class Run:
 
     def pending(self, reward_name):
         missing = set(self.missing_images)
-        return [row for row in self.manifest if reward_name not in self.scores.get(row["image"], {}) and row["image"] not in missing]
+        return [
+            row
+            for row in self.manifest
+            if reward_name not in self.scores.get(row["image"], {}) and row["image"] not in missing
+        ]
 
     def save(self):
         write_scores(self.scores_path, self.manifest, self.scores, self.reward_columns)
@@ -151,7 +193,9 @@ def main(args):
                 "Rerun generate.py with the same flags to make them, or pass --skip_missing_images to leave them unscored."
             )
         if run.dropped_rows:
-            print(f"{run.dir}: dropped {run.dropped_rows} rows of {run.scores_path.name} whose images are no longer in the manifest")
+            print(
+                f"{run.dir}: dropped {run.dropped_rows} rows of {run.scores_path.name} whose images are no longer in the manifest"
+            )
         for name in args.reward_models:
             run.add_reward_column(name)
 
@@ -164,7 +208,13 @@ def main(args):
         if total_pending == 0:
             print(f"{name}: all {already} scores already present, model not loaded")
             continue
-        reward = load_reward_model(name, path=args.reward_model_paths.get(name), device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+        reward = load_reward_model(
+            name,
+            path=args.reward_model_paths.get(name),
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+        )
         progress = tqdm(total=total_pending, desc=f"scoring {name}")
         for run in runs:
             rows = pending[run.dir]
@@ -173,7 +223,9 @@ def main(args):
                 values = reward.score([run.dir / row["image"] for row in batch], [row["prompt"] for row in batch])
                 for row, value in zip(batch, values.tolist()):
                     if not math.isfinite(value):
-                        raise RuntimeError(f"{name} gave a non-finite score ({value}) for {run.dir / row['image']}; check the model and the image.")
+                        raise RuntimeError(
+                            f"{name} gave a non-finite score ({value}) for {run.dir / row['image']}; check the model and the image."
+                        )
                     run.scores.setdefault(row["image"], {})[name] = value
                 run.save()  # after every batch: an interrupted run loses at most one batch
                 progress.update(len(batch))

@@ -16,6 +16,7 @@ from .image_reward import ImageReward, convert_image_reward_state_dict
 from .registry import REWARD_MODELS, check_reward_model_names, load_reward_model
 from .vqascore import VQAScore
 
+
 __all__ = [
     "CLIPScore",
     "HPSv21",

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+
 KINDS = ("bradley_terry", "probability")
 
 
@@ -19,7 +20,9 @@ def to_rgb_image(image):
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
-            raise RewardInputError(f"Image file {str(path)!r} does not exist; expected a path to an image (or a PIL image).")
+            raise RewardInputError(
+                f"Image file {str(path)!r} does not exist; expected a path to an image (or a PIL image)."
+            )
         with Image.open(path) as opened:
             return opened.convert("RGB")
     raise RewardInputError(f"Expected a PIL image or an image path, found {type(image).__name__}.")
@@ -30,9 +33,14 @@ def resolve_torch_dtype(dtype):
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {
-        "fp32": torch.float32, "float32": torch.float32, "no": torch.float32,
-        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "no": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
     }
     if dtype not in names:
         raise RewardInputError(f"Unknown dtype {dtype!r}; expected one of {sorted(names)}.")
@@ -80,7 +88,9 @@ class RewardModel:
         if isinstance(prompts, str):
             prompts = [prompts] * len(images)
         if len(images) != len(prompts):
-            raise RewardInputError(f"Expected one prompt per image, found {len(images)} images and {len(prompts)} prompts.")
+            raise RewardInputError(
+                f"Expected one prompt per image, found {len(images)} images and {len(prompts)} prompts."
+            )
         bad = [i for i, prompt in enumerate(prompts) if not isinstance(prompt, str)]
         if bad:
             raise RewardInputError(f"Prompts must be strings; entries {bad[:5]} are {type(prompts[bad[0]]).__name__}.")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .base import RewardInputError, RewardModel
 
+
 LAION_CLIP_H_14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 OPENAI_CLIP_L_14 = "openai/clip-vit-large-patch14"
 
@@ -43,7 +44,9 @@ def load_clip_model(path, device, dtype):
     from transformers import CLIPModel
 
     if Path(path).exists() and not (Path(path) / "config.json").exists():
-        raise RewardInputError(f"Expected a transformers CLIP model folder (with config.json) at {str(path)!r}, found none.")
+        raise RewardInputError(
+            f"Expected a transformers CLIP model folder (with config.json) at {str(path)!r}, found none."
+        )
     return CLIPModel.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
@@ -75,9 +78,13 @@ class ClipReward(RewardModel):
         return F.normalize(features.float(), dim=-1)  # (B, D)
 
     def text_embeddings(self, prompts):
-        max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)  # 77 for CLIP
+        max_length = min(
+            self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings
+        )  # 77 for CLIP
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        features = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)).pooler_output
+        features = self.model.get_text_features(
+            input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
+        ).pooler_output
         return F.normalize(features.float(), dim=-1)  # (B, D)
 
 
@@ -150,7 +157,9 @@ class LaionAesthetic(ClipReward):
     # Bradley-Terry model to VILA's 1-10 aesthetic score; we do the same for this one.
     kind = "bradley_terry"
 
-    def __init__(self, path=None, head_path=None, processor_path=None, device=None, dtype=torch.float32, batch_size=16):
+    def __init__(
+        self, path=None, head_path=None, processor_path=None, device=None, dtype=torch.float32, batch_size=16
+    ):
         super().__init__(path=path, processor_path=processor_path, device=device, dtype=dtype, batch_size=batch_size)
         if head_path is None:
             local_head = Path(self.path) / AESTHETIC_HEAD_FILENAME

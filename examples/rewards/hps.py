@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .base import RewardInputError, RewardModel
 from .clip_rewards import LAION_CLIP_H_14, has_processor_files, load_clip_processor
 
+
 HPS_REPO = "xswu/HPSv2"
 HPS_V21_FILENAME = "HPS_v2.1_compressed.pt"
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
@@ -46,7 +47,16 @@ VIT_H_14 = {
 
 # open_clip options that change the network in ways a plain CLIPModel does not reproduce.
 UNSUPPORTED_OPTIONS = {
-    "vision_cfg": ("ls_init_value", "attentional_pool", "no_ln_pre", "final_ln_after_pool", "pool_type", "global_average_pool", "timm_model_name", "pos_embed_type"),
+    "vision_cfg": (
+        "ls_init_value",
+        "attentional_pool",
+        "no_ln_pre",
+        "final_ln_after_pool",
+        "pool_type",
+        "global_average_pool",
+        "timm_model_name",
+        "pos_embed_type",
+    ),
     "text_cfg": ("ls_init_value", "hf_model_name", "proj_bias", "pool_type", "no_causal_mask", "embed_cls"),
 }
 DEFAULTS_OF_UNSUPPORTED = {"pool_type": ("tok", "argmax"), "pos_embed_type": ("learnable",)}
@@ -60,22 +70,38 @@ def clip_config_from_open_clip(model_cfg, tokenizer):
         for option in options:
             value = model_cfg.get(tower, {}).get(option)
             if value not in (None, False, *DEFAULTS_OF_UNSUPPORTED.get(option, ())):
-                raise RewardInputError(f"open_clip option {tower}.{option}={value!r} is not supported by this HPS loader; expected a plain ViT CLIP such as ViT-H-14.")
+                raise RewardInputError(
+                    f"open_clip option {tower}.{option}={value!r} is not supported by this HPS loader; expected a plain ViT CLIP such as ViT-H-14."
+                )
     vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
     vision_heads = vision["width"] // vision.get("head_width", 64)
     return CLIPConfig(
         projection_dim=model_cfg["embed_dim"],
         text_config=dict(
-            vocab_size=text["vocab_size"], hidden_size=text["width"], intermediate_size=int(text["width"] * text.get("mlp_ratio", 4.0)),
-            num_attention_heads=text["heads"], num_hidden_layers=text["layers"], max_position_embeddings=text["context_length"],
-            hidden_act=activation, layer_norm_eps=1e-5, projection_dim=model_cfg["embed_dim"],
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=text["vocab_size"],
+            hidden_size=text["width"],
+            intermediate_size=int(text["width"] * text.get("mlp_ratio", 4.0)),
+            num_attention_heads=text["heads"],
+            num_hidden_layers=text["layers"],
+            max_position_embeddings=text["context_length"],
+            hidden_act=activation,
+            layer_norm_eps=1e-5,
+            projection_dim=model_cfg["embed_dim"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
-            hidden_size=vision["width"], intermediate_size=int(vision["width"] * vision.get("mlp_ratio", 4.0)),
-            num_attention_heads=vision_heads, num_hidden_layers=vision["layers"], image_size=vision["image_size"],
-            patch_size=vision["patch_size"], hidden_act=activation, layer_norm_eps=1e-5, projection_dim=model_cfg["embed_dim"],
+            hidden_size=vision["width"],
+            intermediate_size=int(vision["width"] * vision.get("mlp_ratio", 4.0)),
+            num_attention_heads=vision_heads,
+            num_hidden_layers=vision["layers"],
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            hidden_act=activation,
+            layer_norm_eps=1e-5,
+            projection_dim=model_cfg["embed_dim"],
         ),
     )
 
@@ -85,7 +111,13 @@ def count_resblocks(state_dict, prefix):
     return len({int(match.group(1)) for key in state_dict for match in [pattern.match(key)] if match})
 
 
-RESBLOCK_RENAMES = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+RESBLOCK_RENAMES = {
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 TOP_LEVEL_RENAMES = {
     "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
     "positional_embedding": "text_model.embeddings.position_embedding.weight",
@@ -100,7 +132,10 @@ TOP_LEVEL_RENAMES = {
     "visual.ln_post.bias": "vision_model.post_layernorm.bias",
     "logit_scale": "logit_scale",
 }
-TRANSPOSED_PROJECTIONS = {"text_projection": "text_projection.weight", "visual.proj": "visual_projection.weight"}  # x @ proj -> Linear
+TRANSPOSED_PROJECTIONS = {
+    "text_projection": "text_projection.weight",
+    "visual.proj": "visual_projection.weight",
+}  # x @ proj -> Linear
 IGNORED_OPEN_CLIP_KEYS = {"attn_mask"}  # the causal mask, a buffer some open_clip versions save
 
 
@@ -114,16 +149,26 @@ def convert_open_clip_state_dict(state_dict):
 
     def take(key):
         if key not in state_dict:
-            raise RewardInputError(f"The open_clip checkpoint has no tensor {key!r}; expected a plain ViT CLIP such as ViT-H-14.")
+            raise RewardInputError(
+                f"The open_clip checkpoint has no tensor {key!r}; expected a plain ViT CLIP such as ViT-H-14."
+            )
         used.add(key)
         return state_dict[key]
 
-    for source_prefix, target_prefix in (("transformer.resblocks", "text_model.encoder.layers"), ("visual.transformer.resblocks", "vision_model.encoder.layers")):
+    for source_prefix, target_prefix in (
+        ("transformer.resblocks", "text_model.encoder.layers"),
+        ("visual.transformer.resblocks", "vision_model.encoder.layers"),
+    ):
         for layer in range(count_resblocks(state_dict, source_prefix)):
             source, target = f"{source_prefix}.{layer}.", f"{target_prefix}.{layer}."
             in_proj_weight, in_proj_bias = take(source + "attn.in_proj_weight"), take(source + "attn.in_proj_bias")
-            for name, weight, bias in zip(("q_proj", "k_proj", "v_proj"), in_proj_weight.chunk(3), in_proj_bias.chunk(3)):
-                converted[f"{target}self_attn.{name}.weight"], converted[f"{target}self_attn.{name}.bias"] = weight, bias
+            for name, weight, bias in zip(
+                ("q_proj", "k_proj", "v_proj"), in_proj_weight.chunk(3), in_proj_bias.chunk(3)
+            ):
+                converted[f"{target}self_attn.{name}.weight"], converted[f"{target}self_attn.{name}.bias"] = (
+                    weight,
+                    bias,
+                )
             for old, new in RESBLOCK_RENAMES.items():
                 for suffix in ("weight", "bias"):
                     converted[f"{target}{new}.{suffix}"] = take(f"{source}{old}.{suffix}")
@@ -133,7 +178,9 @@ def convert_open_clip_state_dict(state_dict):
         converted[new] = take(old).t().contiguous()
     leftover = sorted(set(state_dict) - used)
     if leftover:
-        raise RewardInputError(f"open_clip tensors {leftover[:5]} ({len(leftover)} in all) have no place in a plain CLIP model; this loader supports plain ViT CLIPs such as ViT-H-14.")
+        raise RewardInputError(
+            f"open_clip tensors {leftover[:5]} ({len(leftover)} in all) have no place in a plain CLIP model; this loader supports plain ViT CLIPs such as ViT-H-14."
+        )
     return converted
 
 
@@ -141,9 +188,13 @@ def load_open_clip_checkpoint(path):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if isinstance(state_dict, dict):
-        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}  # saved from DistributedDataParallel
+        state_dict = {
+            key.removeprefix("module."): value for key, value in state_dict.items()
+        }  # saved from DistributedDataParallel
     if not isinstance(state_dict, dict) or "visual.proj" not in state_dict:
-        raise RewardInputError(f"{str(path)!r} is not an open_clip CLIP checkpoint (expected a state dict, or {{'state_dict': ...}}, with 'visual.proj').")
+        raise RewardInputError(
+            f"{str(path)!r} is not an open_clip CLIP checkpoint (expected a state dict, or {{'state_dict': ...}}, with 'visual.proj')."
+        )
     return state_dict
 
 
@@ -153,18 +204,25 @@ def build_clip_from_open_clip(model_cfg, state_dict, tokenizer, device, dtype):
 
     config = clip_config_from_open_clip(model_cfg, tokenizer)
     converted = convert_open_clip_state_dict(state_dict)
-    text_layers, vision_layers = count_resblocks(state_dict, "transformer.resblocks"), count_resblocks(state_dict, "visual.transformer.resblocks")
+    text_layers, vision_layers = (
+        count_resblocks(state_dict, "transformer.resblocks"),
+        count_resblocks(state_dict, "visual.transformer.resblocks"),
+    )
     if (text_layers, vision_layers) != (config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers):
         raise RewardInputError(
             f"The checkpoint has {text_layers} text and {vision_layers} image layers, the open_clip config "
             f"{config.text_config.num_hidden_layers} and {config.vision_config.num_hidden_layers}; give the config the checkpoint was trained with."
         )
-    with no_init_weights():  # every weight is loaded below (a missing one is an error); random init of ViT-H costs ~20 s
+    with (
+        no_init_weights()
+    ):  # every weight is loaded below (a missing one is an error); random init of ViT-H costs ~20 s
         model = CLIPModel(config)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing or unexpected:
-        raise RewardInputError(f"The converted open_clip weights do not fit the CLIP model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        raise RewardInputError(
+            f"The converted open_clip weights do not fit the CLIP model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -193,7 +251,9 @@ class HPSv21(RewardModel):
             model_cfg, checkpoint_path = self.read_folder(Path(path))
             local_processor = path if has_processor_files(path) else None
         else:
-            raise RewardInputError(f"HPS v2.1 path {str(path)!r} does not exist; expected an open_clip checkpoint file or a folder with {OPEN_CLIP_CONFIG_NAME}.")
+            raise RewardInputError(
+                f"HPS v2.1 path {str(path)!r} does not exist; expected an open_clip checkpoint file or a folder with {OPEN_CLIP_CONFIG_NAME}."
+            )
         self.path = str(checkpoint_path)
         self.processor_path = str(processor_path or local_processor or LAION_CLIP_H_14)
         self.tokenizer, self.image_processor = load_clip_processor(self.processor_path)
@@ -205,19 +265,35 @@ class HPSv21(RewardModel):
     def read_folder(folder):
         config_file = folder / OPEN_CLIP_CONFIG_NAME
         if not config_file.is_file():
-            raise RewardInputError(f"Expected {OPEN_CLIP_CONFIG_NAME} in {str(folder)!r} (the open_clip model config); found none.")
+            raise RewardInputError(
+                f"Expected {OPEN_CLIP_CONFIG_NAME} in {str(folder)!r} (the open_clip model config); found none."
+            )
         config = json.loads(config_file.read_text())
         model_cfg = config.get("model_cfg", config)
         preferred = folder / HPS_V21_FILENAME
-        candidates = [preferred] if preferred.is_file() else sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
+        candidates = (
+            [preferred]
+            if preferred.is_file()
+            else sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
+        )
         if len(candidates) != 1:
-            raise RewardInputError(f"Expected one open_clip checkpoint (.pt/.pth/.bin, ideally {HPS_V21_FILENAME}) in {str(folder)!r}, found {[p.name for p in candidates]}.")
+            raise RewardInputError(
+                f"Expected one open_clip checkpoint (.pt/.pth/.bin, ideally {HPS_V21_FILENAME}) in {str(folder)!r}, found {[p.name for p in candidates]}."
+            )
         return model_cfg, candidates[0]
 
     def _score_batch(self, images, prompts):
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(
+            self.device, self.dtype
+        )
         # open_clip's tokenizer pads to the full context; the causal mask makes padding irrelevant to the pooled token.
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt")
-        image_features = F.normalize(self.model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
-        text_features = F.normalize(self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device)).pooler_output.float(), dim=-1)
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        image_features = F.normalize(
+            self.model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1
+        )
+        text_features = F.normalize(
+            self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device)).pooler_output.float(), dim=-1
+        )
         return 100.0 * (image_features * text_features).sum(-1)  # (B,)

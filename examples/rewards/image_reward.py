@@ -31,6 +31,7 @@ import torch
 from .base import RewardInputError, RewardModel
 from .clip_rewards import aesthetic_mlp
 
+
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
 IMAGE_REWARD_FILENAME = "ImageReward.pt"
 MED_CONFIG_FILENAME = "med_config.json"
@@ -41,7 +42,13 @@ MAX_PROMPT_TOKENS = 35
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 # BLIP `create_vit("large", image_size=224)`
-BLIP_VIT_LARGE = {"image_size": 224, "patch_size": 16, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16}
+BLIP_VIT_LARGE = {
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+}
 
 
 class RewardHead(torch.nn.Module):
@@ -65,7 +72,10 @@ class ImageRewardNetwork(torch.nn.Module):
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, 1 + patches, D_vision)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         text = self.text_encoder(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
         ).last_hidden_state
         rewards = self.mlp.layers(text[:, 0, :].float()).squeeze(-1)  # (B,)
         return (rewards - REWARD_MEAN) / REWARD_STD
@@ -98,7 +108,9 @@ def blip_configs(med_config, vision_settings, tokenizer):
         hidden_dropout_prob=med_config.get("hidden_dropout_prob", 0.0),
         attention_probs_dropout_prob=med_config.get("attention_probs_dropout_prob", 0.0),
         pad_token_id=med_config.get("pad_token_id", 0),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.sep_token_id, sep_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sep_token_id=tokenizer.sep_token_id,
         is_decoder=True,  # transformers builds the cross-attention layers only for decoders; the forward pass stays bidirectional
     )
     return vision_config, text_config
@@ -158,21 +170,30 @@ class ImageReward(RewardModel):
             checkpoint_path, med_config_path = folder / IMAGE_REWARD_FILENAME, folder / MED_CONFIG_FILENAME
             for needed in (checkpoint_path, med_config_path):
                 if not needed.is_file():
-                    raise RewardInputError(f"Expected {needed.name} in the ImageReward folder {str(folder)!r}; found none.")
+                    raise RewardInputError(
+                        f"Expected {needed.name} in the ImageReward folder {str(folder)!r}; found none."
+                    )
         self.path = str(checkpoint_path)
         vision_settings = dict(BLIP_VIT_LARGE)
         if folder is not None and (folder / VISION_CONFIG_FILENAME).is_file():
             vision_settings.update(json.loads((folder / VISION_CONFIG_FILENAME).read_text()))
         if tokenizer_path is None:
-            has_vocab = folder is not None and any((folder / name).is_file() for name in ("vocab.txt", "tokenizer.json"))
+            has_vocab = folder is not None and any(
+                (folder / name).is_file() for name in ("vocab.txt", "tokenizer.json")
+            )
             tokenizer_path = folder if has_vocab else BERT_TOKENIZER
         self.tokenizer = BertTokenizer.from_pretrained(str(tokenizer_path))
-        self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # init_tokenizer()
-        vision_config, text_config = blip_configs(json.loads(med_config_path.read_text()), vision_settings, self.tokenizer)
+        self.tokenizer.add_special_tokens(
+            {"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]}
+        )  # init_tokenizer()
+        vision_config, text_config = blip_configs(
+            json.loads(med_config_path.read_text()), vision_settings, self.tokenizer
+        )
         self.image_processor = CLIPImageProcessor(
             size={"shortest_edge": vision_settings["image_size"]},
             crop_size={"height": vision_settings["image_size"], "width": vision_settings["image_size"]},
-            image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
         )
 
         from transformers.initialization import no_init_weights
@@ -191,6 +212,12 @@ class ImageReward(RewardModel):
         self.network.mlp.float()  # the head is tiny; ImageReward runs it in float32
 
     def _score_batch(self, images, prompts):
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS, return_tensors="pt")
-        return self.network(pixel_values, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(
+            self.device, self.dtype
+        )
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS, return_tensors="pt"
+        )
+        return self.network(
+            pixel_values, tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        )

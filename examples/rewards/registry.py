@@ -10,6 +10,7 @@ from .hps import HPSv21
 from .image_reward import ImageReward
 from .vqascore import MISSING_T2V_METRICS, VQAScore
 
+
 REWARD_MODELS = {model.name: model for model in (PickScore, HPSv21, ImageReward, LaionAesthetic, CLIPScore, VQAScore)}
 
 
@@ -21,7 +22,9 @@ def check_reward_model_names(names):
     for name in names:
         dependency = getattr(REWARD_MODELS[name], "optional_dependency", None)
         if dependency is not None and importlib.util.find_spec(dependency) is None:
-            raise RewardInputError(MISSING_T2V_METRICS if name == "vqascore" else f"{name} needs the optional package {dependency!r}.")
+            raise RewardInputError(
+                MISSING_T2V_METRICS if name == "vqascore" else f"{name} needs the optional package {dependency!r}."
+            )
 
 
 def load_reward_model(name, path=None, device=None, dtype=torch.float32, batch_size=16, **kwargs):

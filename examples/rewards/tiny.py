@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+
 if __package__ in (None, ""):  # run as a script: make `examples.rewards` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -34,13 +35,16 @@ from examples.rewards.hps import HPS_V21_FILENAME, OPEN_CLIP_CONFIG_NAME
 from examples.rewards.image_reward import IMAGE_REWARD_FILENAME, MED_CONFIG_FILENAME, VISION_CONFIG_FILENAME
 from examples.tiny_assets.make_tiny_assets import bytes_to_unicode
 
+
 TINY_IMAGE_SIZE, TINY_PATCH_SIZE, TINY_WIDTH, TINY_LAYERS, TINY_HEADS, TINY_EMBED_DIM = 32, 8, 32, 2, 4, 16
 WORDS = ["a", "photo", "of", "ball", "red", "green", "blue", "yellow", "purple", "cyan", "the", "cat", "dog"]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", type=str, required=True, help="Folder that receives one sub-folder per reward model.")
+    parser.add_argument(
+        "--output_dir", type=str, required=True, help="Folder that receives one sub-folder per reward model."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     return parser.parse_args(argv)
 
@@ -69,7 +73,9 @@ def write_clip_tokenizer(folder):
 def write_clip_image_processor(folder, image_size=TINY_IMAGE_SIZE):
     from transformers import CLIPImageProcessor
 
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder)
 
 
 def random_state_dict(shapes, generator):
@@ -88,11 +94,23 @@ def write_tiny_hf_clip(folder, seed):
 
     tokenizer = write_clip_tokenizer(folder)
     write_clip_image_processor(folder)
-    common = dict(hidden_size=TINY_WIDTH, intermediate_size=37, num_attention_heads=TINY_HEADS, num_hidden_layers=TINY_LAYERS, projection_dim=TINY_EMBED_DIM)
+    common = dict(
+        hidden_size=TINY_WIDTH,
+        intermediate_size=37,
+        num_attention_heads=TINY_HEADS,
+        num_hidden_layers=TINY_LAYERS,
+        projection_dim=TINY_EMBED_DIM,
+    )
     config = CLIPConfig(
         projection_dim=TINY_EMBED_DIM,
-        text_config=dict(common, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        text_config=dict(
+            common,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
         vision_config=dict(common, image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE),
     )
     torch.manual_seed(seed)
@@ -104,15 +122,29 @@ def write_tiny_aesthetic(folder, seed):
     write_tiny_hf_clip(folder, seed)
     torch.manual_seed(seed + 1)
     head = aesthetic_mlp(TINY_EMBED_DIM)
-    torch.save({f"layers.{key}": value for key, value in head.state_dict().items()}, Path(folder) / AESTHETIC_HEAD_FILENAME)
+    torch.save(
+        {f"layers.{key}": value for key, value in head.state_dict().items()}, Path(folder) / AESTHETIC_HEAD_FILENAME
+    )
     return folder
 
 
 def tiny_open_clip_config(vocab_size):
     return {
         "embed_dim": TINY_EMBED_DIM,
-        "vision_cfg": {"image_size": TINY_IMAGE_SIZE, "layers": TINY_LAYERS, "width": TINY_WIDTH, "head_width": TINY_WIDTH // TINY_HEADS, "patch_size": TINY_PATCH_SIZE},
-        "text_cfg": {"context_length": 77, "vocab_size": vocab_size, "width": TINY_WIDTH, "heads": TINY_HEADS, "layers": TINY_LAYERS},
+        "vision_cfg": {
+            "image_size": TINY_IMAGE_SIZE,
+            "layers": TINY_LAYERS,
+            "width": TINY_WIDTH,
+            "head_width": TINY_WIDTH // TINY_HEADS,
+            "patch_size": TINY_PATCH_SIZE,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": vocab_size,
+            "width": TINY_WIDTH,
+            "heads": TINY_HEADS,
+            "layers": TINY_LAYERS,
+        },
     }
 
 
@@ -124,14 +156,22 @@ def open_clip_shapes(model_cfg):
         shapes = {}
         for i in range(layers):
             block = f"{prefix}.{i}."
-            shapes.update({
-                block + "ln_1.weight": (width,), block + "ln_1.bias": (width,),
-                block + "attn.in_proj_weight": (3 * width, width), block + "attn.in_proj_bias": (3 * width,),
-                block + "attn.out_proj.weight": (width, width), block + "attn.out_proj.bias": (width,),
-                block + "ln_2.weight": (width,), block + "ln_2.bias": (width,),
-                block + "mlp.c_fc.weight": (4 * width, width), block + "mlp.c_fc.bias": (4 * width,),
-                block + "mlp.c_proj.weight": (width, 4 * width), block + "mlp.c_proj.bias": (width,),
-            })
+            shapes.update(
+                {
+                    block + "ln_1.weight": (width,),
+                    block + "ln_1.bias": (width,),
+                    block + "attn.in_proj_weight": (3 * width, width),
+                    block + "attn.in_proj_bias": (3 * width,),
+                    block + "attn.out_proj.weight": (width, width),
+                    block + "attn.out_proj.bias": (width,),
+                    block + "ln_2.weight": (width,),
+                    block + "ln_2.bias": (width,),
+                    block + "mlp.c_fc.weight": (4 * width, width),
+                    block + "mlp.c_fc.bias": (4 * width,),
+                    block + "mlp.c_proj.weight": (width, 4 * width),
+                    block + "mlp.c_proj.bias": (width,),
+                }
+            )
         return shapes
 
     grid = vision["image_size"] // vision["patch_size"]
@@ -139,14 +179,17 @@ def open_clip_shapes(model_cfg):
         "visual.class_embedding": (vision["width"],),
         "visual.positional_embedding": (grid * grid + 1, vision["width"]),
         "visual.conv1.weight": (vision["width"], 3, vision["patch_size"], vision["patch_size"]),
-        "visual.ln_pre.weight": (vision["width"],), "visual.ln_pre.bias": (vision["width"],),
+        "visual.ln_pre.weight": (vision["width"],),
+        "visual.ln_pre.bias": (vision["width"],),
         **resblocks("visual.transformer.resblocks", vision["width"], vision["layers"]),
-        "visual.ln_post.weight": (vision["width"],), "visual.ln_post.bias": (vision["width"],),
+        "visual.ln_post.weight": (vision["width"],),
+        "visual.ln_post.bias": (vision["width"],),
         "visual.proj": (vision["width"], embed_dim),
         "token_embedding.weight": (text["vocab_size"], text["width"]),
         "positional_embedding": (text["context_length"], text["width"]),
         **resblocks("transformer.resblocks", text["width"], text["layers"]),
-        "ln_final.weight": (text["width"],), "ln_final.bias": (text["width"],),
+        "ln_final.weight": (text["width"],),
+        "ln_final.bias": (text["width"],),
         "text_projection": (text["width"], embed_dim),
     }
     return shapes
@@ -163,7 +206,18 @@ def write_tiny_hps(folder, seed):
     state_dict["text_projection"] *= 10
     state_dict["logit_scale"] = torch.tensor(4.6052)  # log(100), as a trained CLIP
     torch.save({"epoch": 1, "name": "tiny-hps", "state_dict": state_dict}, Path(folder) / HPS_V21_FILENAME)
-    (Path(folder) / OPEN_CLIP_CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}, indent=2))
+    (Path(folder) / OPEN_CLIP_CONFIG_NAME).write_text(
+        json.dumps(
+            {
+                "model_cfg": model_cfg,
+                "preprocess_cfg": {
+                    "mean": [0.48145466, 0.4578275, 0.40821073],
+                    "std": [0.26862954, 0.26130258, 0.27577711],
+                },
+            },
+            indent=2,
+        )
+    )
     return folder
 
 
@@ -184,51 +238,96 @@ def image_reward_shapes(vision, med):
         "blip.visual_encoder.pos_embed": (1, grid * grid + 1, width),
         "blip.visual_encoder.patch_embed.proj.weight": (width, 3, vision["patch_size"], vision["patch_size"]),
         "blip.visual_encoder.patch_embed.proj.bias": (width,),
-        "blip.visual_encoder.norm.weight": (width,), "blip.visual_encoder.norm.bias": (width,),
+        "blip.visual_encoder.norm.weight": (width,),
+        "blip.visual_encoder.norm.bias": (width,),
         "blip.text_encoder.embeddings.word_embeddings.weight": (med["vocab_size"], hidden),
         "blip.text_encoder.embeddings.position_embeddings.weight": (med["max_position_embeddings"], hidden),
-        "blip.text_encoder.embeddings.LayerNorm.weight": (hidden,), "blip.text_encoder.embeddings.LayerNorm.bias": (hidden,),
-        "blip.vision_proj.weight": (TINY_EMBED_DIM, width), "blip.vision_proj.bias": (TINY_EMBED_DIM,),
-        "blip.text_proj.weight": (TINY_EMBED_DIM, hidden), "blip.text_proj.bias": (TINY_EMBED_DIM,),
+        "blip.text_encoder.embeddings.LayerNorm.weight": (hidden,),
+        "blip.text_encoder.embeddings.LayerNorm.bias": (hidden,),
+        "blip.vision_proj.weight": (TINY_EMBED_DIM, width),
+        "blip.vision_proj.bias": (TINY_EMBED_DIM,),
+        "blip.text_proj.weight": (TINY_EMBED_DIM, hidden),
+        "blip.text_proj.bias": (TINY_EMBED_DIM,),
     }
     for i in range(vision["num_hidden_layers"]):
         block = f"blip.visual_encoder.blocks.{i}."
-        shapes.update({
-            block + "norm1.weight": (width,), block + "norm1.bias": (width,),
-            block + "attn.qkv.weight": (3 * width, width), block + "attn.qkv.bias": (3 * width,),
-            block + "attn.proj.weight": (width, width), block + "attn.proj.bias": (width,),
-            block + "norm2.weight": (width,), block + "norm2.bias": (width,),
-            block + "mlp.fc1.weight": (4 * width, width), block + "mlp.fc1.bias": (4 * width,),
-            block + "mlp.fc2.weight": (width, 4 * width), block + "mlp.fc2.bias": (width,),
-        })
+        shapes.update(
+            {
+                block + "norm1.weight": (width,),
+                block + "norm1.bias": (width,),
+                block + "attn.qkv.weight": (3 * width, width),
+                block + "attn.qkv.bias": (3 * width,),
+                block + "attn.proj.weight": (width, width),
+                block + "attn.proj.bias": (width,),
+                block + "norm2.weight": (width,),
+                block + "norm2.bias": (width,),
+                block + "mlp.fc1.weight": (4 * width, width),
+                block + "mlp.fc1.bias": (4 * width,),
+                block + "mlp.fc2.weight": (width, 4 * width),
+                block + "mlp.fc2.bias": (width,),
+            }
+        )
     for i in range(med["num_hidden_layers"]):
         layer = f"blip.text_encoder.encoder.layer.{i}."
         for attention, key_width in (("attention", hidden), ("crossattention", width)):
-            shapes.update({
-                f"{layer}{attention}.self.query.weight": (hidden, hidden), f"{layer}{attention}.self.query.bias": (hidden,),
-                f"{layer}{attention}.self.key.weight": (hidden, key_width), f"{layer}{attention}.self.key.bias": (hidden,),
-                f"{layer}{attention}.self.value.weight": (hidden, key_width), f"{layer}{attention}.self.value.bias": (hidden,),
-                f"{layer}{attention}.output.dense.weight": (hidden, hidden), f"{layer}{attention}.output.dense.bias": (hidden,),
-                f"{layer}{attention}.output.LayerNorm.weight": (hidden,), f"{layer}{attention}.output.LayerNorm.bias": (hidden,),
-            })
-        shapes.update({
-            layer + "intermediate.dense.weight": (inner, hidden), layer + "intermediate.dense.bias": (inner,),
-            layer + "output.dense.weight": (hidden, inner), layer + "output.dense.bias": (hidden,),
-            layer + "output.LayerNorm.weight": (hidden,), layer + "output.LayerNorm.bias": (hidden,),
-        })
+            shapes.update(
+                {
+                    f"{layer}{attention}.self.query.weight": (hidden, hidden),
+                    f"{layer}{attention}.self.query.bias": (hidden,),
+                    f"{layer}{attention}.self.key.weight": (hidden, key_width),
+                    f"{layer}{attention}.self.key.bias": (hidden,),
+                    f"{layer}{attention}.self.value.weight": (hidden, key_width),
+                    f"{layer}{attention}.self.value.bias": (hidden,),
+                    f"{layer}{attention}.output.dense.weight": (hidden, hidden),
+                    f"{layer}{attention}.output.dense.bias": (hidden,),
+                    f"{layer}{attention}.output.LayerNorm.weight": (hidden,),
+                    f"{layer}{attention}.output.LayerNorm.bias": (hidden,),
+                }
+            )
+        shapes.update(
+            {
+                layer + "intermediate.dense.weight": (inner, hidden),
+                layer + "intermediate.dense.bias": (inner,),
+                layer + "output.dense.weight": (hidden, inner),
+                layer + "output.dense.bias": (hidden,),
+                layer + "output.LayerNorm.weight": (hidden,),
+                layer + "output.LayerNorm.bias": (hidden,),
+            }
+        )
     return shapes
 
 
 def write_tiny_image_reward(folder, seed):
     """ImageReward's files (`ImageReward.pt` in its own names, `med_config.json`) at toy size."""
     os.makedirs(folder, exist_ok=True)
-    vocab_size = write_bert_vocab(folder) + 2  # + [DEC] and [ENC], as init_tokenizer() adds (30522 + 2 in the real model)
-    vision = {"image_size": TINY_IMAGE_SIZE, "patch_size": TINY_PATCH_SIZE, "hidden_size": TINY_WIDTH, "num_hidden_layers": TINY_LAYERS, "num_attention_heads": TINY_HEADS}
+    vocab_size = (
+        write_bert_vocab(folder) + 2
+    )  # + [DEC] and [ENC], as init_tokenizer() adds (30522 + 2 in the real model)
+    vision = {
+        "image_size": TINY_IMAGE_SIZE,
+        "patch_size": TINY_PATCH_SIZE,
+        "hidden_size": TINY_WIDTH,
+        "num_hidden_layers": TINY_LAYERS,
+        "num_attention_heads": TINY_HEADS,
+    }
     med = {
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-        "hidden_size": TINY_WIDTH, "initializer_range": 0.02, "intermediate_size": 37, "layer_norm_eps": 1e-12,
-        "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": TINY_HEADS, "num_hidden_layers": TINY_LAYERS,
-        "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size, "encoder_width": TINY_WIDTH, "add_cross_attention": True,
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": TINY_WIDTH,
+        "initializer_range": 0.02,
+        "intermediate_size": 37,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 64,
+        "model_type": "bert",
+        "num_attention_heads": TINY_HEADS,
+        "num_hidden_layers": TINY_LAYERS,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": vocab_size,
+        "encoder_width": TINY_WIDTH,
+        "add_cross_attention": True,
     }
     generator = torch.Generator().manual_seed(seed)
     state_dict = random_state_dict(image_reward_shapes(vision, med), generator)
@@ -236,7 +335,9 @@ def write_tiny_image_reward(folder, seed):
     head = aesthetic_mlp(TINY_WIDTH)
     for name, value in head.state_dict().items():
         fan_in = value.shape[-1] if value.ndim == 2 else 1
-        state_dict[f"mlp.layers.{name}"] = torch.randn(value.shape, generator=generator) / fan_in**0.5  # outputs of order 1
+        state_dict[f"mlp.layers.{name}"] = (
+            torch.randn(value.shape, generator=generator) / fan_in**0.5
+        )  # outputs of order 1
     torch.save(state_dict, Path(folder) / IMAGE_REWARD_FILENAME)
     (Path(folder) / MED_CONFIG_FILENAME).write_text(json.dumps(med, indent=2))
     (Path(folder) / VISION_CONFIG_FILENAME).write_text(json.dumps(vision, indent=2))

@@ -15,6 +15,7 @@ import torch
 
 from .base import RewardModel
 
+
 DEFAULT_VQASCORE_MODEL = "clip-flant5-xxl"
 MISSING_T2V_METRICS = (
     "VQAScore needs the optional package `t2v_metrics`, which is not installed. It pins its own torch and "

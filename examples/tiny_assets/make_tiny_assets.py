@@ -31,6 +31,7 @@ import os
 
 import numpy as np
 
+
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 200, 40),
@@ -69,16 +70,38 @@ DEFAULT_VAE_FIT_STEPS = {"tiny": 120, "bench": 20}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", type=str, default="tiny_assets", help="Where to write tiny-sdxl/ and tiny-pickapic/.")
-    parser.add_argument("--unet_preset", type=str, default="tiny", choices=sorted(UNET_PRESETS),
-                        help="tiny: ~1 M-parameter UNet for tests and the demo; bench: ~24 M-parameter UNet for examples/benchmark_efficiency.py.")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="Side of the square dataset images (the tiny VAE downsamples 8x). Default: 64 for tiny, 256 for bench.")
-    parser.add_argument("--vae_fit_steps", type=int, default=None,
-                        help="Steps of the VAE's reconstruction fit. Default: 120 for tiny, 20 for bench (speed benchmarks need no learnable preference).")
-    parser.add_argument("--num_train_pairs", type=int, default=384, help="Preference pairs in the train split (before ties).")
+    parser.add_argument(
+        "--output_dir", type=str, default="tiny_assets", help="Where to write tiny-sdxl/ and tiny-pickapic/."
+    )
+    parser.add_argument(
+        "--unet_preset",
+        type=str,
+        default="tiny",
+        choices=sorted(UNET_PRESETS),
+        help="tiny: ~1 M-parameter UNet for tests and the demo; bench: ~24 M-parameter UNet for examples/benchmark_efficiency.py.",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Side of the square dataset images (the tiny VAE downsamples 8x). Default: 64 for tiny, 256 for bench.",
+    )
+    parser.add_argument(
+        "--vae_fit_steps",
+        type=int,
+        default=None,
+        help="Steps of the VAE's reconstruction fit. Default: 120 for tiny, 20 for bench (speed benchmarks need no learnable preference).",
+    )
+    parser.add_argument(
+        "--num_train_pairs", type=int, default=384, help="Preference pairs in the train split (before ties)."
+    )
     parser.add_argument("--num_test_pairs", type=int, default=96, help="Held-out preference pairs in the test split.")
-    parser.add_argument("--num_ties", type=int, default=4, help="Extra train rows with label_0 = 0.5 (ties), dropped by the training scripts.")
+    parser.add_argument(
+        "--num_ties",
+        type=int,
+        default=4,
+        help="Extra train rows with label_0 = 0.5 (ties), dropped by the training scripts.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the model weights and the images.")
     parser.add_argument("--skip_model", action="store_true", help="Only write the dataset.")
     parser.add_argument("--skip_dataset", action="store_true", help="Only write the pipeline.")
@@ -97,7 +120,9 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 def bytes_to_unicode():
     """GPT-2/CLIP byte-level alphabet: 256 printable unicode characters, one per byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -150,8 +175,17 @@ def build_tiny_sdxl_pipeline(output_dir, seed=0, resolution=64, unet_preset="tin
         tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
 
     text_config = dict(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=3, layer_norm_eps=1e-5, vocab_size=vocab_size, projection_dim=32, hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        layer_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        projection_dim=32,
+        hidden_act="gelu",
         max_position_embeddings=77,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
@@ -182,12 +216,22 @@ def build_tiny_sdxl_pipeline(output_dir, seed=0, resolution=64, unet_preset="tin
     fit_tiny_vae(vae, resolution, seed, steps=vae_fit_steps)
 
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        timestep_spacing="leading", prediction_type="epsilon", num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+        num_train_timesteps=1000,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
     )
     pipe.save_pretrained(output_dir)
     return sum(p.numel() for p in unet.parameters())
@@ -208,7 +252,12 @@ def fit_tiny_vae(vae, resolution, seed, steps=120, batch_size=8):
     colors = list(COLORS)
 
     def image_batch(n):
-        images = np.stack([make_image(colors[rng.integers(len(colors))], ("top", "bottom")[rng.integers(2)], rng, resolution) for _ in range(n)])
+        images = np.stack(
+            [
+                make_image(colors[rng.integers(len(colors))], ("top", "bottom")[rng.integers(2)], rng, resolution)
+                for _ in range(n)
+            ]
+        )
         return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
@@ -278,12 +327,14 @@ def build_tiny_pickapic(output_dir, num_train_pairs=384, num_test_pairs=96, num_
     rng = np.random.default_rng(seed)
     for split, n, ties in (("train", num_train_pairs, num_ties), ("test", num_test_pairs, 0)):
         rows = make_pairs(n, rng, resolution, num_ties=ties)
-        table = pa.table({
-            "caption": pa.array(rows["caption"], pa.string()),
-            "jpg_0": pa.array(rows["jpg_0"], pa.binary()),
-            "jpg_1": pa.array(rows["jpg_1"], pa.binary()),
-            "label_0": pa.array(rows["label_0"], pa.float64()),
-        })
+        table = pa.table(
+            {
+                "caption": pa.array(rows["caption"], pa.string()),
+                "jpg_0": pa.array(rows["jpg_0"], pa.binary()),
+                "jpg_1": pa.array(rows["jpg_1"], pa.binary()),
+                "label_0": pa.array(rows["label_0"], pa.float64()),
+            }
+        )
         pq.write_table(table, os.path.join(output_dir, f"{split}.parquet"))
     return output_dir
 
@@ -296,13 +347,21 @@ def main(argv=None):
         num_parameters = build_tiny_sdxl_pipeline(
             path, seed=args.seed, resolution=args.resolution, unet_preset=preset, vae_fit_steps=args.vae_fit_steps
         )
-        print(f"{preset} SDXL pipeline: {path} (UNet: {num_parameters / 1e6:.2f} M parameters, {args.resolution // 8}x{args.resolution // 8} latents)")
+        print(
+            f"{preset} SDXL pipeline: {path} (UNet: {num_parameters / 1e6:.2f} M parameters, {args.resolution // 8}x{args.resolution // 8} latents)"
+        )
     if not args.skip_dataset:
         path = build_tiny_pickapic(
-            os.path.join(args.output_dir, f"{preset}-pickapic"), args.num_train_pairs, args.num_test_pairs,
-            args.num_ties, args.seed, args.resolution,
+            os.path.join(args.output_dir, f"{preset}-pickapic"),
+            args.num_train_pairs,
+            args.num_test_pairs,
+            args.num_ties,
+            args.seed,
+            args.resolution,
         )
-        print(f"{preset} Pick-a-Pic dataset: {path} ({args.resolution} px; train: {args.num_train_pairs} pairs + {args.num_ties} ties, test: {args.num_test_pairs} pairs)")
+        print(
+            f"{preset} Pick-a-Pic dataset: {path} ({args.resolution} px; train: {args.num_train_pairs} pairs + {args.num_ties} ties, test: {args.num_test_pairs} pairs)"
+        )
 
 
 if __name__ == "__main__":
