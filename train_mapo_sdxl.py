@@ -1,39 +1,427 @@
 #!/usr/bin/env python
 """MaPO, margin-aware preference optimization (Hong et al.), for SDXL. Reference-free.
 
-    accelerate launch train_mapo_sdxl.py --beta_mapo 8 --output_dir sdxl-mapo ...
-
-The objective (MaPO Eq. 5-7 and Appendix A; METHODS.md, "MaPO"): the same timestep and noise for
-both images of a pair, per-sample errors l_w, l_l, and
+The objective (MaPO Eq. 5-7 and Appendix A; docs/METHODS.md, "MaPO"): the same timestep and noise
+for both images of a pair, per-sample errors l_w, l_l, and
 
     phi_beta(l) = (s l / (exp(s l) - 1)) ** beta          # Eq. 7, s = --snr_value
     loss = mean(l_w) - mean(logsigmoid(T (phi_beta(l_w) - phi_beta(l_l)))) / beta
 
-No reference network is built or evaluated.
+No reference network is built or evaluated. Example (Pick-a-Pic v2, the paper's beta):
+
+    accelerate launch train_mapo_sdxl.py --beta_mapo 8 \\
+      --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+      --dataset_name yuvalkirstain/pickapic_v2 --resolution 1024 --train_batch_size 4 \\
+      --learning_rate 1e-7 --max_train_steps 2000 --mixed_precision bf16 --output_dir sdxl-mapo
 """
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import datasets
-import diffusers
-import numpy as np
-import torch
-import torch.nn.functional as F
-import transformers
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import (
+
+class InputError(ValueError):
+    """Bad flags or data: the message says what was expected, what was found and what to do."""
+
+
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+PIPELINE_FILES = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+]  # what training reads first
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments (standard library only: a bad flag is refused before the imports below, which take seconds)
+# ----------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default that is a value (not None or an unset switch) and keeps the example's lines."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        help="Hub id or local folder of an SDXL pipeline.",
+    )
+    model.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A different VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then the VAE runs in the weight dtype; "
+        "SDXL's own VAE stays in float32).",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
+    model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
+    model.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Override the scheduler's prediction type (default: the model's own).",
+    )
+    model.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help="Train LoRA adapters of this rank on the UNet attention layers instead of the full UNet.",
+    )
+    model.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
+
+    method = parser.add_argument_group("method")
+    method.add_argument(
+        "--beta_mapo",
+        type=float,
+        default=8.0,
+        help="beta of MaPO Eq. 5-7: exponent of phi and 1/beta weight of the margin. Paper Table 3: 8 preference "
+        "alignment (Pick-a-Pic), 32 culture, 64 safety and style, 1024 personalization.",
+    )
+    method.add_argument(
+        "--snr_value",
+        type=float,
+        default=0.5,
+        help="s of MaPO Appendix A, a constant scale of the errors inside phi (the authors' default).",
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default="yuvalkirstain/pickapic_v2",
+        help="A datasets hub name, a local folder (parquet/arrow/csv/json files, or save_to_disk output) or a "
+        "single data file.",
+    )
+    data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompts.")
+    data.add_argument(
+        "--image_0_column",
+        type=str,
+        default="jpg_0",
+        help="Pick-a-Pic schema: first image (encoded bytes or datasets Image).",
+    )
+    data.add_argument("--image_1_column", type=str, default="jpg_1", help="Pick-a-Pic schema: second image.")
+    data.add_argument(
+        "--label_column",
+        type=str,
+        default="label_0",
+        help="Pick-a-Pic schema: 1 if image_0 is preferred, 0 if image_1 is, 0.5 for a tie (ties are dropped and "
+        "counted).",
+    )
+    data.add_argument(
+        "--chosen_column",
+        type=str,
+        default=None,
+        help="Ordered-pair schema: column of preferred images. Use with --rejected_column instead of the "
+        "Pick-a-Pic columns.",
+    )
+    data.add_argument(
+        "--rejected_column", type=str, default=None, help="Ordered-pair schema: column of dispreferred images."
+    )
+    data.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on a random subset of this many pairs (after dropping ties).",
+    )
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Processes that decode and augment images."
+    )
+    data.add_argument("--resolution", type=int, default=1024, help="Square training resolution (multiple of 8).")
+    data.add_argument(
+        "--random_crop",
+        action="store_true",
+        help="Crop at random (default: center). Both images of a pair share the crop.",
+    )
+    data.add_argument(
+        "--no_hflip",
+        action="store_true",
+        help="Disable random horizontal flips (otherwise both images of a pair flip together).",
+    )
+    data.add_argument(
+        "--vae_encode_batch_size",
+        type=int,
+        default=1,
+        help="Images per VAE encoder call. SDXL's float32 VAE at 1024 px peaked at 31 GiB with 8 per call on an "
+        "H100, three times the LoRA training loop; 1 keeps encoding (and the --cache_latents build) below it.",
+    )
+    data.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image (VAE) and caption (text encoders) once before training, spread over the "
+        "processes, and train on that cache, so the loop runs only the UNet. Each pair's crop and flip are drawn "
+        "once, before caching. Later runs with the same data, model, resolution and augmentation reuse the cache.",
+    )
+    data.add_argument(
+        "--latents_cache_dir",
+        type=str,
+        default=None,
+        help="Where --cache_latents keeps its caches, one folder per setting (default: <datasets "
+        "cache>/preference_latents).",
+    )
+    data.add_argument(
+        "--preference_eval_split",
+        type=str,
+        default=None,
+        help="Split of --dataset_name for the held-out preference accuracy, measured before training (logged "
+        "at step 0), every --validation_steps and at the end.",
+    )
+    data.add_argument("--preference_eval_max_samples", type=int, default=512, help="Pairs of the eval split to use.")
+    data.add_argument(
+        "--preference_eval_timesteps",
+        type=int,
+        default=4,
+        help="Fixed (timestep, noise) draws per pair; a pair counts as right when its mean error on the winner is "
+        "lower.",
+    )
+
+    training = parser.add_argument_group("training")
+    training.add_argument(
+        "--output_dir", type=str, default="mapo-sdxl", help="Where checkpoints, weights, logs and the model card go."
+    )
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed for data order, augmentation, timesteps and noise (random if unset, and logged).",
+    )
+    training.add_argument(
+        "--train_batch_size", type=int, default=4, help="Preference pairs per device per micro-batch."
+    )
+    training.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step."
+    )
+    training.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
+    training.add_argument(
+        "--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs."
+    )
+    training.add_argument(
+        "--learning_rate", type=float, default=1e-7, help="Peak learning rate (after --scale_lr if given)."
+    )
+    training.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps x batch size x processes.",
+    )
+    training.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant_with_warmup",
+        choices=LR_SCHEDULERS,
+        help="Learning-rate schedule.",
+    )
+    training.add_argument("--lr_warmup_steps", type=int, default=200, help="Warm-up steps of the schedule.")
+    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    training.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    training.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="Gradient clipping norm (0 disables clipping; the norm is still logged).",
+    )
+    training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    training.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute UNet activations in the backward pass to save memory.",
+    )
+    training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
+    training.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides accelerate's config. Frozen weights are held in this dtype; trained weights stay float32. "
+        "fp16 needs a GPU.",
+    )
+    training.add_argument(
+        "--skip_final_save",
+        action="store_true",
+        help="Write no weights at the end (checkpoints, summary and model card are still written): for "
+        "benchmarks, where a full SDXL UNet is 10 GB of disk per run.",
+    )
+
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps."
+    )
+    checkpoints.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
+    )
+    checkpoints.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint-N folder (a path, or a name inside --output_dir), or "latest" in --output_dir.',
+    )
+
+    logs = parser.add_argument_group("logging and validation")
+    logs.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        choices=["tensorboard", "wandb", "all", "none"],
+        help="Tracker for metrics and images.",
+    )
+    logs.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    logs.add_argument("--tracker_project_name", type=str, default="mapo-sdxl", help="Project name in the tracker.")
+    logs.add_argument(
+        "--validation_prompts",
+        type=str,
+        nargs="*",
+        default=None,
+        help="Prompts rendered side by side with the base model (validation/step-NNNNNN.png).",
+    )
+    logs.add_argument(
+        "--validation_steps",
+        type=int,
+        default=200,
+        help="Validate (images, held-out accuracy) every N optimizer steps and at the end.",
+    )
+    logs.add_argument(
+        "--validation_inference_steps", type=int, default=25, help="Sampling steps for validation images."
+    )
+    logs.add_argument(
+        "--validation_guidance_scale", type=float, default=5.0, help="Classifier-free guidance for validation images."
+    )
+
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the hub at the end.")
+    hub.add_argument(
+        "--hub_model_id", type=str, default=None, help="Repository on the hub (default: the output folder's name)."
+    )
+    hub.add_argument("--hub_token", type=str, default=None, help="Token for the hub (default: the logged-in one).")
+
+    args = parser.parse_args(input_args)
+    try:
+        check_args(args)
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+def check_args(args):
+    """Refuse bad settings before any import or model load; resolve --resume_from_checkpoint to a folder."""
+    if args.beta_mapo <= 0:
+        raise InputError(f"--beta_mapo must be positive (Pick-a-Pic setting: 8), got {args.beta_mapo}.")
+    if args.snr_value <= 0:
+        raise InputError(f"--snr_value must be positive (default 0.5), got {args.snr_value}.")
+    if args.lora_rank is not None and args.lora_rank <= 0:
+        raise InputError(f"--lora_rank must be a positive integer, got {args.lora_rank}.")
+    if (args.chosen_column is None) != (args.rejected_column is None):
+        raise InputError(
+            "--chosen_column and --rejected_column go together: give both for an ordered-pair dataset, or neither "
+            "for the Pick-a-Pic schema."
+        )
+    if args.resolution <= 0 or args.resolution % 8 != 0:
+        raise InputError(
+            f"--resolution must be a positive multiple of 8 (the VAE downsamples 8x), got {args.resolution}."
+        )
+    positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"]
+    positive += ["preference_eval_timesteps", "vae_encode_batch_size", "num_train_epochs"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.max_train_steps is not None and args.max_train_steps <= 0:
+        raise InputError(f"--max_train_steps must be positive, got {args.max_train_steps}.")
+    check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, PIPELINE_FILES)
+    if args.pretrained_vae_model_name_or_path is not None:
+        check_local_path(
+            "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, ["config.json"]
+        )
+    check_local_path("--dataset_name", args.dataset_name, [])
+    args.resume_from_checkpoint = resolve_checkpoint(args)
+
+
+def names_local_path(value):
+    """Hub ids look like `name` or `org/name`; anything else (or anything that exists on disk) is a local path."""
+    return os.path.exists(value) or value.startswith((".", "/", "~")) or value.count("/") > 1
+
+
+def check_local_path(flag, value, required_files):
+    """A local path must exist and, for a folder, hold `required_files`; a hub id is checked when it loads."""
+    if not names_local_path(value):
+        return
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise InputError(f"{flag} {value!r}: no such file or folder here; expected a hub id or a local path.")
+    missing = [name for name in required_files if not (path / name).is_file()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "a file"
+        raise InputError(f"{flag} {value!r} lacks {missing}; found {found}. Expected a diffusers folder.")
+
+
+def list_checkpoints(output_dir):
+    """The checkpoint-N folders of `output_dir`, oldest first."""
+    found = [path for path in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_NAME.fullmatch(path.name)]
+    return sorted((path for path in found if path.is_dir()), key=checkpoint_step)
+
+
+def checkpoint_step(path):
+    return int(CHECKPOINT_NAME.fullmatch(Path(path).name).group(1))
+
+
+def resolve_checkpoint(args):
+    """--resume_from_checkpoint as a folder path (None: start a new run), as diffusers' scripts resolve it."""
+    value = args.resume_from_checkpoint
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(args.output_dir)
+        return str(found[-1]) if found else None
+    for candidate in (Path(value), Path(args.output_dir, value)):
+        if CHECKPOINT_NAME.fullmatch(candidate.name) and candidate.is_dir():
+            break
+    else:
+        found = [path.name for path in list_checkpoints(args.output_dir)]
+        raise InputError(
+            f"--resume_from_checkpoint {value!r}: expected a checkpoint-N folder (a path, or a name inside "
+            f"--output_dir {args.output_dir!r}) or 'latest'; --output_dir holds {found or 'no checkpoints'}."
+        )
+    has_lora = (candidate / "pytorch_lora_weights.safetensors").is_file()
+    if has_lora and not args.lora_rank:
+        raise InputError(f"{candidate} holds LoRA weights; resume it with the --lora_rank of the run that wrote it.")
+    if args.lora_rank and not has_lora and (candidate / "unet").is_dir():
+        raise InputError(f"{candidate} holds a full UNet (full fine-tuning); resume it without --lora_rank.")
+    return str(candidate)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+
+import datasets  # noqa: E402
+import diffusers  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import (  # noqa: E402
     DataLoaderConfiguration,
     DistributedType,
     ProjectConfiguration,
@@ -41,14 +429,14 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
-from PIL import Image, ImageOps
-from tqdm.auto import tqdm
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
-from utils import (
+from utils import (  # noqa: E402
     DDPM_PREDICTION_TYPES,
     noisy_latents_and_target,
     per_sample_mse,
@@ -60,13 +448,7 @@ from utils import (
 
 logger = get_logger(__name__)
 
-
-class InputError(ValueError):
-    """Bad flags or data: the message says what was expected, what was found and what to do."""
-
-
 HELDOUT_EVAL_EPOCH = 2**31  # the held-out accuracy's fixed draws use "epochs" no training run reaches
-LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,10 +465,10 @@ def log_u_over_expm1(u):
 
 
 def mapo_loss(model_losses_w, model_losses_l, beta_mapo, snr_value, num_train_timesteps):
-    """MaPO (Hong et al., Eq. 5-7 and Appendix A; METHODS.md). Inputs are per-sample errors, shape (B,).
+    """MaPO (Hong et al., Eq. 5-7 and Appendix A; docs/METHODS.md). Inputs are per-sample errors, shape (B,).
 
     phi_beta is evaluated in log space and float64: with beta = 1024 the naive power underflows
-    float32 for s*l around 0.1. The loss is never below mean(l_w).
+    float32 once s*l exceeds about 0.2. The loss is never below mean(l_w).
     """
     log_phi_w = beta_mapo * log_u_over_expm1(snr_value * model_losses_w.double())  # (B,) Eq. 7
     log_phi_l = beta_mapo * log_u_over_expm1(snr_value * model_losses_l.double())  # (B,)
@@ -104,281 +486,40 @@ def mapo_loss(model_losses_w, model_losses_l, beta_mapo, snr_value, num_train_ti
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------
-def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="MaPO (margin-aware preference optimization) for SDXL.")
-    # Model
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        default="stabilityai/stable-diffusion-xl-base-1.0",
-        help="Hub id or local folder of an SDXL pipeline.",
-    )
-    parser.add_argument(
-        "--pretrained_vae_model_name_or_path",
-        type=str,
-        default=None,
-        help="A different VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then the VAE runs in the weight dtype; SDXL's own VAE stays in float32).",
-    )
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
-    parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
-    parser.add_argument(
-        "--prediction_type",
-        type=str,
-        default=None,
-        choices=DDPM_PREDICTION_TYPES,
-        help="Override the scheduler's prediction type (default: the model's own).",
-    )
-    # Method
-    parser.add_argument(
-        "--beta_mapo",
-        type=float,
-        default=8.0,
-        help="beta of MaPO Eq. 5-7: exponent of phi and 1/beta weight of the margin. Paper Table 3: 8 preference alignment (Pick-a-Pic), 32 culture, 64 safety and style, 1024 personalization.",
-    )
-    parser.add_argument(
-        "--snr_value",
-        type=float,
-        default=0.5,
-        help="s of MaPO Appendix A, a constant scale of the errors inside phi (the authors' default 0.5).",
-    )
-    # LoRA
-    parser.add_argument(
-        "--lora_rank",
-        type=int,
-        default=None,
-        help="Train LoRA adapters of this rank on the UNet attention layers instead of the full UNet.",
-    )
-    parser.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
-    # Data
-    parser.add_argument(
-        "--dataset_name",
-        type=str,
-        default="yuvalkirstain/pickapic_v2",
-        help="A datasets hub name, a local folder (parquet/arrow/images, or save_to_disk output) or a single data file.",
-    )
-    parser.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
-    parser.add_argument("--caption_column", type=str, default="caption", help="Column with the prompts.")
-    parser.add_argument(
-        "--image_0_column",
-        type=str,
-        default="jpg_0",
-        help="Pick-a-Pic schema: first image (encoded bytes or datasets Image).",
-    )
-    parser.add_argument("--image_1_column", type=str, default="jpg_1", help="Pick-a-Pic schema: second image.")
-    parser.add_argument(
-        "--label_column",
-        type=str,
-        default="label_0",
-        help="Pick-a-Pic schema: 1 if image_0 is preferred, 0 if image_1 is, 0.5 for a tie (ties are dropped and counted).",
-    )
-    parser.add_argument(
-        "--chosen_column",
-        type=str,
-        default=None,
-        help="Ordered-pair schema: column of preferred images. Use with --rejected_column instead of the Pick-a-Pic columns.",
-    )
-    parser.add_argument(
-        "--rejected_column", type=str, default=None, help="Ordered-pair schema: column of dispreferred images."
-    )
-    parser.add_argument(
-        "--max_train_samples",
-        type=int,
-        default=None,
-        help="Train on a random subset of this many pairs (after dropping ties).",
-    )
-    parser.add_argument(
-        "--dataloader_num_workers", type=int, default=0, help="Processes that decode and augment images."
-    )
-    parser.add_argument("--resolution", type=int, default=1024, help="Square training resolution.")
-    parser.add_argument(
-        "--random_crop",
-        action="store_true",
-        help="Crop at random (default: center). Both images of a pair share the crop.",
-    )
-    parser.add_argument(
-        "--no_hflip",
-        action="store_true",
-        help="Disable random horizontal flips (otherwise both images of a pair flip together).",
-    )
-    parser.add_argument("--vae_encode_batch_size", type=int, default=8, help="Images per VAE encoder call.")
-    parser.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="Encode every image (VAE) and caption (text encoders) once before training, spread over the processes, and train on that cache, so the loop runs only the UNet. "
-        "Each pair's crop and flip are drawn once, before caching. Later runs with the same data, model, resolution and augmentation settings reuse the cache.",
-    )
-    parser.add_argument(
-        "--latents_cache_dir",
-        type=str,
-        default=None,
-        help="Where --cache_latents keeps its caches, one folder per setting (default: <datasets cache>/preference_latents).",
-    )
-    # Held-out preference accuracy
-    parser.add_argument(
-        "--preference_eval_split",
-        type=str,
-        default=None,
-        help="Split of --dataset_name for the held-out preference accuracy, measured before training, every --validation_steps and at the end.",
-    )
-    parser.add_argument("--preference_eval_max_samples", type=int, default=512, help="Pairs of the eval split to use.")
-    parser.add_argument(
-        "--preference_eval_timesteps",
-        type=int,
-        default=4,
-        help="Fixed (timestep, noise) draws per pair; a pair counts as right when the mean error on the winner is lower.",
-    )
-    # Training
-    parser.add_argument(
-        "--output_dir", type=str, default="mapo-sdxl", help="Where checkpoints, weights, logs and the model card go."
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="Seed for weights init, data order, augmentation and noise (random if unset).",
-    )
-    parser.add_argument("--train_batch_size", type=int, default=4, help="Preference pairs per device per micro-batch.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    parser.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
-    parser.add_argument(
-        "--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs."
-    )
-    parser.add_argument(
-        "--learning_rate", type=float, default=1e-7, help="Peak learning rate (after --scale_lr if given)."
-    )
-    parser.add_argument(
-        "--scale_lr",
-        action="store_true",
-        help="Multiply the learning rate by accumulation steps x batch size x processes.",
-    )
-    parser.add_argument(
-        "--lr_scheduler",
-        type=str,
-        default="constant_with_warmup",
-        choices=LR_SCHEDULERS,
-        help="Learning-rate schedule.",
-    )
-    parser.add_argument("--lr_warmup_steps", type=int, default=200, help="Warm-up steps of the schedule.")
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    parser.add_argument(
-        "--max_grad_norm",
-        type=float,
-        default=1.0,
-        help="Gradient clipping norm (0 disables clipping; the norm is still logged).",
-    )
-    parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
-    parser.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="Recompute UNet activations in the backward pass to save memory.",
-    )
-    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
-    parser.add_argument(
-        "--mixed_precision",
-        type=str,
-        default=None,
-        choices=["no", "fp16", "bf16"],
-        help="Overrides accelerate's config. Frozen weights are held in this dtype; trained weights stay float32.",
-    )
-    # Checkpoints
-    parser.add_argument(
-        "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps."
-    )
-    parser.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder, or "latest" in --output_dir.'
-    )
-    # Logging and validation
-    parser.add_argument(
-        "--report_to",
-        type=str,
-        default="tensorboard",
-        choices=["tensorboard", "wandb", "all", "none"],
-        help="Tracker for metrics and images.",
-    )
-    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
-    parser.add_argument("--tracker_project_name", type=str, default="mapo-sdxl", help="Project name in the tracker.")
-    parser.add_argument(
-        "--validation_prompts",
-        type=str,
-        nargs="*",
-        default=None,
-        help="Prompts rendered side by side with the base model.",
-    )
-    parser.add_argument(
-        "--validation_steps", type=int, default=200, help="Validate every N optimizer steps (and at the end)."
-    )
-    parser.add_argument(
-        "--validation_inference_steps", type=int, default=25, help="Sampling steps for validation images."
-    )
-    parser.add_argument(
-        "--validation_guidance_scale", type=float, default=5.0, help="Classifier-free guidance for validation images."
-    )
-    # Hub
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the hub at the end.")
-    parser.add_argument(
-        "--hub_model_id", type=str, default=None, help="Repository on the hub (default: the output folder's name)."
-    )
-    parser.add_argument("--hub_token", type=str, default=None, help="Token for the hub (default: the logged-in one).")
-
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
-
-
-def check_args(args):
-    """Refuse bad settings before any model is loaded."""
-    if args.beta_mapo <= 0:
-        raise InputError(f"--beta_mapo must be positive (Pick-a-Pic setting: 8), got {args.beta_mapo}.")
-    if args.snr_value <= 0:
-        raise InputError(f"--snr_value must be positive (default 0.5), got {args.snr_value}.")
-    if args.lora_rank is not None and args.lora_rank <= 0:
-        raise InputError(f"--lora_rank must be a positive integer, got {args.lora_rank}.")
-    if (args.chosen_column is None) != (args.rejected_column is None):
-        raise InputError(
-            "--chosen_column and --rejected_column go together: give both for an ordered-pair dataset, or neither for the Pick-a-Pic schema."
-        )
-    if args.resolution % 8 != 0:
-        raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}.")
-    for name in (
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "validation_steps",
-        "preference_eval_timesteps",
-    ):
-        if getattr(args, name) <= 0:
-            raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
-
-
-# ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
 def load_split(dataset_name, split, cache_dir=None):
-    """A split of a hub dataset, a local folder, a `save_to_disk` folder or a single data file."""
+    """A split of a hub dataset, a local folder, a `save_to_disk` folder or a single data file.
+
+    What `datasets` cannot find (a split, a folder without data files, a hub id out of reach) stops the run
+    with one line.
+    """
     path = Path(dataset_name)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        dataset = datasets.load_from_disk(str(path))
-        return dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
-    if path.is_file():
-        builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(
-            path.suffix
-        )
-        if builder is None:
-            raise InputError(f"Expected a .parquet, .arrow, .csv or .json(l) data file, found {dataset_name!r}.")
-        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
-    return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            dataset = datasets.load_from_disk(str(path))
+            if not isinstance(dataset, datasets.DatasetDict):
+                return dataset
+            if split not in dataset:
+                raise InputError(f"{dataset_name!r} has no split {split!r}; it has {sorted(dataset)}.")
+            return dataset[split]
+        if path.is_file():
+            builder = DATA_FILE_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise InputError(f"Expected a .parquet, .arrow, .csv or .json(l) data file, found {dataset_name!r}.")
+            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:  # FileNotFoundError, ConnectionError, "Unknown split"
+        if isinstance(error, InputError):
+            raise
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"Could not load split {split!r} of {dataset_name!r}: {reason}. Expected a hub dataset reachable from "
+            "here, a folder of parquet/arrow/csv/json files named by split, a save_to_disk folder or a data file."
+        ) from error
 
 
 def prepare_pairs(dataset, args, split):
@@ -409,7 +550,8 @@ def prepare_pairs(dataset, args, split):
     if len(dataset) == 0:
         raise InputError(
             f"Split {split!r} of {args.dataset_name!r} has no preference pairs left after dropping "
-            f"{dropped['ties']} ties and {dropped['unlabeled']} unlabeled rows; expected at least one pair with label 0 or 1."
+            f"{dropped['ties']} ties and {dropped['unlabeled']} unlabeled rows; expected at least one pair with "
+            "label 0 or 1."
         )
     # Keep images undecoded: decoding happens in the loader, where a broken image is skipped and counted.
     image_columns = (
@@ -467,7 +609,8 @@ def crop_and_flip_pair(images, resolution, random_crop, hflip, rng):
 
 
 class PreferencePairs(torch.utils.data.Dataset):
-    """Decoded, jointly augmented (winner, loser) pairs. Undecodable pairs come out as None and are counted in collate."""
+    """Decoded, jointly augmented (winner, loser) pairs. An undecodable pair comes out as its index and the reason,
+    and collate_fn drops and counts it."""
 
     def __init__(self, dataset, args, augment=True):
         self.dataset = dataset
@@ -511,7 +654,7 @@ class PreferencePairs(torch.utils.data.Dataset):
 
 
 class CachedPairs(torch.utils.data.Dataset):
-    """Pairs from the --cache_latents cache: latents (2, C, h, w) winner first, time ids, and the caption's embeddings."""
+    """Pairs from the --cache_latents cache: latents (2, C, h, w) winner first, time ids, the caption's embeddings."""
 
     def __init__(self, pairs, captions):
         self.pairs = pairs.with_format("torch")
@@ -689,89 +832,111 @@ def build_latents_cache(accelerator, args, train_dataset, vae, text_encoders, to
     return CachedPairs(pairs, captions), skipped
 
 
-def noisy_pair_inputs(noise_scheduler, latents, prompt_embeds, pooled_prompt_embeds, time_ids, generators):
-    """UNet inputs for the winners and losers of a batch: the same timestep and noise for both images of a pair.
+def pair_batch_inputs(batch, vae, text_encoders, tokenizers, vae_encode_batch_size, device, dtype):
+    """A collated batch -> latents (2B, C, h, w), all winners then all losers; prompt embeds (B, L, D),
+    pooled prompt embeds (B, D) and SDXL time ids (2B, 6).
 
-    latents (2B, C, h, w), winners first; prompt embeds (B, ...); time_ids (2B, 6); one generator per pair.
-    Returns noisy latents (2B, ...), timesteps (2B,), the conditioning kwargs, the target (2B, ...) and B.
+    Reads the --cache_latents cache when the batch carries latents; encodes pixels and captions otherwise.
     """
-    batch_size = latents.shape[0] // 2
-    timesteps = sample_timesteps(noise_scheduler.config.num_train_timesteps, generators, latents.device).repeat(2)
-    noise = sample_noise(latents.shape[1:], generators, latents.device).repeat(2, 1, 1, 1)
+    if "latents" in batch:
+        latents = batch["latents"].transpose(0, 1).flatten(0, 1).to(device, dtype, non_blocking=True)
+        prompt_embeds = batch["prompt_embeds"].to(device, dtype, non_blocking=True)
+        pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(device, dtype, non_blocking=True)
+    else:
+        pixel_values = batch["pixel_values"].transpose(0, 1).flatten(0, 1)
+        latents = encode_images(vae, pixel_values, vae_encode_batch_size).to(dtype)
+        prompt_embeds, pooled_prompt_embeds = encode_prompts(text_encoders, tokenizers, batch["caption"])
+    time_ids = batch["time_ids"].transpose(0, 1).flatten(0, 1).to(device, prompt_embeds.dtype)
+    return latents, prompt_embeds, pooled_prompt_embeds, time_ids
+
+
+def noisy_pair_inputs(noise_scheduler, latents, prompt_embeds, pooled_prompt_embeds, time_ids, generators):
+    """UNet inputs for k images per pair, with one timestep and one noise draw per pair, shared by its images.
+
+    latents (kB, C, h, w) grouped by role (all winners, then all losers; k = 1 for winners alone), prompt
+    embeds (B, ...), time_ids (kB, 6), one generator per pair. Returns noisy latents (kB, ...), timesteps
+    (kB,), the conditioning kwargs and the target (kB, ...).
+    """
+    images_per_pair = latents.shape[0] // prompt_embeds.shape[0]
+    timesteps = sample_timesteps(noise_scheduler.config.num_train_timesteps, generators, latents.device)
+    timesteps = timesteps.repeat(images_per_pair)
+    noise = sample_noise(latents.shape[1:], generators, latents.device).repeat(images_per_pair, 1, 1, 1)
     noisy_latents, target = noisy_latents_and_target(noise_scheduler, latents, noise, timesteps)
     conditioning = {
-        "encoder_hidden_states": prompt_embeds.repeat(2, 1, 1),
-        "added_cond_kwargs": {"text_embeds": pooled_prompt_embeds.repeat(2, 1), "time_ids": time_ids},
+        "encoder_hidden_states": prompt_embeds.repeat(images_per_pair, 1, 1),
+        "added_cond_kwargs": {"text_embeds": pooled_prompt_embeds.repeat(images_per_pair, 1), "time_ids": time_ids},
     }
-    return noisy_latents, timesteps, conditioning, target, batch_size
+    return noisy_latents, timesteps, conditioning, target
 
 
 # ----------------------------------------------------------------------------------------------
 # Held-out preference accuracy and validation images
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def preference_accuracy(accelerator, unet, vae, text_encoders, tokenizers, noise_scheduler, eval_dataset, args):
+def preference_accuracy(accelerator, unet, vae, text_encoders, tokenizers, noise_scheduler, eval_dataset, args, dtype):
     """Share of held-out pairs whose mean error on the winner is below that on the loser (ties half).
 
     The draws are fixed by (seed, pair index), so values before and after training are comparable.
     """
-    shard = torch.utils.data.Subset(
-        eval_dataset, range(accelerator.process_index, len(eval_dataset), accelerator.num_processes)
+    shard = range(accelerator.process_index, len(eval_dataset), accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(eval_dataset, shard), batch_size=args.train_batch_size, collate_fn=collate_fn
     )
-    loader = torch.utils.data.DataLoader(shard, batch_size=args.train_batch_size, collate_fn=collate_fn)
     score, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     for batch in loader:
         if "index" not in batch:
             continue
-        prompt_embeds, pooled = encode_prompts(text_encoders, tokenizers, batch["caption"])
-        pixel_values = batch["pixel_values"].transpose(0, 1).flatten(0, 1)  # winners, then losers
-        latents = encode_images(vae, pixel_values, args.vae_encode_batch_size).to(unet.dtype)
-        time_ids = batch["time_ids"].transpose(0, 1).flatten(0, 1).to(accelerator.device, prompt_embeds.dtype)
-        errors = torch.zeros(2, len(batch["index"]), device=accelerator.device)
+        inputs = pair_batch_inputs(
+            batch, vae, text_encoders, tokenizers, args.vae_encode_batch_size, accelerator.device, dtype
+        )
+        batch_size = len(batch["index"])
+        errors = torch.zeros(2, batch_size, device=accelerator.device)  # winners, losers
         for draw in range(args.preference_eval_timesteps):
             generators = sample_generators(args.seed, HELDOUT_EVAL_EPOCH + draw, batch["index"], accelerator.device)
-            noisy, timesteps, conditioning, target, batch_size = noisy_pair_inputs(
-                noise_scheduler, latents, prompt_embeds, pooled, time_ids, generators
-            )
+            noisy_latents, timesteps, conditioning, target = noisy_pair_inputs(noise_scheduler, *inputs, generators)
             with accelerator.autocast():
-                pred = unet(noisy, timesteps, **conditioning).sample
-            errors += per_sample_mse(pred, target).view(2, batch_size)
+                model_pred = unet(noisy_latents, timesteps, **conditioning).sample
+            errors += per_sample_mse(model_pred, target).view(2, batch_size)
         score += ((errors[0] < errors[1]).float() + 0.5 * (errors[0] == errors[1]).float()).sum()
         count += batch_size
     score, count = accelerator.reduce(score, "sum"), accelerator.reduce(count, "sum")
     return (score / count.clamp(min=1)).item()
 
 
-def render_validation(args, accelerator, pipeline_kwargs, weight_dtype):
-    """Images for --validation_prompts, one per prompt, with a fixed seed per prompt."""
+@torch.no_grad()
+def render_validation(args, accelerator, vae, text_encoders, unet, dtype):
+    """One image per --validation_prompts entry with `unet`, a fixed seed per prompt."""
     pipeline = StableDiffusionXLPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
+        vae=vae,
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        unet=unet,
         revision=args.revision,
         variant=args.variant,
-        torch_dtype=weight_dtype,
-        **pipeline_kwargs,
+        dtype=dtype,
     )
     pipeline.set_progress_bar_config(disable=True)
     images = []
     for i, prompt in enumerate(args.validation_prompts):
         generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + i)
         with accelerator.autocast():
-            images.append(
-                pipeline(
-                    prompt,
-                    num_inference_steps=args.validation_inference_steps,
-                    guidance_scale=args.validation_guidance_scale,
-                    height=args.resolution,
-                    width=args.resolution,
-                    generator=generator,
-                ).images[0]
+            output = pipeline(
+                prompt,
+                num_inference_steps=args.validation_inference_steps,
+                guidance_scale=args.validation_guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generator,
             )
+        images.append(output.images[0])
     return images
 
 
-def log_validation(args, accelerator, base_images, images, step):
-    """Save and log base | trained side by side, one row per prompt."""
-    grid = Image.new("RGB", (2 * args.resolution, args.resolution * len(images)))
+def log_validation(args, accelerator, base_images, vae, text_encoders, unet, dtype, step):
+    """Render the trained model's validation images and save and log them beside the base model's."""
+    images = render_validation(args, accelerator, vae, text_encoders, unet, dtype)
+    grid = Image.new("RGB", (2 * args.resolution, args.resolution * len(images)))  # base | trained, a row a prompt
     for row, (base, trained) in enumerate(zip(base_images, images)):
         grid.paste(base, (0, row * args.resolution))
         grid.paste(trained, (args.resolution, row * args.resolution))
@@ -784,37 +949,91 @@ def log_validation(args, accelerator, base_images, images, step):
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log(
-                {"validation/base_vs_trained": wandb.Image(grid, caption=" | ".join(args.validation_prompts))},
-                step=step,
-            )
+            caption = " | ".join(args.validation_prompts)
+            tracker.log({"validation/base_vs_trained": wandb.Image(grid, caption=caption)}, step=step)
     logger.info(f"Validation images (base | trained) saved to {path}")
 
 
+@contextlib.contextmanager
+def adapters_disabled(unet, lora):
+    """With LoRA, the UNet with its adapters switched off is the base model; without LoRA, nothing to switch."""
+    if lora:
+        unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        if lora:
+            unet.enable_adapters()
+
+
 # ----------------------------------------------------------------------------------------------
-# Saving
+# Memory and saving
 # ----------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of each phase of a run (cache build, training loop, validation), not of the whole process.
+
+    CUDA's allocator peak on a GPU; on the CPU the process's peak resident set size, whose high-water
+    mark Linux resets through /proc/self/clear_refs. `switch(phase)` closes the running phase (a phase
+    that runs several times keeps its largest peak) and restarts the counter.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.kind = "cuda" if device.type == "cuda" else "rss"
+        self.peaks = {}
+        self.current = None
+
+    def read(self):
+        if self.kind == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):  # not Linux: ru_maxrss, the whole process's peak
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    def reset(self):
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        except OSError:
+            self.kind = "rss of the whole process (its peak cannot be reset here)"
+
+    def switch(self, phase):
+        if self.current is not None:
+            self.peaks[self.current] = max(self.peaks.get(self.current, 0), self.read())
+        self.current = phase
+        self.reset()
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        outer = self.current
+        self.switch(name)
+        try:
+            yield
+        finally:
+            self.switch(outer)
+
+
+def add_lora_adapters(unet, rank, alpha, mixed_precision):
+    """LoRA on the UNet's attention projections, base weights frozen; under fp16 the adapters train in float32."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=target_modules)
+    )
+    if mixed_precision == "fp16":
+        cast_training_params(unet, dtype=torch.float32)
+
+
 def lora_state_dict(unet):
     from peft.utils import get_peft_model_state_dict
 
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
-def peak_memory(accelerator):
-    """Peak memory of this process: CUDA's allocator peak on a GPU, the peak resident set size otherwise."""
-    if accelerator.device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(accelerator.device), "peak_memory_kind": "cuda"}
-    try:  # Linux: this process's own high-water mark; ru_maxrss also counts the parent's memory at fork time
-        with open("/proc/self/status") as status:
-            return {
-                "peak_memory_bytes": next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")),
-                "peak_memory_kind": "rss",
-            }
-    except (OSError, StopIteration):
-        return {
-            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "peak_memory_kind": "rss",
-        }
 
 
 def weights_fingerprint(model):
@@ -829,17 +1048,14 @@ def weights_fingerprint(model):
 
 def write_model_card(args, summary):
     method = f"MaPO (beta_mapo = {args.beta_mapo:g}, snr_value = {args.snr_value:g})"
-    weights = (
-        "`pytorch_lora_weights.safetensors` (LoRA rank %d)" % args.lora_rank
-        if args.lora_rank
-        else "`unet/` (full fine-tuning)"
-    )
+    weights = f"`pytorch_lora_weights.safetensors` (LoRA rank {args.lora_rank})" if args.lora_rank else "`unet/`"
+    if args.skip_final_save:
+        weights = "not saved (--skip_final_save)"
     rows = dict(summary.get("last_step_metrics", {}))
     for when in ("before", "after"):
-        if f"heldout_preference_accuracy_{when}" in summary:
-            rows[f"held-out preference accuracy ({args.preference_eval_split}), {when} training"] = summary[
-                f"heldout_preference_accuracy_{when}"
-            ]
+        key = f"heldout_preference_accuracy_{when}"
+        if key in summary:
+            rows[f"held-out preference accuracy ({args.preference_eval_split}), {when} training"] = summary[key]
     metrics = "\n".join(f"| {key} | {value:.4f} |" for key, value in rows.items())
     card = f"""---
 base_model: {args.pretrained_model_name_or_path}
@@ -848,8 +1064,8 @@ tags: [stable-diffusion-xl, text-to-image, diffusers, mapo]
 # {Path(args.output_dir).name}
 
 {method} of `{args.pretrained_model_name_or_path}` on `{args.dataset_name}` (split `{args.dataset_split_name}`),
-{summary["global_step"]} optimizer steps of {summary["total_batch_size"]} pairs, learning rate {args.learning_rate:g} ({args.lr_scheduler}),
-trained with `train_mapo_sdxl.py`. Weights: {weights}.
+{steps(summary["global_step"])} of {summary["total_batch_size"]} pairs, learning rate {args.learning_rate:g}
+({args.lr_scheduler}), trained with `train_mapo_sdxl.py`. Weights: {weights}.
 
 Metrics of the last optimizer step:
 
@@ -858,6 +1074,10 @@ Metrics of the last optimizer step:
 {metrics}
 """
     Path(args.output_dir, "README.md").write_text(card)
+
+
+def steps(count):
+    return f"{count} optimizer step{'' if count == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -880,8 +1100,14 @@ def main(args):
     if launched != accelerator.num_processes:
         # accelerate enables FSDP and DeepSpeed only on GPUs; elsewhere each process would train alone.
         raise InputError(
-            f"accelerate launched {launched} processes but set up {accelerator.num_processes}; expected one distributed run. "
-            "FSDP and DeepSpeed configs need GPUs: on a CPU use ACCELERATE_USE_CPU=1 with --multi_gpu (DDP)."
+            f"accelerate launched {launched} processes but set up {accelerator.num_processes}; expected one "
+            "distributed run. FSDP and DeepSpeed configs need GPUs: on a CPU use ACCELERATE_USE_CPU=1 with "
+            "--multi_gpu (DDP)."
+        )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise InputError(
+            "--mixed_precision fp16 needs a GPU: on the CPU accelerate autocasts to bfloat16, which does not mix "
+            "with float16 weights. Use --mixed_precision bf16 (or no) here."
         )
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
@@ -903,23 +1129,19 @@ def main(args):
 
     # Data first: a bad dataset stops the run before any model is loaded.
     with accelerator.main_process_first():
-        train_split, dropped = prepare_pairs(
-            load_split(args.dataset_name, args.dataset_split_name, args.cache_dir), args, args.dataset_split_name
-        )
+        train_split = load_split(args.dataset_name, args.dataset_split_name, args.cache_dir)
+        train_split, dropped = prepare_pairs(train_split, args, args.dataset_split_name)
         if args.max_train_samples is not None:
-            train_split = train_split.shuffle(seed=args.seed).select(
-                range(min(args.max_train_samples, len(train_split)))
-            )
+            train_split = train_split.shuffle(seed=args.seed)
+            train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
         eval_split = None
         if args.preference_eval_split is not None:
-            eval_split, _ = prepare_pairs(
-                load_split(args.dataset_name, args.preference_eval_split, args.cache_dir),
-                args,
-                args.preference_eval_split,
-            )
+            eval_split = load_split(args.dataset_name, args.preference_eval_split, args.cache_dir)
+            eval_split, _ = prepare_pairs(eval_split, args, args.preference_eval_split)
             eval_split = eval_split.select(range(min(args.preference_eval_max_samples, len(eval_split))))
     logger.info(
-        f"Training on {len(train_split)} pairs; dropped {dropped['ties']} ties and {dropped['unlabeled']} unlabeled rows."
+        f"Training on {len(train_split)} pairs; dropped {dropped['ties']} ties and {dropped['unlabeled']} "
+        "unlabeled rows."
     )
 
     if accelerator.is_main_process:
@@ -927,67 +1149,61 @@ def main(args):
         if args.push_to_hub:
             from huggingface_hub import create_repo
 
-            repo_id = create_repo(
-                args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-            ).repo_id
+            repo_name = args.hub_model_id or Path(args.output_dir).name
+            repo_id = create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id
 
-    # Models
-    noise_scheduler = DDPMScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", cache_dir=args.cache_dir
-    )
+    # Models. Frozen weights are loaded in the weight dtype (casting after loading warns in diffusers).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # SDXL's own VAE overflows in float16 and stays float32; a replacement such as the fp16-fix VAE does not.
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
+    model_path = args.pretrained_model_name_or_path
+    load_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **load_kwargs)
+        tokenizers = [
+            transformers.AutoTokenizer.from_pretrained(model_path, subfolder=subfolder, **load_kwargs)
+            for subfolder in ("tokenizer", "tokenizer_2")
+        ]
+        text_encoders = [
+            transformers.CLIPTextModel.from_pretrained(
+                model_path, subfolder="text_encoder", variant=args.variant, dtype=weight_dtype, **load_kwargs
+            ),
+            transformers.CLIPTextModelWithProjection.from_pretrained(
+                model_path, subfolder="text_encoder_2", variant=args.variant, dtype=weight_dtype, **load_kwargs
+            ),
+        ]
+        if args.pretrained_vae_model_name_or_path:
+            vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=vae_dtype, **load_kwargs)
+        else:
+            vae = AutoencoderKL.from_pretrained(
+                model_path, subfolder="vae", variant=args.variant, dtype=vae_dtype, **load_kwargs
+            )
+        unet = UNet2DConditionModel.from_pretrained(
+            model_path,
+            subfolder="unet",
+            variant=args.variant,
+            dtype=weight_dtype if args.lora_rank else torch.float32,  # LoRA trains adapters only
+            **load_kwargs,
+        )
+    except OSError as error:  # not on the hub (or the hub out of reach), or a file missing in a local folder
+        reason = str(error).strip().splitlines()[0].rstrip(".")
+        raise InputError(
+            f"Could not load the SDXL models of {model_path!r}: {reason}. Expected a local diffusers folder or a hub "
+            "id reachable from here."
+        ) from error
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if noise_scheduler.config.prediction_type not in DDPM_PREDICTION_TYPES:
         raise InputError(
-            f"Expected a model that predicts {DDPM_PREDICTION_TYPES}, found prediction_type={noise_scheduler.config.prediction_type!r}; set --prediction_type."
+            f"Expected a model that predicts {DDPM_PREDICTION_TYPES}, found "
+            f"prediction_type={noise_scheduler.config.prediction_type!r}; set --prediction_type."
         )
-    load_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
-    tokenizers = [
-        transformers.AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=sub, **load_kwargs)
-        for sub in ("tokenizer", "tokenizer_2")
-    ]
-    text_encoders = [
-        transformers.CLIPTextModel.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="text_encoder", variant=args.variant, **load_kwargs
-        ),
-        transformers.CLIPTextModelWithProjection.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="text_encoder_2", variant=args.variant, **load_kwargs
-        ),
-    ]
-    vae_path = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
-    vae = AutoencoderKL.from_pretrained(
-        vae_path,
-        subfolder=None if args.pretrained_vae_model_name_or_path else "vae",
-        variant=None if args.pretrained_vae_model_name_or_path else args.variant,
-        **load_kwargs,
-    )
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **load_kwargs
-    )
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (vae, *text_encoders):
-        frozen.requires_grad_(False)
-    # SDXL's own VAE overflows in float16; the fp16-fix VAE does not.
-    vae.to(accelerator.device, dtype=weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32)
-    for text_encoder in text_encoders:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
+        frozen.requires_grad_(False).to(accelerator.device)
+    unet.to(accelerator.device)
 
     if args.lora_rank:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.to(accelerator.device, dtype=weight_dtype)
-        unet.add_adapter(
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_alpha or args.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
-        )
-        if args.mixed_precision == "fp16":
-            cast_training_params(unet, dtype=torch.float32)
+        add_lora_adapters(unet, args.lora_rank, args.lora_alpha, accelerator.mixed_precision)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
@@ -1002,13 +1218,15 @@ def main(args):
                 model.load_state_dict(state_dict)
             model.save_pretrained(folder)
 
+    def save_lora(model, folder):
+        if accelerator.is_main_process:
+            lora_layers = lora_state_dict(accelerator.unwrap_model(model))
+            StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora_layers)
+
     def save_model_hook(models, weights, output_dir):
         for model in models:
             if args.lora_rank:
-                if accelerator.is_main_process:
-                    StableDiffusionXLPipeline.save_lora_weights(
-                        output_dir, unet_lora_layers=lora_state_dict(accelerator.unwrap_model(model))
-                    )
+                save_lora(model, output_dir)
             else:
                 save_unet(model, os.path.join(output_dir, "unet"))
         while weights:
@@ -1022,15 +1240,14 @@ def main(args):
             from peft.utils import set_peft_model_state_dict
 
             lora_weights, _ = StableDiffusionXLPipeline.lora_state_dict(input_dir)
-            unet_weights = convert_unet_state_dict_to_peft(
-                {k.removeprefix("unet."): v for k, v in lora_weights.items() if k.startswith("unet.")}
-            )
-            incompatible = set_peft_model_state_dict(model, unet_weights, adapter_name="default")
+            unet_weights = {k.removeprefix("unet."): v for k, v in lora_weights.items() if k.startswith("unet.")}
+            incompatible = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(unet_weights), "default")
             if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
-                raise ValueError(
-                    f"The checkpoint in {input_dir} has LoRA weights this model lacks: {incompatible.unexpected_keys[:5]}"
+                raise InputError(
+                    f"The checkpoint in {input_dir} has LoRA weights this model lacks: "
+                    f"{incompatible.unexpected_keys[:5]}; resume with the --lora_rank of the run that wrote it."
                 )
-            if args.mixed_precision == "fp16":
+            if accelerator.mixed_precision == "fp16":  # also when fp16 comes from accelerate's config
                 cast_training_params(model, dtype=torch.float32)
         else:
             loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
@@ -1043,9 +1260,8 @@ def main(args):
 
     # Optimizer
     if args.scale_lr:
-        args.learning_rate = (
-            args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        )
+        total_pairs = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate = args.learning_rate * total_pairs
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -1061,22 +1277,24 @@ def main(args):
         eps=args.adam_epsilon,
     )
 
-    # Dataloader
+    # Dataset and dataloader
+    memory = PeakMemory(accelerator.device)
     train_dataset = PreferencePairs(train_split, args, augment=True)
     cache_skipped = []
     if args.cache_latents:
         storage_dtype = torch.float16 if weight_dtype == torch.float16 else torch.float32  # numpy has no bfloat16
         cache_path = latents_cache_path(args, train_split, storage_dtype)
-        logger.info(
-            f"--cache_latents: {'reusing' if (cache_path / 'complete.json').exists() else 'building'} {cache_path}"
-        )
+        reusing = (cache_path / "complete.json").exists()
+        logger.info(f"--cache_latents: {'reusing' if reusing else 'building'} {cache_path}")
         if args.random_crop or not args.no_hflip:
             logger.info(
-                "--cache_latents: each pair's crop and flip are drawn once and cached (pass --no_hflip to train without flips)."
+                "--cache_latents: each pair's crop and flip are drawn once and cached (pass --no_hflip to train "
+                "without flips)."
             )
-        train_dataset, cache_skipped = build_latents_cache(
-            accelerator, args, train_dataset, vae, text_encoders, tokenizers, cache_path, storage_dtype
-        )
+        with memory.phase("cache_build"):
+            train_dataset, cache_skipped = build_latents_cache(
+                accelerator, args, train_dataset, vae, text_encoders, tokenizers, cache_path, storage_dtype
+            )
         for index, reason in cache_skipped:
             logger.warning(f"Skipped pair {index} while caching: undecodable image ({reason}).")
     eval_dataset = PreferencePairs(eval_split, args, augment=False) if eval_split is not None else None
@@ -1090,13 +1308,22 @@ def main(args):
     )
 
     # Schedule (steps counted per process before prepare(), as diffusers' scripts do)
-    num_update_steps_per_epoch = math.ceil(
-        math.ceil(len(train_dataset) / (args.train_batch_size * accelerator.num_processes))
-        / args.gradient_accumulation_steps
-    )
+    batches_per_epoch = math.ceil(len(train_dataset) / (args.train_batch_size * accelerator.num_processes))
+    num_update_steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    first_step = checkpoint_step(args.resume_from_checkpoint) if args.resume_from_checkpoint else 0
+    if first_step >= args.max_train_steps:
+        if accelerator.is_main_process:
+            print(
+                f"== Nothing to train: {args.resume_from_checkpoint} is at step {first_step} of "
+                f"{args.max_train_steps}. The finished run's outputs in {args.output_dir} were left as they are; "
+                "raise --max_train_steps to train further.",
+                flush=True,
+            )
+        accelerator.end_training()
+        return
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1107,77 +1334,62 @@ def main(args):
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         unet, optimizer, train_dataloader, lr_scheduler
     )
-    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace the parameters
+    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
 
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    training = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning"
     logger.info("***** Running training *****")
+    logger.info(f"  Method = MaPO, beta_mapo = {args.beta_mapo:g}, snr_value = {args.snr_value:g}, {training}")
     logger.info(
-        f"  Method = MaPO, beta_mapo = {args.beta_mapo:g}, snr_value = {args.snr_value:g}, {'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full fine-tuning'}"
-    )
-    logger.info(
-        f"  Num pairs = {len(train_dataset)}, epochs = {args.num_train_epochs}, optimization steps = {args.max_train_steps}"
+        f"  Num pairs = {len(train_dataset)}, epochs = {args.num_train_epochs}, steps = {args.max_train_steps}"
     )
     logger.info(
         f"  Pairs per device = {args.train_batch_size}, total batch (parallel, accumulation) = {total_batch_size}"
     )
 
-    summary = {}  # measured on the starting model, before a checkpoint is loaded
-    if eval_dataset is not None:
+    def heldout_accuracy():
         unet.eval()
-        summary["heldout_preference_accuracy_before"] = preference_accuracy(
-            accelerator,
-            accelerator.unwrap_model(unet),
-            vae,
-            text_encoders,
-            tokenizers,
-            noise_scheduler,
-            eval_dataset,
-            args,
-        )
+        with memory.phase("validation"):
+            model = accelerator.unwrap_model(unet)
+            accuracy = preference_accuracy(
+                accelerator, model, vae, text_encoders, tokenizers, noise_scheduler, eval_dataset, args, weight_dtype
+            )
+        unet.train()
+        return accuracy
+
+    def validate(step):
+        with memory.phase("validation"):
+            model = accelerator.unwrap_model(unet)
+            log_validation(args, accelerator, base_images, vae, text_encoders, model, weight_dtype, step)
+
+    # Measured on the starting model, before a checkpoint is loaded.
+    summary = {}
+    if eval_dataset is not None:
+        summary["heldout_preference_accuracy_before"] = heldout_accuracy()
         logger.info(
             f"Held-out preference accuracy before training: {summary['heldout_preference_accuracy_before']:.3f}"
         )
-
-    global_step, first_epoch = 0, 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            path = checkpoints[-1] if checkpoints else None
-            if path is None:
-                logger.info(f"No checkpoint in {args.output_dir}; starting a new run.")
-        else:
-            path = Path(args.resume_from_checkpoint)
-            if not path.is_dir():
-                raise InputError(
-                    f"--resume_from_checkpoint {path} is not a checkpoint folder; give a checkpoint-N folder or 'latest'."
-                )
-        if path is not None:
-            logger.info(f"Resuming from {path}")
-            accelerator.load_state(str(path))
-            global_step = int(path.name.split("-")[1])
-            first_epoch = global_step // num_update_steps_per_epoch
-
-    def validation_pipeline_kwargs(base):
-        model = accelerator.unwrap_model(unet)
-        return {"vae": vae, "text_encoder": text_encoders[0], "text_encoder_2": text_encoders[1], "unet": model}
-
+        if first_step == 0:
+            accelerator.log({"heldout_preference_accuracy": summary["heldout_preference_accuracy_before"]}, step=0)
     base_images = None
     if args.validation_prompts and accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-        if args.lora_rank:
-            model.disable_adapters()
-        base_images = render_validation(args, accelerator, validation_pipeline_kwargs(base=True), weight_dtype)
-        if args.lora_rank:
-            model.enable_adapters()
+        with memory.phase("validation"), adapters_disabled(accelerator.unwrap_model(unet), args.lora_rank) as base:
+            base_images = render_validation(args, accelerator, vae, text_encoders, base, weight_dtype)
+
+    global_step, first_epoch = first_step, first_step // num_update_steps_per_epoch
+    if args.resume_from_checkpoint:
+        logger.info(f"Resuming from {args.resume_from_checkpoint}")
+        accelerator.load_state(args.resume_from_checkpoint)
 
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     skipped_total, step_metrics, step_seconds = 0, [], []
+    memory.switch("training")
     step_started = time.perf_counter()
     for epoch in range(first_epoch, args.num_train_epochs):
         unet.train()
@@ -1194,29 +1406,16 @@ def main(args):
                     logger.warning(f"Skipped pair {index}: undecodable image ({reason}).", main_process_only=False)
             if "index" not in batch:
                 raise RuntimeError(
-                    f"Every pair of a batch had an undecodable image ({skipped_total} skipped so far); check the dataset's image columns."
+                    f"Every pair of a batch had an undecodable image ({skipped_total} skipped so far); check the "
+                    "dataset's image columns."
                 )
             with accelerator.accumulate(unet):
                 generators = sample_generators(args.seed, epoch, batch["index"], accelerator.device)
-                # (B, 2, ...) -> (2B, ...): all winners, then all losers.
-                if args.cache_latents:
-                    latents = (
-                        batch["latents"]
-                        .transpose(0, 1)
-                        .flatten(0, 1)
-                        .to(accelerator.device, weight_dtype, non_blocking=True)
-                    )
-                    prompt_embeds = batch["prompt_embeds"].to(accelerator.device, weight_dtype, non_blocking=True)
-                    pooled_prompt_embeds = batch["pooled_prompt_embeds"].to(
-                        accelerator.device, weight_dtype, non_blocking=True
-                    )
-                else:
-                    pixel_values = batch["pixel_values"].transpose(0, 1).flatten(0, 1)
-                    latents = encode_images(vae, pixel_values, args.vae_encode_batch_size).to(weight_dtype)
-                    prompt_embeds, pooled_prompt_embeds = encode_prompts(text_encoders, tokenizers, batch["caption"])
-                time_ids = batch["time_ids"].transpose(0, 1).flatten(0, 1).to(accelerator.device, prompt_embeds.dtype)
-                noisy_latents, timesteps, conditioning, target, batch_size = noisy_pair_inputs(
-                    noise_scheduler, latents, prompt_embeds, pooled_prompt_embeds, time_ids, generators
+                inputs = pair_batch_inputs(
+                    batch, vae, text_encoders, tokenizers, args.vae_encode_batch_size, accelerator.device, weight_dtype
+                )
+                noisy_latents, timesteps, conditioning, target = noisy_pair_inputs(
+                    noise_scheduler, *inputs, generators
                 )
 
                 model_pred = unet(noisy_latents, timesteps, **conditioning).sample
@@ -1231,13 +1430,11 @@ def main(args):
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        params_to_optimize, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-                    )
+                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                    grad_norm = accelerator.clip_grad_norm_(params_to_optimize, max_norm)
                     if grad_norm is not None:
-                        grad_norm = (
-                            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                        )  # FSDP2 returns a DTensor
+                        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                            grad_norm = grad_norm.full_tensor()
                         metrics["grad_norm"] = (
                             grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
                         )
@@ -1252,34 +1449,23 @@ def main(args):
                 # Mean over the accumulated micro-batches, then over processes: one all-reduce and one
                 # device-to-host copy per optimizer step, whatever the number of metrics.
                 names = list(step_metrics[-1])
-                means = torch.stack(
-                    [
-                        torch.stack([m[key].float().to(accelerator.device) for m in step_metrics if key in m]).mean()
-                        for key in names
-                    ]
-                )
-                logs = dict(zip(names, accelerator.reduce(means, "mean").tolist()))
-                step_seconds.append(
-                    time.perf_counter() - step_started
-                )  # .tolist() above waited for the step's device work
+                means = [
+                    torch.stack([m[key].float().to(accelerator.device) for m in step_metrics if key in m]).mean()
+                    for key in names
+                ]
+                logs = dict(zip(names, accelerator.reduce(torch.stack(means), "mean").tolist()))
+                step_seconds.append(time.perf_counter() - step_started)  # .tolist() waited for the step's device work
                 logs["lr"] = lr_scheduler.get_last_lr()[0]
                 logs["skipped_pairs"] = skipped_total
                 step_metrics = []
                 accelerator.log(logs, step=global_step)
-                progress_bar.set_postfix(
-                    loss=f"{logs['loss']:.4f}",
-                    **({"acc": f"{logs['implicit_acc']:.2f}"} if "implicit_acc" in logs else {}),
-                )
-                summary["last_step_metrics"] = {
-                    key: value for key, value in logs.items() if key not in ("lr", "skipped_pairs")
-                }
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}")
+                summary["last_step_metrics"] = {k: v for k, v in logs.items() if k not in ("lr", "skipped_pairs")}
 
                 if global_step % args.checkpointing_steps == 0:
                     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-                        checkpoints = sorted(
-                            Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-                        )
-                        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
+                        existing = list_checkpoints(args.output_dir)
+                        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
                             shutil.rmtree(old)
                     save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
                     accelerator.save_state(save_path)
@@ -1287,75 +1473,41 @@ def main(args):
 
                 if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                     if eval_dataset is not None:
-                        unet.eval()
-                        accuracy = preference_accuracy(
-                            accelerator,
-                            accelerator.unwrap_model(unet),
-                            vae,
-                            text_encoders,
-                            tokenizers,
-                            noise_scheduler,
-                            eval_dataset,
-                            args,
-                        )
+                        accuracy = heldout_accuracy()
                         accelerator.log({"heldout_preference_accuracy": accuracy}, step=global_step)
                         logger.info(f"Step {global_step}: held-out preference accuracy {accuracy:.3f}")
-                        unet.train()
                     if base_images is not None:
-                        log_validation(
-                            args,
-                            accelerator,
-                            base_images,
-                            render_validation(args, accelerator, validation_pipeline_kwargs(base=False), weight_dtype),
-                            global_step,
-                        )
-
-            if accelerator.sync_gradients:
-                step_started = time.perf_counter()  # checkpointing and validation are not counted as step time
+                        validate(global_step)
+                step_started = time.perf_counter()  # checkpointing and validation are not step time
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
             break
+    memory.switch(None)
 
     accelerator.wait_for_everyone()
     unet.eval()
     if eval_dataset is not None:
-        summary["heldout_preference_accuracy_after"] = preference_accuracy(
-            accelerator,
-            accelerator.unwrap_model(unet),
-            vae,
-            text_encoders,
-            tokenizers,
-            noise_scheduler,
-            eval_dataset,
-            args,
-        )
+        summary["heldout_preference_accuracy_after"] = heldout_accuracy()
         accelerator.log(
             {"heldout_preference_accuracy": summary["heldout_preference_accuracy_after"]}, step=global_step
         )
-    skipped_total = int(
-        accelerator.reduce(torch.tensor(skipped_total, device=accelerator.device), "sum").item()
-    ) + len(cache_skipped)
+    skipped_total = int(accelerator.reduce(torch.tensor(skipped_total, device=accelerator.device), "sum").item())
+    skipped_total += len(cache_skipped)
     if accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP:
         # Data-parallel replicas must end bit-identical; say so rather than assume it.
         fingerprints = gather_object([weights_fingerprint(accelerator.unwrap_model(unet))])
         summary["replicas_identical"] = len(set(fingerprints)) == 1
         if not summary["replicas_identical"]:
             logger.warning(f"The trained weights differ between processes: {fingerprints}")
-    if not args.lora_rank:
-        save_unet(unet, os.path.join(args.output_dir, "unet"))
-    if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
+    if not args.skip_final_save:
         if args.lora_rank:
-            StableDiffusionXLPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state_dict(model))
-        if base_images is not None:
-            log_validation(
-                args,
-                accelerator,
-                base_images,
-                render_validation(args, accelerator, validation_pipeline_kwargs(base=False), weight_dtype),
-                global_step,
-            )
+            save_lora(unet, args.output_dir)
+        else:
+            save_unet(unet, os.path.join(args.output_dir, "unet"))
+    if base_images is not None:
+        validate(global_step)
+    if accelerator.is_main_process:
         summary.update(
             {
                 "method": "mapo",
@@ -1367,10 +1519,10 @@ def main(args):
                 "skipped_pairs": skipped_total,
                 "dropped_ties": dropped["ties"],
                 # After the first two steps (allocation, kernel selection), as a benchmark would count them.
-                "seconds_per_step_median": float(np.median(step_seconds[2:] or step_seconds))
-                if step_seconds
-                else None,
-                **peak_memory(accelerator),
+                "seconds_per_step_median": float(np.median(step_seconds[2:] or step_seconds)),
+                "peak_memory_bytes": memory.peaks["training"],  # the training loop's own peak
+                "peak_memory_by_phase_bytes": memory.peaks,
+                "peak_memory_kind": memory.kind,
             }
         )
         Path(args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
@@ -1390,19 +1542,23 @@ def main(args):
 
 
 def print_summary(args, summary):
-    lines = [f"== MaPO finished: {summary['global_step']} steps, weights in {args.output_dir}"]
+    lines = [f"== MaPO finished: {steps(summary['global_step'])}, output in {args.output_dir}"]
     if "heldout_preference_accuracy_before" in summary:
         lines.append(
             f"   held-out preference accuracy ({args.preference_eval_split}): "
-            f"{summary['heldout_preference_accuracy_before']:.3f} before -> {summary['heldout_preference_accuracy_after']:.3f} after"
+            f"{summary['heldout_preference_accuracy_before']:.3f} before -> "
+            f"{summary['heldout_preference_accuracy_after']:.3f} after"
         )
-    finals = ", ".join(f"{key} {value:.4g}" for key, value in summary.get("last_step_metrics", {}).items())
+    finals = ", ".join(f"{key} {value:.4g}" for key, value in summary["last_step_metrics"].items())
     lines.append(f"   last step: {finals}")
     lines.append(f"   dropped ties: {summary['dropped_ties']}, skipped undecodable pairs: {summary['skipped_pairs']}")
-    if summary["seconds_per_step_median"] is not None:
-        lines.append(
-            f"   {summary['seconds_per_step_median']:.3f} s per step (median), peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['peak_memory_kind']})"
-        )
+    peaks = ", ".join(
+        f"{phase} {value / 2**30:.2f} GiB" for phase, value in summary["peak_memory_by_phase_bytes"].items()
+    )
+    lines.append(
+        f"   {summary['seconds_per_step_median']:.3f} s per step (median); "
+        f"peak memory ({summary['peak_memory_kind']}): {peaks}"
+    )
     if "replicas_identical" in summary:
         lines.append(f"   weights identical on all processes: {'yes' if summary['replicas_identical'] else 'NO'}")
     print("\n".join(lines), flush=True)
@@ -1410,7 +1566,7 @@ def print_summary(args, summary):
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
+        main(ARGS)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples" / "tiny_assets"))
 
+# Every Hugging Face cache (datasets' Arrow files, the latents cache under it, hub downloads) goes to a
+# folder of this test session, never the user's ~/.cache. Set before anything imports datasets, and
+# inherited by every script the tests launch.
+HF_HOME = tempfile.mkdtemp(prefix="preference-tests-hf-")
+os.environ.update({"HF_HOME": HF_HOME, "HF_DATASETS_CACHE": os.path.join(HF_HOME, "datasets")})
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 

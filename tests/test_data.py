@@ -146,7 +146,7 @@ def test_missing_column_stops_before_any_model_is_loaded(tmp_path, script):
             "--dataset_name",
             tmp_path / "train.parquet",
             "--pretrained_model_name_or_path",
-            tmp_path / "no-such-model",
+            "no-such-org/no-such-model",  # a hub id: it would fail only when models load
             "--output_dir",
             tmp_path / "out",
         ],
@@ -166,7 +166,7 @@ def test_empty_dataset_after_dropping_ties_is_a_clear_error(tmp_path):
             "--dataset_name",
             tmp_path / "train.parquet",
             "--pretrained_model_name_or_path",
-            tmp_path / "no-such-model",
+            "no-such-org/no-such-model",  # a hub id: it would fail only when models load
             "--output_dir",
             tmp_path / "out",
         ],

@@ -1,5 +1,7 @@
 """The training scripts run as users run them: `accelerate launch` on tiny assets."""
 
+import filecmp
+import json
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +16,11 @@ METRICS = {"loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l"
 DPO_METRICS = METRICS | {"ref_mse_w", "ref_mse_l"}
 
 
-def scalar_tags(logging_dir):
+pytestmark = pytest.mark.slow
+
+
+def scalar_events(logging_dir):
+    """{tag: [(step, value), ...]} of every tensorboard scalar under `logging_dir`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = [p for p in Path(logging_dir).rglob("events.out.tfevents.*")]
@@ -24,8 +30,13 @@ def scalar_tags(logging_dir):
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            tags[tag] = [event.value for event in accumulator.Scalars(tag)]
+            tags[tag] = [(event.step, event.value) for event in accumulator.Scalars(tag)]
     return tags
+
+
+def scalar_tags(logging_dir):
+    """{tag: [value, ...]} of every tensorboard scalar under `logging_dir`."""
+    return {tag: [value for _, value in events] for tag, events in scalar_events(logging_dir).items()}
 
 
 def unet_state(output_dir):
@@ -68,6 +79,12 @@ def mapo_lora_run(tiny_assets, tmp_path_factory):
             2,
             "--checkpoints_total_limit",
             1,
+            "--preference_eval_split",
+            "test",
+            "--preference_eval_max_samples",
+            8,
+            "--preference_eval_timesteps",
+            2,
         ),
     )
     return output_dir, result.stdout
@@ -84,12 +101,50 @@ def test_mapo_lora_run_writes_diffusers_lora_model_card_metrics_and_validation(m
     tags = scalar_tags(output_dir / "logs")
     assert METRICS <= set(tags) and len(tags["loss"]) == 4
     assert "ref_mse_w" not in tags  # MaPO never evaluates a reference
-    assert "Dropped" not in log and "dropped 4 ties" in log  # the tiny dataset's 4 ties, counted
+    assert "dropped 4 ties" in log  # the tiny dataset's 4 ties, counted
     from PIL import Image
 
     grids = sorted((output_dir / "validation").glob("step-*.png"))
     assert [p.name for p in grids] == ["step-000002.png", "step-000004.png"]
     assert Image.open(grids[-1]).size == (128, 64)  # base | trained, one row per prompt
+
+
+def test_heldout_accuracy_before_training_is_logged_at_step_0(mapo_lora_run):
+    output_dir, _ = mapo_lora_run
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    logged = scalar_events(output_dir / "logs")["heldout_preference_accuracy"]
+    assert [step for step, _ in logged] == [0, 2, 4]  # before training, at --validation_steps, at the end
+    assert logged[0][1] == pytest.approx(summary["heldout_preference_accuracy_before"])
+    assert logged[-1][1] == pytest.approx(summary["heldout_preference_accuracy_after"])
+
+
+def test_summary_reports_the_training_loops_peak_and_each_phase_apart(mapo_lora_run):
+    output_dir, log = mapo_lora_run
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    phases = summary["peak_memory_by_phase_bytes"]
+    assert set(phases) == {"training", "validation"} and summary["peak_memory_bytes"] == phases["training"]
+    assert re.search(r"peak memory \(rss\): validation [0-9.]+ GiB, training [0-9.]+ GiB", log)
+    assert "== MaPO finished: 4 optimizer steps" in log
+
+
+def test_a_run_prints_none_of_the_deprecation_and_float32_cast_warnings_it_used_to_cause(mapo_lora_run):
+    _, log = mapo_lora_run  # loads every model and builds validation pipelines
+    assert "`torch_dtype` is deprecated" not in log and "should be kept in float32" not in log
+
+
+def test_rerunning_a_finished_run_with_resume_latest_trains_nothing_and_keeps_its_outputs(
+    tiny_assets, mapo_lora_run, tmp_path
+):
+    finished, _ = mapo_lora_run
+    rerun = tmp_path / "rerun"
+    shutil.copytree(finished, rerun)
+    before = sorted(str(p.relative_to(rerun)) for p in rerun.rglob("*"))
+    args = tiny_args(tiny_assets, rerun, "--lora_rank", 4, "--max_train_steps", 4, "--report_to", "tensorboard")
+    result = launch("train_mapo_sdxl.py", [*args, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest"])
+    assert "== Nothing to train: " in result.stdout and "checkpoint-4 is at step 4 of 4" in result.stdout
+    assert sorted(str(p.relative_to(rerun)) for p in rerun.rglob("*")) == before  # no new file, no new log
+    for name in ("pytorch_lora_weights.safetensors", "training_summary.json", "README.md"):
+        assert filecmp.cmp(finished / name, rerun / name, shallow=False), name
 
 
 def test_saved_lora_loads_into_an_sdxl_pipeline_and_changes_its_output(tiny_assets, mapo_lora_run):
@@ -133,7 +188,7 @@ def test_dpo_trains_logs_reference_metrics_and_starts_at_log2(tiny_assets, tmp_p
         if mode == "lora"
         else ["--learning_rate", 1e-5, "--use_8bit_adam", "--gradient_checkpointing"]
     )
-    launch(
+    result = launch(
         "train_diffusion_dpo_sdxl.py",
         tiny_args(
             tiny_assets, tmp_path, "--max_train_steps", 3, "--report_to", "tensorboard", "--beta_dpo", 5000, *extra
@@ -147,34 +202,35 @@ def test_dpo_trains_logs_reference_metrics_and_starts_at_log2(tiny_assets, tmp_p
     assert tags["model_mse_w"][0] == pytest.approx(tags["ref_mse_w"][0], abs=1e-6)
     card = (tmp_path / "README.md").read_text()
     assert "Diffusion-DPO (beta_dpo = 5000)" in card
+    assert "`torch_dtype` is deprecated" not in result.stdout and "should be kept in float32" not in result.stdout
     assert (tmp_path / ("pytorch_lora_weights.safetensors" if mode == "lora" else "unet/config.json")).exists()
 
 
-def test_sft_baseline_trains_on_winners_only(tiny_assets, tmp_path):
-    result = launch(
-        "train_diffusion_dpo_sdxl.py",
-        tiny_args(
-            tiny_assets,
-            tmp_path,
-            "--sft",
-            "--lora_rank",
-            4,
-            "--learning_rate",
-            1e-3,
-            "--max_train_steps",
-            2,
-            "--report_to",
-            "tensorboard",
-        ),
-    )
-    tags = scalar_tags(tmp_path / "logs")
-    assert (
-        {"loss", "model_mse_w", "lr", "grad_norm"} <= set(tags)
-        and "ref_mse_w" not in tags
-        and "implicit_acc" not in tags
-    )
-    assert tags["loss"] == pytest.approx(tags["model_mse_w"])
-    assert "SFT on chosen finished" in result.stdout
+def test_sft_baseline_learns_from_the_winners_alone(tiny_assets, tmp_path):
+    # Two runs whose data differ only in the rejected images: SFT must end with the same weights.
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=tiny_assets["dataset"] + "/train.parquet", split="train")
+    rows = rows.select(range(16)).to_dict()
+    swapped = {key: list(values) for key, values in rows.items()}
+    for i, label in enumerate(rows["label_0"]):
+        loser_column = "jpg_1" if label == 1 else "jpg_0"
+        swapped[loser_column][i] = rows[loser_column][(i + 5) % 16]  # another row's image, not the winner
+    for name, data in (("original", rows), ("swapped", swapped)):
+        (tmp_path / name).mkdir()
+        datasets.Dataset.from_dict(data).to_parquet(str(tmp_path / name / "train.parquet"))
+    runs = {}
+    for name in ("original", "swapped"):
+        args = tiny_args(tiny_assets, tmp_path / f"out-{name}", "--sft", "--lora_rank", 4, "--learning_rate", 1e-2)
+        args[args.index("--dataset_name") + 1] = tmp_path / name
+        runs[name] = launch(
+            "train_diffusion_dpo_sdxl.py", [*args, "--max_train_steps", 3, "--report_to", "tensorboard"]
+        )
+    assert "SFT on chosen finished" in runs["original"].stdout
+    original = load_file(tmp_path / "out-original" / "pytorch_lora_weights.safetensors")
+    assert_same_tensors(original, load_file(tmp_path / "out-swapped" / "pytorch_lora_weights.safetensors"), atol=0)
+    tags = scalar_tags(tmp_path / "out-original" / "logs")
+    assert {"loss", "model_mse_w", "lr", "grad_norm"} <= set(tags) and not {"ref_mse_w", "implicit_acc"} & set(tags)
 
 
 @pytest.mark.parametrize(
@@ -202,11 +258,14 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_ass
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(uninterrupted / "checkpoint-3", resumed / "checkpoint-3")
+    # A checkpoint's name resolves against --output_dir, as in diffusers' scripts.
     result = launch(
         script,
-        tiny_args(tiny_assets, resumed, "--checkpointing_steps", 3, "--resume_from_checkpoint", "latest", *common),
+        tiny_args(
+            tiny_assets, resumed, "--checkpointing_steps", 3, "--resume_from_checkpoint", "checkpoint-3", *common
+        ),
     )
-    assert "Resuming from" in result.stdout
+    assert f"Resuming from {resumed / 'checkpoint-3'}" in result.stdout
     if "--lora_rank" in extra:
         assert_same_tensors(
             load_file(uninterrupted / "pytorch_lora_weights.safetensors"),

@@ -1,4 +1,4 @@
-"""The objectives against METHODS.md: hand-computed cases and the listed invariants."""
+"""The objectives against docs/METHODS.md: hand-computed cases and the listed invariants."""
 
 import math
 
@@ -18,17 +18,19 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
 
 
 def test_dpo_loss_matches_hand_computation_with_the_half_factor():
-    model_w, model_l = torch.tensor([0.10, 0.40]), torch.tensor([0.20, 0.30])
-    ref_w, ref_l = torch.tensor([0.15, 0.35]), torch.tensor([0.15, 0.35])
+    # Asymmetric on purpose: a loss with its sign flipped, or without the reference term, gives other numbers.
+    model_w, model_l = torch.tensor([0.10, 0.40]), torch.tensor([0.30, 0.35])
+    ref_w, ref_l = torch.tensor([0.25, 0.30]), torch.tensor([0.15, 0.30])
     beta = 10.0
-    # pair 1: inside = -0.5*10*((0.1-0.2)-(0)) = 0.5 ; pair 2: inside = -0.5*10*((0.4-0.3)-0) = -0.5
-    expected = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 / (1 + math.exp(0.5)))) / 2
+    # pair 1: inside = -0.5*10*((0.10-0.30) - (0.25-0.15)) = 1.5 ; pair 2: -0.5*10*((0.40-0.35) - 0) = -0.25
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  -log(sigmoid(z)) = softplus(-z)
+    expected = (softplus(-1.5) + softplus(0.25)) / 2
     loss, metrics = diffusion_dpo_loss(model_w, model_l, ref_w, ref_l, beta)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert metrics["implicit_acc"].item() == 0.5
-    assert metrics["reward_margin"].item() == pytest.approx(0.0, abs=1e-6)
+    assert metrics["reward_margin"].item() == pytest.approx((1.5 - 0.25) / 2, rel=1e-6)
     assert metrics["model_mse_w"].item() == pytest.approx(0.25)
-    assert metrics["ref_mse_l"].item() == pytest.approx(0.25)
+    assert metrics["ref_mse_l"].item() == pytest.approx(0.225)
 
 
 def test_dpo_loss_rewards_a_policy_that_improves_the_winner_more_than_the_reference():

@@ -74,3 +74,23 @@ def test_files_named_in_the_two_commands_exist():
         "examples/tiny_assets/make_tiny_assets.py",
     ):
         assert (REPO / path).exists() and path in README
+
+
+DOCUMENTS = ["README.md", "requirements.txt", "examples/eval/README.md", "train_diffusion_dpo_sdxl.py"]
+DOCUMENTS += ["train_mapo_sdxl.py", "utils/diffusion.py", "tests/run_tests.sh", "examples/setup_env.sh"]
+
+
+def test_every_repository_file_the_docs_point_to_exists():
+    for document in DOCUMENTS:
+        text = (REPO / document).read_text()
+        assert "../shared" not in text, f"{document} points outside the repository"
+        paths = re.findall(
+            r"(?<![\w./-])((?:docs|examples|tests|utils|scripts)/[\w./-]*\w\.(?:md|py|sh|txt|yaml))", text
+        )
+        missing = sorted({path for path in paths if not (REPO / path).exists()})
+        assert not missing, f"{document} names {missing}, which the repository does not have"
+
+
+def test_readme_names_validation_images_as_the_scripts_write_them():
+    names = re.findall(r"validation/(step-[^`\s),]+)", README)
+    assert names and all(re.fullmatch(r"step-\d{6}\.png", name) for name in names), names

@@ -1,4 +1,4 @@
-"""Noise, targets, timesteps, log-SNR and loss weightings (METHODS.md, "Notation shared by all scripts").
+"""Noise, targets, timesteps, log-SNR and loss weightings (docs/METHODS.md, "Notation shared by all scripts").
 
 DDPM family (SD1.x, SDXL): x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
 Flow matching (SD3, SANA):  x_t = (1 - s) x0 + s eps, target eps - x0.
@@ -49,8 +49,8 @@ def noisy_latents_and_target(noise_scheduler, latents, noise, timesteps):
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in DDPM_PREDICTION_TYPES:
         raise ValueError(
-            f"Expected a scheduler whose prediction_type is one of {DDPM_PREDICTION_TYPES}, found {prediction_type!r}; "
-            "pass --prediction_type epsilon or v_prediction."
+            f"Expected a scheduler whose prediction_type is one of {DDPM_PREDICTION_TYPES}, "
+            f"found {prediction_type!r}; pass --prediction_type epsilon or v_prediction."
         )
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -58,7 +58,7 @@ def noisy_latents_and_target(noise_scheduler, latents, noise, timesteps):
 
 
 def flow_matching_noisy_and_target(latents, noise, sigmas):
-    """Rectified-flow forward process: x_t = (1 - s) x0 + s eps; target (velocity) eps - x0. `sigmas` has shape (B,)."""
+    """Rectified-flow forward process: x_t = (1 - s) x0 + s eps; target (velocity) eps - x0. `sigmas` (B,)."""
     s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
     return (1.0 - s) * latents + s * noise, noise - latents
 
@@ -81,5 +81,5 @@ def flow_matching_log_snr(sigmas):
 
 
 def sigmoid_loss_weight(log_snr_values, bias):
-    """w = sigmoid(bias - lambda): decreasing in lambda (CaPO Sec. 4.4 / Eq. 26; METHODS.md fixes the sign)."""
+    """w = sigmoid(bias - lambda): decreasing in lambda (CaPO Sec. 4.4 / Eq. 26; docs/METHODS.md fixes the sign)."""
     return torch.sigmoid(bias - log_snr_values)
