@@ -1,4 +1,8 @@
-"""The evaluation tools (examples/eval) run as users run them, on the tiny SDXL pipeline and tiny reward stand-ins."""
+"""The evaluation tools (examples/eval) run as users run them, on the tiny SDXL pipeline and tiny reward stand-ins.
+
+Slow tests (marked) launch the tools on models; score.py's tests score a hand-made run folder (a manifest and
+its images) rather than generate.py's output, so that only the generate tests build the tiny SDXL pipeline.
+"""
 
 import csv
 import json
@@ -11,12 +15,23 @@ from conftest import launch, run_python
 from PIL import Image
 
 from examples.eval import compare
-from examples.eval.generate import image_seed
+from examples.eval.generate import image_filename, image_seed
 from examples.eval.prompts import PromptSetError, load_prompts
 
 
 PROMPTS = ["a photo of a red ball", "a photo of a blue ball", "a photo of a green ball"]
 K = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def caches_in_a_temporary_folder(tmp_path_factory):
+    """The tools launched here read and fill an empty hub and datasets cache, not ~/.cache."""
+    home = tmp_path_factory.mktemp("hf_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", str(home))
+        patch.setenv("HF_HUB_CACHE", str(home / "hub"))
+        patch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+        yield home
 
 
 def generate_args(tiny_assets, output_dir, model_name, prompts_file, *extra):
@@ -67,14 +82,12 @@ def read_csv(path):
 
 @pytest.fixture(scope="module")
 def eval_assets(tiny_assets, tmp_path_factory):
-    """A prompt file, a LoRA and a fine-tuned UNet of the tiny pipeline, tiny reward models, and a base run."""
+    """A prompt file, a LoRA and a fine-tuned UNet of the tiny pipeline, and a base run."""
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-
-    from examples.rewards.tiny import write_tiny_reward_models
 
     root = tmp_path_factory.mktemp("eval")
     prompts_file = root / "prompts.txt"
@@ -95,7 +108,6 @@ def eval_assets(tiny_assets, tmp_path_factory):
         unet.conv_out.bias += 0.5  # a "fine-tuned" UNet that visibly differs from the base
     unet.save_pretrained(root / "full" / "unet")
 
-    rewards = write_tiny_reward_models(root / "rewards")
     output_dir = root / "generated"
     run_tool("generate.py", generate_args(tiny_assets, output_dir, "base", prompts_file))
     return {
@@ -103,9 +115,55 @@ def eval_assets(tiny_assets, tmp_path_factory):
         "prompts_file": prompts_file,
         "lora": root / "lora",
         "full": root / "full",
-        "rewards": rewards,
         "output_dir": output_dir,
     }
+
+
+def write_run(run_dir, seed=0):
+    """A run folder as generate.py leaves it (manifest.jsonl and K 64 px images per prompt), made without a model."""
+    run_dir.mkdir(parents=True)
+    rng, rows = np.random.default_rng(seed), []
+    for i, prompt in enumerate(PROMPTS):
+        for k in range(K):
+            image = image_filename(i, k)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(run_dir / image)
+            rows.append({"prompt": prompt, "prompt_index": i, "k": k, "seed": image_seed(0, i, k), "image": image})
+    (run_dir / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_rewards(tmp_path_factory):
+    """Every tiny reward stand-in, and a second pickscore stand-in with other random weights."""
+    from examples.rewards.tiny import STAND_INS, write_tiny_reward_models
+
+    root = tmp_path_factory.mktemp("tiny_rewards")
+    rewards = write_tiny_reward_models(root / "main")
+    rewards["other_pickscore"] = str(STAND_INS["pickscore"](root / "other" / "pickscore", 99))
+    return rewards
+
+
+def reward_args(rewards, *names, paths=None):
+    paths = {name: rewards[name] for name in names} | (paths or {})
+    return ["--reward_models", *names, "--reward_model_paths", *(f"{name}={path}" for name, path in paths.items())]
+
+
+@pytest.fixture(scope="module")
+def scored_run(tiny_rewards, tmp_path_factory):
+    """A run scored once with the tiny pickscore and hpsv21; tests copy it before changing anything."""
+    run_dir = write_run(tmp_path_factory.mktemp("scored") / "base")
+    result = run_tool(
+        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", "hpsv21"), "--batch_size", 4]
+    )
+    return {"dir": run_dir, "stdout": result.stdout}
+
+
+def copy_run(source, tmp_path):
+    return Path(shutil.copytree(source, tmp_path / "base"))
+
+
+def error_lines(result):
+    return [line for line in result.stdout.splitlines() if line.strip()]
 
 
 def test_every_tool_explains_itself_with_help():
@@ -114,6 +172,7 @@ def test_every_tool_explains_itself_with_help():
         assert "usage:" in result.stdout and "--" in result.stdout
 
 
+@pytest.mark.slow
 def test_generate_writes_k_images_per_prompt_with_their_seeds_in_a_manifest(eval_assets):
     run_dir = eval_assets["output_dir"] / "base"
     rows = read_manifest(run_dir)
@@ -126,6 +185,7 @@ def test_generate_writes_k_images_per_prompt_with_their_seeds_in_a_manifest(eval
     assert json.loads((run_dir / "prompts.json").read_text()) == PROMPTS
 
 
+@pytest.mark.slow
 def test_same_seeds_give_identical_images_across_two_runs(eval_assets, tiny_assets):
     other = eval_assets["root"] / "second_run"
     run_tool("generate.py", generate_args(tiny_assets, other, "base", eval_assets["prompts_file"]))
@@ -135,6 +195,7 @@ def test_same_seeds_give_identical_images_across_two_runs(eval_assets, tiny_asse
         )
 
 
+@pytest.mark.slow
 def test_resumed_generation_redoes_nothing_and_fills_only_what_is_missing(eval_assets, tiny_assets):
     source = eval_assets["output_dir"] / "base"
     output_dir = eval_assets["root"] / "resume"
@@ -156,6 +217,7 @@ def test_resumed_generation_redoes_nothing_and_fills_only_what_is_missing(eval_a
     assert np.abs(pixels(removed) - pixels(source / removed.name)).max() <= 1
 
 
+@pytest.mark.slow
 def test_generate_under_accelerate_launch_splits_the_images_over_two_processes(eval_assets, tiny_assets):
     output_dir = eval_assets["root"] / "two_processes"
     result = launch(
@@ -176,6 +238,7 @@ def test_generate_under_accelerate_launch_splits_the_images_over_two_processes(e
         assert difference.max() <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["lora", "unet"])
 def test_trained_weights_change_the_images_but_not_the_seeds(weights, eval_assets, tiny_assets):
     flag = ["--lora_path", eval_assets["lora"]] if weights == "lora" else ["--unet_path", eval_assets["full"]]
@@ -198,6 +261,7 @@ def test_trained_weights_change_the_images_but_not_the_seeds(weights, eval_asset
     assert min(differences) > 1.0
 
 
+@pytest.mark.slow
 def test_generate_refuses_to_mix_settings_in_one_folder(eval_assets, tiny_assets):
     result = run_tool(
         "generate.py",
@@ -210,6 +274,7 @@ def test_generate_refuses_to_mix_settings_in_one_folder(eval_assets, tiny_assets
     assert "guidance_scale: 5.0 on disk, 7.5 now" in result.stdout
 
 
+@pytest.mark.slow
 def test_generate_stops_on_an_empty_prompt_set_before_loading_a_model(eval_assets, tiny_assets, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -218,97 +283,183 @@ def test_generate_stops_on_an_empty_prompt_set_before_loading_a_model(eval_asset
     assert not (tmp_path / "base").exists()
 
 
-def test_prompt_sets_load_from_text_csv_jsonl_and_dataset_columns(tiny_assets, tmp_path):
+def test_prompt_sets_load_from_text_csv_jsonl_and_dataset_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     (tmp_path / "p.csv").write_text('id,text\n1,"a cat, sitting"\n2,a dog\n3,a cat\n4,"a cat, sitting"\n')
     prompts, counts = load_prompts(str(tmp_path / "p.csv"))
     assert prompts == ["a cat, sitting", "a dog", "a cat"] and counts["duplicates"] == 1
     (tmp_path / "p.jsonl").write_text('{"caption": "one"}\n{"caption": ""}\n{"caption": "two"}\n')
     prompts, counts = load_prompts(str(tmp_path / "p.jsonl"), max_prompts=1)
     assert prompts == ["one"] and counts == {"read": 3, "empty": 1, "duplicates": 0, "beyond_max_prompts": 1}
-    prompts, counts = load_prompts(tiny_assets["dataset"], column="caption", split="test")
-    assert sorted(prompts) == sorted(
-        f"a photo of a {c} ball" for c in ("red", "green", "blue", "yellow", "purple", "cyan")
-    )
-    assert counts["read"] == 96
-    shuffled, _ = load_prompts(tiny_assets["dataset"], column="caption", split="test", shuffle_seed=1)
-    assert (
-        sorted(shuffled) == sorted(prompts)
-        and shuffled == load_prompts(tiny_assets["dataset"], column="caption", split="test", shuffle_seed=1)[0]
-    )
+
+    colors = ["red", "green", "blue", "yellow", "purple", "cyan"]
+    dataset = tmp_path / "dataset"  # a folder of parquet splits, as the tiny Pick-a-Pic is
+    dataset.mkdir()
+    for split, repeats in (("train", 1), ("test", 4)):
+        captions = [f"a photo of a {color} ball" for color in colors] * repeats
+        pq.write_table(pa.table({"caption": captions, "label": [0.5] * len(captions)}), dataset / f"{split}.parquet")
+    cache = str(tmp_path / "datasets_cache")
+    prompts, counts = load_prompts(str(dataset), column="caption", split="test", cache_dir=cache)
+    assert prompts == [f"a photo of a {color} ball" for color in colors] and counts["read"] == 24
+    shuffled, _ = load_prompts(str(dataset), column="caption", split="test", cache_dir=cache, shuffle_seed=1)
+    assert sorted(shuffled) == sorted(prompts)
+    assert shuffled == load_prompts(str(dataset), column="caption", split="test", cache_dir=cache, shuffle_seed=1)[0]
     with pytest.raises(PromptSetError, match="no column 'prompt_text'"):
         load_prompts(str(tmp_path / "p.csv"), column="prompt_text")
     with pytest.raises(PromptSetError, match="Unknown prompt set"):
         load_prompts("partiprompt")
 
 
-def reward_args(eval_assets, *names):
-    return [
-        "--reward_models",
-        *names,
-        "--reward_model_paths",
-        *(f"{name}={eval_assets['rewards'][name]}" for name in names),
-    ]
-
-
-def test_score_writes_one_row_per_image_with_the_reward_models_values_and_resumes(eval_assets):
+@pytest.mark.slow
+def test_score_writes_one_row_per_image_with_the_reward_models_values(scored_run, tiny_rewards):
     import torch
 
     from examples.rewards import load_reward_model
 
-    run_dir = eval_assets["root"] / "scored" / "base"
-    shutil.copytree(eval_assets["output_dir"] / "base", run_dir)
-    first = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore", "hpsv21"), "--batch_size", 4]
-    )
-    assert "pickscore: 6 computed, 0 already present" in first.stdout
+    run_dir = scored_run["dir"]
+    assert "pickscore: 6 computed, 0 already present" in scored_run["stdout"]
     rows = read_csv(run_dir / "scores.csv")
     assert [row["image"] for row in rows] == [row["image"] for row in read_manifest(run_dir)]
     assert list(rows[0]) == ["prompt_index", "k", "seed", "prompt", "image", "pickscore", "hpsv21"]
-    expected = load_reward_model("hpsv21", path=eval_assets["rewards"]["hpsv21"], device="cpu").score(
+    expected = load_reward_model("hpsv21", path=tiny_rewards["hpsv21"], device="cpu").score(
         [run_dir / row["image"] for row in rows], [row["prompt"] for row in rows]
     )
     torch.testing.assert_close(torch.tensor([float(row["hpsv21"]) for row in rows]), expected, rtol=1e-5, atol=1e-4)
 
+
+@pytest.mark.slow
+def test_score_resumes_computing_only_the_missing_columns(scored_run, tiny_rewards, tmp_path):
+    run_dir = copy_run(scored_run["dir"], tmp_path)
+    before = read_csv(run_dir / "scores.csv")
     again = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore", "hpsv21", "aesthetic")]
+        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", "hpsv21", "aesthetic")]
     )
     assert "pickscore: all 6 scores already present, model not loaded" in again.stdout
     assert "hpsv21: all 6 scores already present, model not loaded" in again.stdout
     assert "aesthetic: 6 computed, 0 already present" in again.stdout
     rescored = read_csv(run_dir / "scores.csv")
-    assert [row["pickscore"] for row in rescored] == [row["pickscore"] for row in rows]  # kept, not recomputed
+    assert [row["pickscore"] for row in rescored] == [row["pickscore"] for row in before]  # kept, not recomputed
     assert all(row["aesthetic"] for row in rescored)
 
 
-def test_score_stops_on_a_missing_image_unless_told_to_skip_it(eval_assets):
-    run_dir = eval_assets["root"] / "missing" / "base"
-    shutil.copytree(eval_assets["output_dir"] / "base", run_dir)
+@pytest.mark.slow
+def test_score_records_which_weights_made_each_column(scored_run, tiny_rewards):
+    from examples.rewards import reward_weights_source
+
+    sources = json.loads((scored_run["dir"] / "scores.csv.sources.json").read_text())
+    assert sources == {name: reward_weights_source(name, tiny_rewards[name]) for name in ("pickscore", "hpsv21")}
+    assert sources["pickscore"][0]["path"] == str(Path(tiny_rewards["pickscore"]).resolve())
+
+
+@pytest.mark.slow
+def test_score_refuses_to_add_other_weights_to_a_column_and_leaves_the_table_alone(scored_run, tiny_rewards, tmp_path):
+    from examples.rewards import reward_weights_source
+
+    run_dir = copy_run(scored_run["dir"], tmp_path)
+    table = (run_dir / "scores.csv").read_text()
+    other = {"pickscore": tiny_rewards["other_pickscore"]}
+    result = run_tool(
+        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", paths=other)], expect_success=False
+    )
+    assert result.returncode == 2
+    assert len(error_lines(result)) == 1 and "Traceback" not in result.stdout
+    error = error_lines(result)[0]
+    assert error.startswith("error: The pickscore scores in") and "--scores_filename" in error
+    assert str(Path(tiny_rewards["pickscore"]).resolve()) in error  # the recorded source
+    assert str(Path(tiny_rewards["other_pickscore"]).resolve()) in error  # the requested one
+    assert (run_dir / "scores.csv").read_text() == table
+    recorded = json.loads((run_dir / "scores.csv.sources.json").read_text())["pickscore"]
+    assert recorded == reward_weights_source("pickscore", tiny_rewards["pickscore"])
+
+
+@pytest.mark.slow
+def test_score_accepts_the_same_weights_again_even_from_another_folder(scored_run, tiny_rewards, tmp_path):
+    run_dir = copy_run(scored_run["dir"], tmp_path)
+    same = run_tool("score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")])
+    assert "pickscore: all 6 scores already present, model not loaded" in same.stdout
+    moved = {"pickscore": shutil.copytree(tiny_rewards["pickscore"], tmp_path / "moved")}
+    again = run_tool("score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", paths=moved)])
+    assert "pickscore: all 6 scores already present, model not loaded" in again.stdout
+
+
+@pytest.mark.slow
+def test_score_does_not_trust_a_table_without_a_record_of_its_weights_unless_told_to(
+    scored_run, tiny_rewards, tmp_path
+):
+    run_dir = copy_run(scored_run["dir"], tmp_path)
+    (run_dir / "scores.csv.sources.json").unlink(missing_ok=True)  # a table from before score.py kept the record
+    table = (run_dir / "scores.csv").read_text()
+    refused = run_tool(
+        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], expect_success=False
+    )
+    assert refused.returncode == 2 and len(error_lines(refused)) == 1
+    assert "records no weights" in refused.stdout and "--adopt_unrecorded_scores" in refused.stdout
+    assert (run_dir / "scores.csv").read_text() == table
+    adopted = run_tool(
+        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore"), "--adopt_unrecorded_scores"]
+    )
+    assert "pickscore: all 6 scores already present, model not loaded" in adopted.stdout
+    assert set(json.loads((run_dir / "scores.csv.sources.json").read_text())) == {"pickscore"}
+
+
+@pytest.mark.slow
+def test_score_stops_with_one_line_when_weights_cannot_be_reached(tmp_path):
+    run_dir = write_run(tmp_path / "base")
+    published = run_tool("score.py", ["--run_dirs", run_dir, "--reward_models", "pickscore"], expect_success=False)
+    missing_path = tmp_path / "no_such_folder"
+    local = run_tool(
+        "score.py",
+        ["--run_dirs", run_dir, "--reward_models", "hpsv21", "--reward_model_paths", f"hpsv21={missing_path}"],
+        expect_success=False,
+    )
+    for result, names in ((published, "yuvalkirstain/PickScore_v1"), (local, str(missing_path))):
+        assert result.returncode == 2 and "Traceback" not in result.stdout
+        assert len(error_lines(result)) == 1 and error_lines(result)[0].startswith("error: ")
+        assert names in result.stdout and "--reward_model_paths" in result.stdout
+    assert "HF_HUB_OFFLINE" in published.stdout
+    assert not (run_dir / "scores.csv").exists()
+
+
+@pytest.mark.slow
+def test_score_stops_on_a_missing_image_unless_told_to_skip_it(tiny_rewards, tmp_path):
+    run_dir = write_run(tmp_path / "base")
     (run_dir / "00001_00.png").unlink()
     stopped = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore")], expect_success=False
+        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], expect_success=False
     )
     assert stopped.returncode == 2 and "1 images listed" in stopped.stdout and "00001_00.png" in stopped.stdout
     skipped = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(eval_assets, "pickscore"), "--skip_missing_images"]
+        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore"), "--skip_missing_images"]
     )
     assert "1 missing images skipped" in skipped.stdout and "pickscore: 5 computed" in skipped.stdout
-    assert [row["pickscore"] == "" for row in read_csv(run_dir / "scores.csv")] == [
-        False,
-        False,
-        True,
-        False,
-        False,
-        False,
-    ]
+    empty_cells = [row["pickscore"] == "" for row in read_csv(run_dir / "scores.csv")]
+    assert empty_cells == [False, False, True, False, False, False]
 
 
-def test_score_rejects_an_unknown_reward_model_before_loading_anything(eval_assets):
-    result = run_tool(
-        "score.py",
-        ["--run_dirs", eval_assets["output_dir"] / "base", "--reward_models", "pickscore", "hsp"],
-        expect_success=False,
-    )
+def test_score_rejects_an_unknown_reward_model_before_loading_anything(tmp_path):
+    run_dir = write_run(tmp_path / "base")
+    result = run_tool("score.py", ["--run_dirs", run_dir, "--reward_models", "pickscore", "hsp"], expect_success=False)
     assert result.returncode == 2 and "Unknown reward model(s) ['hsp']" in result.stdout
+
+
+def test_score_offers_every_registered_reward_model_and_only_those(monkeypatch, capsys, tmp_path):
+    from examples.eval import score
+    from examples.rewards import REWARD_MODELS, RewardModel
+
+    class NewReward(RewardModel):
+        name, display_name, kind = "newreward", "New", "bradley_terry"
+
+    monkeypatch.setitem(REWARD_MODELS, NewReward.name, NewReward)
+    with pytest.raises(SystemExit):
+        score.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"Reward models to score with: {', '.join(REWARD_MODELS)} " in help_text
+    assert set(score.DEFAULT_REWARD_MODELS) <= set(REWARD_MODELS)
+    run_dir = write_run(tmp_path / "base")
+    args = score.parse_args(["--run_dirs", str(run_dir), "--reward_models", "newreward"])
+    assert args.reward_models == ["newreward"]
 
 
 def test_win_rate_makes_k_squared_comparisons_and_counts_ties_half():
@@ -365,7 +516,8 @@ def test_compare_on_hand_made_tables_gives_the_hand_computed_means_intervals_and
     assert base["pickscore"]["mean"] == pytest.approx(21.0) and tuned["pickscore"]["mean"] == pytest.approx(21.25)
     # aesthetic: p1 3/4 (above), p2 3/4 (two ties, two wins) -> 0.75
     assert tuned["aesthetic"]["win_rate"] == pytest.approx(0.75)
-    # pickscore: p1 [20,21] vs [20,20]: two ties + two wins = 3/4; p2 [22,22] vs [21,23]: 2 wins, 2 losses = 1/2 -> 0.625
+    # pickscore: p1 [20,21] vs [20,20]: two ties + two wins = 3/4; p2 [22,22] vs [21,23]: 2 wins, 2 losses = 1/2
+    # -> 0.625
     assert tuned["pickscore"]["win_rate"] == pytest.approx(0.625)
     assert "win_rate" not in base["aesthetic"]
     for results in (base, tuned):
@@ -419,7 +571,8 @@ def test_chart_has_one_bar_per_model_and_metric_at_the_mean(tmp_path):
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_generate_score_compare_end_to_end(eval_assets, tiny_assets):
+@pytest.mark.slow
+def test_generate_score_compare_end_to_end(eval_assets, tiny_assets, tiny_rewards):
     base, lora = eval_assets["output_dir"] / "base", eval_assets["output_dir"] / "lora"
     # resumable: a no-op when the LoRA test above already made these images
     run_tool(
@@ -433,7 +586,7 @@ def test_generate_score_compare_end_to_end(eval_assets, tiny_assets):
             eval_assets["lora"],
         ),
     )
-    run_tool("score.py", ["--run_dirs", base, lora, *reward_args(eval_assets, "pickscore", "imagereward")])
+    run_tool("score.py", ["--run_dirs", base, lora, *reward_args(tiny_rewards, "pickscore", "imagereward")])
     prefix = eval_assets["root"] / "report" / "table"
     result = run_tool(
         "compare.py", ["--runs", base, lora, "--baseline", "base", "--num_bootstrap", 500, "--output_prefix", prefix]

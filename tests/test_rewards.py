@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -14,16 +15,29 @@ from examples.rewards import (
     KINDS,
     REWARD_MODELS,
     RewardInputError,
+    RewardModel,
     convert_open_clip_state_dict,
     load_reward_model,
     preference_probability,
+    reward_weights_source,
 )
 from examples.rewards.image_reward import IMAGE_REWARD_FILENAME, REWARD_STD
-from examples.rewards.tiny import write_tiny_reward_models
+from examples.rewards.tiny import STAND_INS, reward_models_without_stand_in, write_tiny_reward_models
 
 
-LOCAL_MODELS = ["pickscore", "hpsv21", "imagereward", "aesthetic", "clipscore"]
 PROMPTS = ["a photo of a red ball", "a blue cat", "the dog of a photo"]
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hub_cache_in_a_temporary_folder(tmp_path_factory):
+    """Nothing here may read or fill ~/.cache: an empty hub cache, offline."""
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hub_cache")))
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +51,35 @@ def images():
     return [Image.fromarray(rng.integers(0, 256, size=(48 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(3)]
 
 
-@pytest.mark.parametrize("name", LOCAL_MODELS)
+@pytest.mark.parametrize("name", list(REWARD_MODELS))
 def test_each_reward_loads_from_a_local_tiny_checkpoint_and_scores_a_batch_deterministically(
     name, tiny_rewards, images
 ):
+    if name not in STAND_INS:
+        pytest.skip(
+            f"{name} has no tiny stand-in: it needs the optional package {REWARD_MODELS[name].optional_dependency}"
+        )
     reward = load_reward_model(name, path=tiny_rewards[name], device="cpu", batch_size=2)
     scores = reward.score(images, PROMPTS)
     assert scores.shape == (3,) and scores.dtype == torch.float32
     assert torch.isfinite(scores).all()
     assert torch.equal(reward.score(images, PROMPTS), scores)  # same input, same scores
-    torch.testing.assert_close(
-        reward.score(images, PROMPTS, batch_size=3), scores, rtol=1e-5, atol=1e-5
-    )  # batching does not matter
+    batched_differently = reward.score(images, PROMPTS, batch_size=3)
+    torch.testing.assert_close(batched_differently, scores, rtol=1e-5, atol=1e-5)  # batching does not matter
     assert reward.kind in KINDS and reward.name == name
     assert reward.device == torch.device("cpu") and reward.dtype == torch.float32
+
+
+def test_every_registered_reward_model_has_a_tiny_stand_in_unless_it_needs_an_optional_package(monkeypatch, tmp_path):
+    assert reward_models_without_stand_in() == []
+
+    class NewReward(RewardModel):
+        name, display_name, kind = "newreward", "New", "bradley_terry"
+
+    monkeypatch.setitem(REWARD_MODELS, NewReward.name, NewReward)
+    assert reward_models_without_stand_in() == ["newreward"]
+    with pytest.raises(RuntimeError, match=r"\['newreward'\].*STAND_INS"):
+        write_tiny_reward_models(tmp_path)
 
 
 def test_rewards_read_image_paths_as_well_as_pil_images(tiny_rewards, images, tmp_path):
@@ -170,22 +199,72 @@ def open_clip_reference_features(state_dict, config, pixel_values, input_ids, eo
     return image_features, text_features
 
 
+def resize_max_size_reference(image, size, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    """HPS v2's validation transform written with PIL and numpy: ToTensor, then open_clip's ResizeMaxSize(size) (long
+    side to `size`, bicubic, zero padding split [w // 2, h // 2, w - w // 2, h - h // 2]), then Normalize.
+
+    torchvision resizes the float tensor with torch's antialiased bicubic, which is PIL's bicubic on float ("F")
+    images; the new size is rounded with Python's round, as ResizeMaxSize does.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255  # (H, W, 3)
+    height, width = pixels.shape[:2]
+    scale = size / max(height, width)
+    if scale != 1.0:
+        new_height, new_width = round(height * scale), round(width * scale)
+        channels = [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(pixels[..., c])).resize((new_width, new_height), Image.BICUBIC)
+            )
+            for c in range(3)
+        ]
+        pixels = np.stack(channels, axis=-1)
+    pad_h, pad_w = size - pixels.shape[0], size - pixels.shape[1]
+    pixels = np.pad(pixels, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    pixels = (pixels - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    return torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32))  # (3, size, size)
+
+
+@pytest.fixture(scope="module")
+def non_square_images():
+    """Wide, tall, smaller than the 32 px input (padded unevenly), and 32 px long already; 33 * 32 / 64 = 16.5 and
+    45 * 32 / 64 = 22.5 round to even (16, 22) as Python's round does."""
+    rng = np.random.default_rng(1)
+    sizes = [(64, 33), (45, 64), (20, 13), (32, 20)]  # (width, height)
+    return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def test_hps_preprocessing_shrinks_the_long_side_and_pads_as_the_authors_scorer_does(tiny_rewards, non_square_images):
+    reward = load_reward_model("hpsv21", path=tiny_rewards["hpsv21"], device="cpu")
+    expected = torch.stack([resize_max_size_reference(image, 32) for image in non_square_images])
+    torch.testing.assert_close(reward.pixel_values(non_square_images), expected, rtol=0, atol=1e-4)
+    black = (0 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+    assert torch.allclose(expected[0, :, :8], black.view(3, 1, 1).expand(3, 8, 32))  # 64 x 33 -> 32 x 16: 8 rows above
+
+
 @torch.no_grad()
-def test_hps_on_transformers_clip_equals_open_clip_forward_pass_on_the_same_weights(tiny_rewards, images):
+def test_hps_on_transformers_clip_equals_open_clip_forward_pass_on_the_same_weights(tiny_rewards, non_square_images):
     folder = tiny_rewards["hpsv21"]
     reward = load_reward_model("hpsv21", path=folder, device="cpu")
     config = json.loads(open(f"{folder}/open_clip_config.json").read())["model_cfg"]
     state_dict = torch.load(f"{folder}/HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
-    pixel_values = reward.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    input_ids = reward.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    prompts = PROMPTS + ["a cat"]
+    pixel_values = torch.stack([resize_max_size_reference(image, 32) for image in non_square_images])
+    input_ids = reward.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
     image_features, text_features = open_clip_reference_features(
         state_dict, config, pixel_values, input_ids, reward.tokenizer.eos_token_id
     )
-    expected = 100 * F.cosine_similarity(
-        image_features, text_features
-    )  # hpsv2.score's cosine, x 100 as papers print it
-    torch.testing.assert_close(reward.score(images, PROMPTS), expected, rtol=1e-4, atol=1e-4)
+    expected = 100 * F.cosine_similarity(image_features, text_features)  # hpsv2.score's cosine, x 100 as in papers
+    torch.testing.assert_close(reward.score(non_square_images, prompts), expected, rtol=1e-4, atol=1e-4)
     assert expected.std() > 1  # the tiny checkpoint separates the images: the comparison is not between constants
+
+
+def test_hps_cleans_prompts_as_open_clip_before_tokenizing(tiny_rewards, images):
+    # open_clip's SimpleTokenizer: ftfy.fix_text, html.unescape twice, whitespace runs -> one space, lower case
+    reward = load_reward_model("hpsv21", path=tiny_rewards["hpsv21"], device="cpu")
+    messy = ["A  photo\tof a <RED> ball &amp;amp; a cafÃ©", " the&nbsp;DOG\n\nof a photo ", "a &lt;blue&gt; cat"]
+    clean = ["a photo of a <red> ball & a café", "the dog of a photo", "a <blue> cat"]
+    torch.testing.assert_close(reward.score(images, messy), reward.score(images, clean), rtol=0, atol=0)
+    assert torch.equal(reward.input_ids(messy), reward.input_ids(clean))
 
 
 def test_open_clip_checkpoints_with_tensors_a_plain_clip_lacks_are_refused(tiny_rewards):
@@ -209,8 +288,6 @@ def test_image_reward_checkpoint_in_its_own_names_loads_with_only_the_unused_pro
 
 
 def test_image_reward_is_normalised_by_its_published_mean_and_std(tiny_rewards, images, tmp_path):
-    import shutil
-
     shifted = tmp_path / "imagereward_shifted"
     shutil.copytree(tiny_rewards["imagereward"], shifted)
     state_dict = torch.load(shifted / IMAGE_REWARD_FILENAME, weights_only=True)
@@ -219,6 +296,38 @@ def test_image_reward_is_normalised_by_its_published_mean_and_std(tiny_rewards, 
     original = load_reward_model("imagereward", path=tiny_rewards["imagereward"], device="cpu").score(images, PROMPTS)
     moved = load_reward_model("imagereward", path=str(shifted), device="cpu").score(images, PROMPTS)
     torch.testing.assert_close(moved - original, torch.ones(3), rtol=0, atol=1e-5)
+
+
+def test_weights_source_of_a_local_copy_is_its_content_hash_wherever_it_lies(tiny_rewards, tmp_path):
+    source = reward_weights_source("pickscore", tiny_rewards["pickscore"])
+    assert [set(entry) for entry in source] == [{"path", "sha256"}]
+    moved = shutil.copytree(tiny_rewards["pickscore"], tmp_path / "moved")
+    assert reward_weights_source("pickscore", moved)[0]["sha256"] == source[0]["sha256"]
+    (moved / "config.json").write_text((moved / "config.json").read_text().replace("32", "33", 1))
+    assert reward_weights_source("pickscore", moved)[0]["sha256"] != source[0]["sha256"]
+
+
+def test_weights_source_of_published_weights_is_the_cached_hub_commit_offline(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--xswu--HPSv2" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "HPS_v2.1_compressed.pt").write_bytes(b"weights")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    assert reward_weights_source("hpsv21") == [{"hub": "xswu/HPSv2", "revision": commit}]
+
+
+def test_weights_that_cannot_be_reached_are_a_one_sentence_error_before_loading(tmp_path):
+    with pytest.raises(
+        RewardInputError, match=r"PickScore_v1.*neither in the local hub cache nor reachable.*pickscore=PATH"
+    ) as error:
+        reward_weights_source("pickscore")  # offline, with an empty cache
+    assert "\n" not in str(error.value)
+    with pytest.raises(RewardInputError, match="do not exist; expected an open_clip checkpoint file"):
+        reward_weights_source("hpsv21", str(tmp_path / "missing"))
 
 
 def test_a_missing_checkpoint_file_names_what_was_expected(tmp_path):

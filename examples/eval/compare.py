@@ -122,7 +122,7 @@ def scores_by_prompt(rows, metric):
 
 
 def win_rate(model_scores, baseline_scores):
-    """CaPO Appendix B.2 for one prompt: share of the K x K' one-to-one comparisons the model wins, ties counting half."""
+    """CaPO Appendix B.2 for one prompt: the share of the K x K' one-to-one comparisons the model wins, a tie half."""
     model_scores, baseline_scores = np.asarray(model_scores)[:, None], np.asarray(baseline_scores)[None, :]
     return float(((model_scores > baseline_scores) + 0.5 * (model_scores == baseline_scores)).mean())
 
@@ -211,7 +211,8 @@ def markdown_tables(summary):
         + "\n"
     )
     means = [
-        f"Mean score, with {confidence} % bootstrap intervals over prompts ({summary['num_bootstrap']} resamples).\n\n",
+        f"Mean score, with {confidence} % bootstrap intervals over prompts "
+        f"({summary['num_bootstrap']} resamples).\n\n",
         header,
     ]
     for name, results in summary["results"].items():
@@ -220,14 +221,16 @@ def markdown_tables(summary):
         ]
         means.append(f"| {name} | " + " | ".join(cells) + " |\n")
     wins = [
-        f"\nWin-rate (%) against {summary['baseline']}: K x K one-to-one comparisons per prompt, ties count half (CaPO App. B.2).\n\n",
+        f"\nWin-rate (%) against {summary['baseline']}: K x K one-to-one comparisons per prompt, "
+        "ties count half (CaPO App. B.2).\n\n",
         header,
     ]
     for name, results in summary["results"].items():
         if name == summary["baseline"]:
             continue
         cells = [
-            f"{100 * results[m]['win_rate']:.1f} [{100 * results[m]['win_rate_ci_low']:.1f}, {100 * results[m]['win_rate_ci_high']:.1f}]"
+            f"{100 * results[m]['win_rate']:.1f} "
+            f"[{100 * results[m]['win_rate_ci_low']:.1f}, {100 * results[m]['win_rate_ci_high']:.1f}]"
             for m in metrics
         ]
         wins.append(f"| {name} | " + " | ".join(cells) + " |\n")
@@ -282,7 +285,8 @@ def main(args):
     missing = {name: absent for name, absent in missing.items() if absent}
     if missing:
         raise InputError(
-            f"Runs lack score columns {missing}; score them with score.py --reward_models ..., or choose --metrics from {common}."
+            f"Runs lack score columns {missing}; score them with score.py --reward_models ..., "
+            f"or choose --metrics from {common}."
         )
     if not metrics:
         raise InputError(

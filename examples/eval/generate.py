@@ -76,7 +76,8 @@ def parse_args(input_args=None):
         "--unet_path",
         type=str,
         default=None,
-        help="A fine-tuned UNet: a training output folder holding unet/, the unet/ folder itself, or a hub repository of either kind.",
+        help="A fine-tuned UNet: a training output folder holding unet/, the unet/ folder itself, "
+        "or a hub repository of either kind.",
     )
     parser.add_argument(
         "--model_name",
@@ -88,7 +89,8 @@ def parse_args(input_args=None):
         "--prompts",
         type=str,
         required=True,
-        help=f"Prompt set: one of {PROMPT_SET_NAMES}, a .txt/.csv/.tsv/.json/.jsonl/.parquet file, a dataset folder or a hub dataset id.",
+        help=f"Prompt set: one of {PROMPT_SET_NAMES}, a .txt/.csv/.tsv/.json/.jsonl/.parquet file, "
+        "a dataset folder or a hub dataset id.",
     )
     parser.add_argument(
         "--prompt_column",
@@ -167,7 +169,8 @@ def check_args(args):
         lora = Path(args.lora_path)
         if lora.is_dir() and not (lora / LORA_WEIGHT_NAME).is_file():
             raise InputError(
-                f"--lora_path {args.lora_path!r} is a folder without {LORA_WEIGHT_NAME}; expected a training output folder or the .safetensors file."
+                f"--lora_path {args.lora_path!r} is a folder without {LORA_WEIGHT_NAME}; "
+                "expected a training output folder or the .safetensors file."
             )
         if not lora.exists():
             raise InputError(f"--lora_path {args.lora_path!r} does not exist.")
@@ -182,7 +185,7 @@ def check_args(args):
 
 
 def unet_subfolder(unet_path):
-    """The subfolder ("unet", or None for the top) holding the UNet config of a training output, a unet folder or a hub repository."""
+    """The subfolder ("unet", or None: the top) with the UNet config of a training output, unet folder or hub repo."""
     path = Path(unet_path)
     if path.exists():
         has = lambda name: (path / name).is_file()  # noqa: E731
@@ -195,7 +198,8 @@ def unet_subfolder(unet_path):
     if has("config.json"):
         return None
     raise InputError(
-        f"--unet_path {unet_path!r} holds neither unet/config.json nor config.json; expected a training output folder with unet/, a unet folder, or such a hub repository."
+        f"--unet_path {unet_path!r} holds neither unet/config.json nor config.json; "
+        "expected a training output folder with unet/, a unet folder, or such a hub repository."
     )
 
 
@@ -240,7 +244,8 @@ def check_run_folder(run_dir, settings, prompts):
         if changed:
             details = "; ".join(f"{key}: {old!r} on disk, {new!r} now" for key, (old, new) in changed.items())
             raise InputError(
-                f"{run_dir} holds images made with other settings ({details}). Use another --model_name or --output_dir, or delete the folder."
+                f"{run_dir} holds images made with other settings ({details}). "
+                "Use another --model_name or --output_dir, or delete the folder."
             )
     if prompts_file.is_file():
         previous_prompts = json.loads(prompts_file.read_text())
@@ -248,8 +253,9 @@ def check_run_folder(run_dir, settings, prompts):
         mismatch = next((i for i in range(shared) if previous_prompts[i] != prompts[i]), None)
         if mismatch is not None:
             raise InputError(
-                f"Prompt {mismatch} of this run ({prompts[mismatch]!r}) differs from the one the images in {run_dir} were made for "
-                f"({previous_prompts[mismatch]!r}). Keep the same prompt set and order (--prompts, --shuffle_prompts_seed), or use another --model_name."
+                f"Prompt {mismatch} of this run ({prompts[mismatch]!r}) differs from the one the images in {run_dir} "
+                f"were made for ({previous_prompts[mismatch]!r}). Keep the same prompt set and order "
+                "(--prompts, --shuffle_prompts_seed), or use another --model_name."
             )
 
 
@@ -342,7 +348,8 @@ def main(args):
             lambda path: path.write_text(json.dumps(kept_prompts, indent=0, ensure_ascii=False)),
         )
     log(
-        f"{args.model_name}: {len(pending)} images to generate, {len(all_items) - len(pending)} already in {run_dir} (skipped)"
+        f"{args.model_name}: {len(pending)} images to generate, "
+        f"{len(all_items) - len(pending)} already in {run_dir} (skipped)"
     )
 
     generated = 0
@@ -392,8 +399,9 @@ def main(args):
             lambda path: path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)),
         )
         log(
-            f"== generate finished: {sum(generated_per_process)} images generated (per process: {generated_per_process}), "
-            f"{len(all_items) - len(pending)} skipped (already on disk), {missing} missing; manifest with {len(rows)} images in {run_dir / 'manifest.jsonl'}"
+            f"== generate finished: {sum(generated_per_process)} images generated "
+            f"(per process: {generated_per_process}), {len(all_items) - len(pending)} skipped (already on disk), "
+            f"{missing} missing; manifest with {len(rows)} images in {run_dir / 'manifest.jsonl'}"
         )
         if missing:
             raise RuntimeError(

@@ -38,14 +38,16 @@ def _pick_column(columns, column, source):
     if column is not None:
         if column not in columns:
             raise PromptSetError(
-                f"{source} has no column {column!r}; its columns are {list(columns)}. Name the prompt column with --prompt_column."
+                f"{source} has no column {column!r}; its columns are {list(columns)}. "
+                "Name the prompt column with --prompt_column."
             )
         return column
     for candidate in DEFAULT_COLUMNS:
         if candidate in columns:
             return candidate
     raise PromptSetError(
-        f"{source} has none of the columns {list(DEFAULT_COLUMNS)}; its columns are {list(columns)}. Name the prompt column with --prompt_column."
+        f"{source} has none of the columns {list(DEFAULT_COLUMNS)}; its columns are {list(columns)}. "
+        "Name the prompt column with --prompt_column."
     )
 
 
@@ -139,7 +141,8 @@ def read_prompt_set(spec, column=None, split=None, cache_dir=None):
     if path.is_dir() or "/" in spec:
         return _read_dataset(spec, split or "test", column, cache_dir)
     raise PromptSetError(
-        f"Unknown prompt set {spec!r}: expected one of {PROMPT_SET_NAMES}, a prompt file, a dataset folder or a hub dataset id."
+        f"Unknown prompt set {spec!r}: expected one of {PROMPT_SET_NAMES}, a prompt file, a dataset folder "
+        "or a hub dataset id."
     )
 
 

@@ -13,7 +13,7 @@ from .base import KINDS, RewardInputError, RewardModel, preference_probability, 
 from .clip_rewards import CLIPScore, LaionAesthetic, PickScore
 from .hps import HPSv21, convert_open_clip_state_dict
 from .image_reward import ImageReward, convert_image_reward_state_dict
-from .registry import REWARD_MODELS, check_reward_model_names, load_reward_model
+from .registry import REWARD_MODELS, check_reward_model_names, load_reward_model, reward_weights_source
 from .vqascore import VQAScore
 
 
@@ -34,4 +34,5 @@ __all__ = [
     "load_reward_model",
     "preference_probability",
     "resolve_torch_dtype",
+    "reward_weights_source",
 ]

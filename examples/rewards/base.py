@@ -1,5 +1,7 @@
 """The interface every reward model implements, and the helpers they share."""
 
+import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -11,6 +13,48 @@ KINDS = ("bradley_terry", "probability")
 
 class RewardInputError(ValueError):
     """Bad images, prompts or checkpoint folders: the message says what was expected, what was found and what to do."""
+
+
+HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def hash_local_weights(path):
+    """sha256 of a weights file, or of a folder's files (names and contents, sorted; hidden files skipped)."""
+    path = Path(path)
+    if path.is_file():
+        files, root = [path], path.parent
+    else:
+        files, root = sorted(f for f in path.rglob("*") if f.is_file()), path
+    digest = hashlib.sha256()
+    for file in files:
+        relative = file.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):  # e.g. the .cache/ of `hf download --local-dir`
+            continue
+        digest.update(f"{relative.as_posix()}\0".encode())
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def hub_source(repo_id, filename, reward_name):
+    """{"hub": repo_id, "revision": the commit loading would use: the hub's newest online, the cached one offline}."""
+    from huggingface_hub import HfApi, is_offline_mode, try_to_load_from_cache
+
+    if not is_offline_mode():
+        try:
+            return {"hub": repo_id, "revision": HfApi().model_info(repo_id).sha}
+        except Exception:  # the hub cannot be reached: loading falls back to the cache, and so do we
+            pass
+    cached = try_to_load_from_cache(repo_id, filename)
+    if isinstance(cached, str):
+        commit = Path(cached).parents[len(Path(filename).parts) - 1].name  # .../snapshots/<commit>/<filename>
+        return {"hub": repo_id, "revision": commit}
+    raise RewardInputError(
+        f"The {reward_name} weights {repo_id!r} are neither in the local hub cache nor reachable "
+        f"({'HF_HUB_OFFLINE is set' if is_offline_mode() else 'the hub did not answer'}); "
+        f"download them once online, or give the path of a local copy "
+        f"(score.py: --reward_model_paths {reward_name}=PATH)."
+    )
 
 
 def to_rgb_image(image):
@@ -68,6 +112,36 @@ class RewardModel:
     name = None
     display_name = None
     kind = None
+    # (hub repository, a file it must hold) for each repository the published weights come from
+    default_weights = ()
+    # the file that a hub repository given as `path` must hold; None: `path` must be local
+    hub_weights_file = None
+    local_weights = "a local copy of the weights"  # what a local `path` is, for error messages
+
+    @classmethod
+    def weights_source(cls, path=None):
+        """Which weights `cls(path=path)` would load, without loading them: a list of
+        {"hub": repository, "revision": commit} and {"path": absolute path, "sha256": content hash}.
+
+        Unreachable weights (not cached offline, a local path that does not exist) are a RewardInputError.
+        """
+        if path is None:
+            return [hub_source(repo, filename, cls.name) for repo, filename in cls.default_weights]
+        if Path(path).exists():
+            return [{"path": str(Path(path).resolve()), "sha256": hash_local_weights(path)}]
+        if cls.hub_weights_file is not None and HUB_REPO_ID.match(str(path)):
+            try:
+                return [hub_source(str(path), cls.hub_weights_file, cls.name)]
+            except RewardInputError as error:
+                raise RewardInputError(
+                    f"The {cls.name} weights {str(path)!r} are not a local path, and no hub repository of that name "
+                    f"is cached or reachable; expected {cls.local_weights}. Check the path, or download the "
+                    "repository once online."
+                ) from error
+        raise RewardInputError(
+            f"The {cls.name} weights {str(path)!r} do not exist; expected {cls.local_weights}. "
+            f"Check the path (score.py: --reward_model_paths {cls.name}=PATH)."
+        )
 
     def __init__(self, device=None, dtype=torch.float32, batch_size=16):
         if self.kind not in KINDS:
@@ -105,7 +179,10 @@ class RewardModel:
         return torch.cat(scores)
 
     def __repr__(self):
-        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, device={str(self.device)!r}, dtype={self.dtype})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, device={str(self.device)!r}, "
+            f"dtype={self.dtype})"
+        )
 
 
 def preference_probability(scores_a, scores_b, kind, alpha=1.0):

@@ -20,18 +20,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .base import RewardInputError, RewardModel
+from .base import RewardInputError, RewardModel, hub_source
 
 
 LAION_CLIP_H_14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 OPENAI_CLIP_L_14 = "openai/clip-vit-large-patch14"
 
 
+def has_tokenizer_files(path):
+    """True for a local folder that holds a tokenizer."""
+    folder = Path(path)
+    return folder.is_dir() and any((folder / name).exists() for name in ("tokenizer.json", "vocab.json", "vocab.txt"))
+
+
 def has_processor_files(path):
     """True for a local folder that holds a tokenizer and an image-processor config."""
-    folder = Path(path)
-    has_tokenizer = any((folder / name).exists() for name in ("tokenizer.json", "vocab.json", "vocab.txt"))
-    return folder.is_dir() and has_tokenizer and (folder / "preprocessor_config.json").exists()
+    return has_tokenizer_files(path) and (Path(path) / "preprocessor_config.json").exists()
 
 
 def load_clip_processor(path):
@@ -56,6 +60,9 @@ class ClipReward(RewardModel):
     kind = "bradley_terry"
     default_model = OPENAI_CLIP_L_14
     default_processor = OPENAI_CLIP_L_14
+    default_weights = ((OPENAI_CLIP_L_14, "config.json"),)
+    hub_weights_file = "config.json"
+    local_weights = "a transformers CLIP folder (with config.json) or a hub repository id"
 
     def __init__(self, path=None, processor_path=None, device=None, dtype=torch.float32, batch_size=16):
         super().__init__(device=device, dtype=dtype, batch_size=batch_size)
@@ -95,6 +102,7 @@ class PickScore(ClipReward):
     display_name = "PickScore"
     default_model = "yuvalkirstain/PickScore_v1"
     default_processor = LAION_CLIP_H_14
+    default_weights = ((default_model, "config.json"),)
 
     def _score_batch(self, images, prompts):
         cosine = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(-1)  # (B,)
@@ -140,8 +148,8 @@ def load_aesthetic_head(head_path, input_size):
     found_input_size = state_dict["0.weight"].shape[1] if "0.weight" in state_dict else None
     if found_input_size != input_size:
         raise RewardInputError(
-            f"The aesthetic head {head_path!r} expects {found_input_size}-dimensional CLIP embeddings, but the CLIP model "
-            f"produces {input_size}; the published head goes with {OPENAI_CLIP_L_14} (768)."
+            f"The aesthetic head {head_path!r} expects {found_input_size}-dimensional CLIP embeddings, but the CLIP "
+            f"model produces {input_size}; the published head goes with {OPENAI_CLIP_L_14} (768)."
         )
     head = aesthetic_mlp(input_size)
     head.load_state_dict(state_dict)
@@ -156,6 +164,15 @@ class LaionAesthetic(ClipReward):
     # An aesthetic rating is no Bradley-Terry logit by training, but CaPO (Appendix B.1) applies the
     # Bradley-Terry model to VILA's 1-10 aesthetic score; we do the same for this one.
     kind = "bradley_terry"
+    default_weights = ((OPENAI_CLIP_L_14, "config.json"), (AESTHETIC_HEAD_REPO, AESTHETIC_HEAD_FILENAME))
+    local_weights = f"a transformers CLIP folder (with config.json, and {AESTHETIC_HEAD_FILENAME} beside it)"
+
+    @classmethod
+    def weights_source(cls, path=None):
+        source = super().weights_source(path)
+        if path is not None and not (Path(path) / AESTHETIC_HEAD_FILENAME).is_file():  # the head comes from the hub
+            source.append(hub_source(AESTHETIC_HEAD_REPO, AESTHETIC_HEAD_FILENAME, cls.name))
+        return source
 
     def __init__(
         self, path=None, head_path=None, processor_path=None, device=None, dtype=torch.float32, batch_size=16

@@ -111,7 +111,8 @@ def blip_configs(med_config, vision_settings, tokenizer):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.sep_token_id,
         sep_token_id=tokenizer.sep_token_id,
-        is_decoder=True,  # transformers builds the cross-attention layers only for decoders; the forward pass stays bidirectional
+        # transformers builds the cross-attention layers only for decoders; the forward pass stays bidirectional
+        is_decoder=True,
     )
     return vision_config, text_config
 
@@ -154,6 +155,8 @@ class ImageReward(RewardModel):
     name = "imagereward"
     display_name = "ImageReward"
     kind = "bradley_terry"  # trained with a pairwise ranking (Bradley-Terry) loss
+    default_weights = ((IMAGE_REWARD_REPO, IMAGE_REWARD_FILENAME),)
+    local_weights = f"a folder with {IMAGE_REWARD_FILENAME} and {MED_CONFIG_FILENAME}"
 
     def __init__(self, path=None, tokenizer_path=None, device=None, dtype=torch.float32, batch_size=16):
         super().__init__(device=device, dtype=dtype, batch_size=batch_size)
@@ -205,8 +208,9 @@ class ImageReward(RewardModel):
         missing, unexpected = network.load_state_dict(converted, strict=False)
         if missing or unexpected:
             raise RewardInputError(
-                f"{str(checkpoint_path)!r} does not fit ImageReward's architecture: missing {missing[:5]} ({len(missing)}), "
-                f"unexpected {unexpected[:5]} ({len(unexpected)}). Expected the ImageReward.pt of {IMAGE_REWARD_REPO}."
+                f"{str(checkpoint_path)!r} does not fit ImageReward's architecture: missing {missing[:5]} "
+                f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}). "
+                f"Expected the ImageReward.pt of {IMAGE_REWARD_REPO}."
             )
         self.network = network.to(device=self.device, dtype=self.dtype).eval()
         self.network.mlp.float()  # the head is tiny; ImageReward runs it in float32

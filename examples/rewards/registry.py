@@ -1,4 +1,8 @@
-"""Reward models by name: the names are the score-table columns of examples/eval/score.py."""
+"""Reward models by name: the names are the score-table columns of examples/eval/score.py.
+
+REWARD_MODELS is the one list of reward models: score.py's choices and help, the tiny stand-ins
+(examples/rewards/tiny.py checks it has one for each) and the tests all read it.
+"""
 
 import importlib.util
 
@@ -8,7 +12,7 @@ from .base import RewardInputError
 from .clip_rewards import CLIPScore, LaionAesthetic, PickScore
 from .hps import HPSv21
 from .image_reward import ImageReward
-from .vqascore import MISSING_T2V_METRICS, VQAScore
+from .vqascore import VQAScore
 
 
 REWARD_MODELS = {model.name: model for model in (PickScore, HPSv21, ImageReward, LaionAesthetic, CLIPScore, VQAScore)}
@@ -20,11 +24,19 @@ def check_reward_model_names(names):
     if unknown:
         raise RewardInputError(f"Unknown reward model(s) {unknown}; expected names from {sorted(REWARD_MODELS)}.")
     for name in names:
-        dependency = getattr(REWARD_MODELS[name], "optional_dependency", None)
+        model = REWARD_MODELS[name]
+        dependency = getattr(model, "optional_dependency", None)
         if dependency is not None and importlib.util.find_spec(dependency) is None:
             raise RewardInputError(
-                MISSING_T2V_METRICS if name == "vqascore" else f"{name} needs the optional package {dependency!r}."
+                getattr(model, "missing_dependency_message", f"{name} needs the optional package {dependency!r}.")
             )
+
+
+def reward_weights_source(name, path=None):
+    """Which weights `load_reward_model(name, path)` would load, found without loading them (see
+    `RewardModel.weights_source`); weights that cannot be reached are a RewardInputError."""
+    check_reward_model_names([name])
+    return REWARD_MODELS[name].weights_source(path)
 
 
 def load_reward_model(name, path=None, device=None, dtype=torch.float32, batch_size=16, **kwargs):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-r"""Write tiny, randomly initialised stand-ins of every reward model, in their real on-disk formats.
+r"""Write tiny, randomly initialised stand-ins of every registered reward model, in their real on-disk formats.
 
 Nothing is downloaded. Each folder loads through the same code as the published weights, so the
 loaders, the converters and the eval tools can be tested offline; the scores mean nothing.
@@ -11,11 +11,12 @@ loaders, the converters and the eval tools can be tested offline; the scores mea
 - pickscore, clipscore: a transformers CLIP folder (model, tokenizer, image processor);
 - aesthetic: the same plus the MLP head as `sac+logos+ava1-l14-linearMSE.pth` (keys `layers.*`);
 - hpsv21: an open_clip checkpoint `HPS_v2.1_compressed.pt` (`{"state_dict": ...}` in open_clip's
-  names) with its `open_clip_config.json`, and tokenizer/image-processor files;
+  names) with its `open_clip_config.json`, and tokenizer files;
 - imagereward: `ImageReward.pt` in ImageReward's own (BLIP) names, `med_config.json`,
   `vision_config.json` and a BERT `vocab.txt`.
 The tokenizers are byte-level CLIP BPE (with <|endoftext|> as the largest id, as in CLIP) and a
-small WordPiece vocabulary.
+small WordPiece vocabulary. Every model of examples/rewards/registry.py has a writer in STAND_INS
+below, except those that need an optional package (vqascore); `write_tiny_reward_models` checks it.
 """
 
 import argparse
@@ -199,7 +200,6 @@ def write_tiny_hps(folder, seed):
     """An open_clip-format HPS checkpoint, as `xswu/HPSv2` ships it, with a tiny config."""
     os.makedirs(folder, exist_ok=True)
     tokenizer = write_clip_tokenizer(folder)
-    write_clip_image_processor(folder)
     model_cfg = tiny_open_clip_config(len(tokenizer))
     state_dict = random_state_dict(open_clip_shapes(model_cfg), torch.Generator().manual_seed(seed))
     state_dict["visual.proj"] *= 10  # CLIP-like projection scale, so cosines spread beyond a few 1e-3
@@ -230,7 +230,7 @@ def write_bert_vocab(folder):
 
 
 def image_reward_shapes(vision, med):
-    """ImageReward.pt parameter names and shapes (BLIP_Pretrain + MLP: models/vit.py, models/med.py, ImageReward.py)."""
+    """ImageReward.pt names and shapes (BLIP_Pretrain + MLP: models/vit.py, models/med.py, ImageReward.py)."""
     width, hidden, inner = vision["hidden_size"], med["hidden_size"], med["intermediate_size"]
     grid = vision["image_size"] // vision["patch_size"]
     shapes = {
@@ -300,9 +300,8 @@ def image_reward_shapes(vision, med):
 def write_tiny_image_reward(folder, seed):
     """ImageReward's files (`ImageReward.pt` in its own names, `med_config.json`) at toy size."""
     os.makedirs(folder, exist_ok=True)
-    vocab_size = (
-        write_bert_vocab(folder) + 2
-    )  # + [DEC] and [ENC], as init_tokenizer() adds (30522 + 2 in the real model)
+    # + [DEC] and [ENC], as init_tokenizer() adds (30522 + 2 in the real model)
+    vocab_size = write_bert_vocab(folder) + 2
     vision = {
         "image_size": TINY_IMAGE_SIZE,
         "patch_size": TINY_PATCH_SIZE,
@@ -335,24 +334,45 @@ def write_tiny_image_reward(folder, seed):
     head = aesthetic_mlp(TINY_WIDTH)
     for name, value in head.state_dict().items():
         fan_in = value.shape[-1] if value.ndim == 2 else 1
-        state_dict[f"mlp.layers.{name}"] = (
-            torch.randn(value.shape, generator=generator) / fan_in**0.5
-        )  # outputs of order 1
+        state_dict[f"mlp.layers.{name}"] = torch.randn(value.shape, generator=generator) / fan_in**0.5  # outputs ~1
     torch.save(state_dict, Path(folder) / IMAGE_REWARD_FILENAME)
     (Path(folder) / MED_CONFIG_FILENAME).write_text(json.dumps(med, indent=2))
     (Path(folder) / VISION_CONFIG_FILENAME).write_text(json.dumps(vision, indent=2))
     return folder
 
 
+# One writer per reward model of examples/rewards/registry.py: (folder, seed) -> folder.
+STAND_INS = {
+    "pickscore": write_tiny_hf_clip,
+    "clipscore": write_tiny_hf_clip,
+    "aesthetic": write_tiny_aesthetic,
+    "hpsv21": write_tiny_hps,
+    "imagereward": write_tiny_image_reward,
+}
+
+
+def reward_models_without_stand_in():
+    """Registered reward models with no writer in STAND_INS, leaving out those that need an optional package."""
+    from examples.rewards.registry import REWARD_MODELS
+
+    return [
+        name
+        for name, model in REWARD_MODELS.items()
+        if name not in STAND_INS and getattr(model, "optional_dependency", None) is None
+    ]
+
+
 def write_tiny_reward_models(output_dir, seed=0):
-    """Write every stand-in under `output_dir`; returns {reward name: folder}, ready for `load_reward_model(name, path)`."""
+    """Write every stand-in under `output_dir`; returns {reward name: folder}, ready for `load_reward_model`."""
+    missing = reward_models_without_stand_in()
+    if missing:
+        raise RuntimeError(
+            f"Reward models {missing} are registered in examples/rewards/registry.py but have no tiny stand-in; "
+            "add a writer for each to STAND_INS in examples/rewards/tiny.py."
+        )
     output_dir = Path(output_dir)
     return {
-        "pickscore": str(write_tiny_hf_clip(output_dir / "pickscore", seed)),
-        "clipscore": str(write_tiny_hf_clip(output_dir / "clipscore", seed + 1)),
-        "aesthetic": str(write_tiny_aesthetic(output_dir / "aesthetic", seed + 2)),
-        "hpsv21": str(write_tiny_hps(output_dir / "hpsv21", seed + 3)),
-        "imagereward": str(write_tiny_image_reward(output_dir / "imagereward", seed + 4)),
+        name: str(write(output_dir / name, seed + offset)) for offset, (name, write) in enumerate(STAND_INS.items())
     }
 
 

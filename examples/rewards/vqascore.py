@@ -29,6 +29,12 @@ class VQAScore(RewardModel):
     display_name = "VQAScore"
     kind = "probability"
     optional_dependency = "t2v_metrics"
+    missing_dependency_message = MISSING_T2V_METRICS
+
+    @classmethod
+    def weights_source(cls, path=None):
+        """t2v_metrics downloads and caches its own weights; the model name is all we can record."""
+        return [{"t2v_metrics": path or DEFAULT_VQASCORE_MODEL}]
 
     def __init__(self, path=None, device=None, dtype=torch.float32, batch_size=16):
         super().__init__(device=device, dtype=dtype, batch_size=batch_size)
