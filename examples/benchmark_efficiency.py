@@ -24,15 +24,22 @@ peak memory, largest batch in the memory budget) and MaPO's ratios to Diffusion-
     # A one-minute smoke test on the 1 M-parameter tiny UNet:
     python examples/benchmark_efficiency.py --quick --output_dir /tmp/benchmark-quick
 
-Peak memory is CUDA's allocator peak on a GPU and the process's peak resident set size (RSS) on
-the CPU. RSS includes the Python interpreter and the imported libraries (~0.5 GiB), in the
-training runs and in the floor alike.
+Peak memory is the training loop's own (the scripts' `peak_memory_bytes`; the floor's step loop,
+measured the same way with the scripts' `PeakMemory`): CUDA's allocator peak on a GPU and the
+process's peak resident set size (RSS) on the CPU, each reset when the loop starts. RSS still
+counts what is resident then: the Python interpreter, the imported libraries (~0.5 GiB) and the
+models, in the training runs and in the floor alike. Every run passes `--skip_final_save`: the
+runs are measured, and their weights are not written.
+
+On a GPU the largest batch is searched with short runs (doubling, then bisection) up to the
+dataset's number of training pairs: a larger batch cannot be measured on it, and a search that
+reaches it reports "≥ N (dataset size)" (`max_batch_capped` in benchmark.json).
 """
 
 import argparse
 import json
 import os
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -66,7 +73,10 @@ def parse_args(argv=None):
         "--pretrained_model_name_or_path",
         type=str,
         default=None,
-        help="SDXL pipeline to benchmark (default: build the 24 M-parameter bench pipeline, or the tiny one with --quick, in --output_dir).",
+        help=(
+            "SDXL pipeline to benchmark (default: build the 24 M-parameter bench pipeline, or the tiny one with "
+            "--quick, in --output_dir)."
+        ),
     )
     parser.add_argument(
         "--dataset_name",
@@ -97,7 +107,10 @@ def parse_args(argv=None):
         "--max_train_steps",
         type=int,
         default=None,
-        help="Optimizer steps per timed run; the scripts report the median after the first 2 (default: 12, 4 with --quick).",
+        help=(
+            "Optimizer steps per timed run; the scripts report the median after the first 2 (default: 12, 4 with "
+            "--quick)."
+        ),
     )
     parser.add_argument(
         "--floor_steps",
@@ -112,13 +125,19 @@ def parse_args(argv=None):
         "--repeats",
         type=int,
         default=1,
-        help="Run every timed run and floor this many times, interleaved, and report medians (steadier on a busy machine).",
+        help=(
+            "Run every timed run and floor this many times, interleaved, and report medians (steadier on a busy "
+            "machine)."
+        ),
     )
     parser.add_argument(
         "--memory_probe_batch_size",
         type=int,
         default=None,
-        help="Second per-device batch whose peak memory gives the memory per sample on the CPU (default: twice --train_batch_size, 8 with --quick).",
+        help=(
+            "Second per-device batch whose peak memory gives the memory per sample on the CPU (default: twice "
+            "--train_batch_size, 8 with --quick)."
+        ),
     )
     parser.add_argument(
         "--memory_probe_steps", type=int, default=3, help="Steps of the run at --memory_probe_batch_size."
@@ -127,7 +146,10 @@ def parse_args(argv=None):
         "--memory_budget_gb",
         type=float,
         default=None,
-        help="Memory budget for the largest-batch column, GiB (default: the GPU's memory, or the machine's RAM on the CPU).",
+        help=(
+            "Memory budget for the largest-batch column, GiB (default: the GPU's memory, or the machine's RAM on the "
+            "CPU)."
+        ),
     )
     parser.add_argument(
         "--lora_rank", type=int, default=None, help="Benchmark LoRA of this rank instead of full fine-tuning."
@@ -171,19 +193,22 @@ def parse_args(argv=None):
             setattr(args, name, quick if args.quick else full)
     if (args.pretrained_model_name_or_path is None) != (args.dataset_name is None):
         parser.error(
-            "--pretrained_model_name_or_path and --dataset_name go together: give both, or neither to build the benchmark's own assets."
+            "--pretrained_model_name_or_path and --dataset_name go together: give both, or neither to build the "
+            "benchmark's own assets."
         )
     if args.pretrained_model_name_or_path is not None and args.resolution is None:
         parser.error("--resolution is required with --pretrained_model_name_or_path (e.g. 1024 for SDXL).")
     if args.max_train_steps < 3:
         parser.error(
-            f"--max_train_steps must be at least 3 (the scripts time the steps after the first 2), got {args.max_train_steps}."
+            "--max_train_steps must be at least 3 (the scripts time the steps after the first 2), got "
+            f"{args.max_train_steps}."
         )
     if args.memory_probe_batch_size is None:
         args.memory_probe_batch_size = 8 if args.quick else 2 * args.train_batch_size
     if args.memory_probe_batch_size == args.train_batch_size:
         parser.error(
-            "--memory_probe_batch_size must differ from --train_batch_size (two batch sizes give the memory per sample)."
+            "--memory_probe_batch_size must differ from --train_batch_size (two batch sizes give the memory per "
+            "sample)."
         )
     for name in ("train_batch_size", "floor_steps", "memory_probe_steps", "num_threads", "repeats"):
         if getattr(args, name) <= 0:
@@ -194,63 +219,47 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Floor: the network passes an objective needs, and nothing else (runs in its own process)
 # ----------------------------------------------------------------------------------------------
-def peak_memory_bytes(device):
-    """CUDA's allocator peak on a GPU; this process's peak resident set size otherwise.
+def import_training_script():
+    """`train_diffusion_dpo_sdxl` as a module (no training runs on import): the floor takes the scripts' own LoRA
+    set-up, reference forward and per-phase peak memory from it, so that it measures what the scripts do."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import train_diffusion_dpo_sdxl
 
-    On Linux the RSS peak is VmHWM of /proc/self/status: `getrusage().ru_maxrss` also counts the
-    parent's resident memory at the time of the fork (Linux keeps the high-water mark across exec).
-    """
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda"
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, "rss"
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
+    return train_diffusion_dpo_sdxl
 
 
 def measure_floor(args, method, batch_size):
     """Median seconds per step and peak memory of the floor of `method` at `batch_size` pairs per device.
 
-    Same UNet, optimizer settings (the scripts' AdamW defaults), LoRA configuration, gradient
-    checkpointing and precision as the training scripts; random inputs shaped as the scripts build
-    them (2B latents, the two text encoders' hidden states, pooled embeddings, SDXL time ids).
+    Same UNet, optimizer settings (the scripts' AdamW defaults), LoRA set-up, reference forward, gradient
+    checkpointing and precision as the training scripts; random inputs shaped as the scripts build them (2B
+    latents, the two text encoders' hidden states, pooled embeddings, SDXL time ids). The peak is that of the
+    step loop alone (`PeakMemory`, reset when the loop starts), as the scripts report their training loop's.
     """
+    script = import_training_script()
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory = script.PeakMemory(device)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet")
+    lora = bool(args.lora_rank)
+    # As the scripts load them: with LoRA the UNet in the weight dtype, with full fine-tuning in float32 and the
+    # reference a frozen copy in the weight dtype.
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", dtype=weight_dtype if lora else torch.float32
+    ).to(device)
     reference = None
-    if args.lora_rank:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False).to(device, dtype=weight_dtype)
-        unet.add_adapter(
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=args.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-            )
+    if lora:
+        script.add_lora_adapters(unet, args.lora_rank, None, args.mixed_precision)
+    elif METHODS[method]["needs_reference"]:
+        reference = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", dtype=weight_dtype
         )
-        if args.mixed_precision == "fp16":
-            from diffusers.training_utils import cast_training_params
-
-            cast_training_params(unet, dtype=torch.float32)  # as the scripts do
-    else:
-        unet.to(device)
-        if METHODS[method]["needs_reference"]:
-            reference = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet")
-            reference.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+        reference.requires_grad_(False).eval().to(device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -287,44 +296,32 @@ def measure_floor(args, method, batch_size):
     def step(noisy_latents, timesteps, conditioning, target):
         with autocast:
             model_pred = unet(noisy_latents, timesteps, **conditioning).sample
+            if METHODS[method]["needs_reference"]:
+                ref_pred = script.reference_prediction(unet, reference, lora, noisy_latents, timesteps, conditioning)
         loss = F.mse_loss(model_pred.float(), target)
         if METHODS[method]["needs_reference"]:
-            with torch.no_grad(), autocast:
-                if reference is not None:
-                    cast = {
-                        "encoder_hidden_states": conditioning["encoder_hidden_states"].to(weight_dtype),
-                        "added_cond_kwargs": {
-                            k: v.to(weight_dtype) for k, v in conditioning["added_cond_kwargs"].items()
-                        },
-                    }
-                    ref_pred = reference(noisy_latents.to(weight_dtype), timesteps, **cast).sample
-                else:
-                    unet.disable_adapters()
-                    ref_pred = unet(noisy_latents, timesteps, **conditioning).sample
-                    unet.enable_adapters()
-            loss = (
-                loss + 0.0 * ref_pred.float().mean()
-            )  # the reference output enters the loss, as in DPO, without a gradient
+            # The reference output enters the loss, as in DPO, without a gradient.
+            loss = loss + 0.0 * ref_pred.float().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     seconds = []
-    for index in range(args.floor_warmup_steps + args.floor_steps):
-        batch = inputs()  # drawn outside the timed region: the scripts' data comes from the loader
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        step(*batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if index >= args.floor_warmup_steps:
-            seconds.append(time.perf_counter() - started)
-    memory, kind = peak_memory_bytes(device)
+    with memory.phase("training"):  # the scripts reset the counter where their training loop starts, too
+        for index in range(args.floor_warmup_steps + args.floor_steps):
+            batch = inputs()  # drawn outside the timed region: the scripts' data comes from the loader
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            step(*batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if index >= args.floor_warmup_steps:
+                seconds.append(time.perf_counter() - started)
     return {
         "seconds_per_step_median": statistics.median(seconds),
-        "peak_memory_bytes": memory,
-        "peak_memory_kind": kind,
+        "peak_memory_bytes": memory.peaks["training"],
+        "peak_memory_kind": memory.kind,
         "train_batch_size": batch_size,
         "unet_parameters": sum(p.numel() for name, p in unet.named_parameters() if "lora_" not in name),
     }
@@ -411,6 +408,7 @@ def run_training(args, method, cached, batch_size, steps, output_dir):
         args.mixed_precision,
         "--output_dir",
         output_dir,
+        "--skip_final_save",  # the runs are measured, not kept: no 10 GB UNet per full fine-tuning run
     ]
     if cached:
         cmd += ["--cache_latents", "--latents_cache_dir", Path(args.output_dir, "latents_cache")]
@@ -422,7 +420,15 @@ def run_training(args, method, cached, batch_size, steps, output_dir):
         cmd += ["--use_8bit_adam"]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     run(cmd, args, Path(output_dir, "train.log"))
-    return json.loads(Path(output_dir, "training_summary.json").read_text())
+    summary = json.loads(Path(output_dir, "training_summary.json").read_text())
+    summary["num_train_pairs"] = train_pairs_in_log(Path(output_dir, "train.log").read_text())
+    return summary
+
+
+def train_pairs_in_log(log):
+    """The number of training pairs a run's loader drew from (`Num pairs = N` in the scripts' log), or None."""
+    found = re.search(r"Num pairs = (\d+)", log)
+    return int(found.group(1)) if found else None
 
 
 def run_floor(args, method, batch_size, output_path):
@@ -469,8 +475,9 @@ print(json.dumps({"cuda": cuda, "torch": torch.__version__, "python": platform.p
 
 
 def device_info(args):
-    """Torch, GPU and memory facts, asked of a child process: this process never imports torch, so
-    that the runs it starts do not inherit a large resident set (see `peak_memory_bytes`)."""
+    """Torch, GPU and memory facts, asked of a child process: this process never imports torch. It stays
+    small, so that where a run's peak RSS can only be read as `ru_maxrss` (which a child inherits from its
+    parent at the fork; the scripts' `PeakMemory` falls back to it off Linux) the parent adds little."""
     output = subprocess.run(
         [sys.executable, "-c", DEVICE_PROBE], env=child_env(args), capture_output=True, text=True, check=True
     ).stdout
@@ -507,12 +514,42 @@ def estimate_max_batch_cpu(peak_small, batch_small, peak_large, batch_large, bud
     return max(0, int((budget - intercept) // per_sample)), per_sample, intercept
 
 
-def search_max_batch_gpu(args, method, cached, budget, start, work_dir):
-    """Largest per-device batch whose run finishes within `budget` of CUDA memory: doubling, then bisection.
+def search_max_batch(fits, start, cap):
+    """Largest batch in [0, `cap`] for which `fits(batch)` holds: doubling from `start`, then bisection.
 
-    A batch fits when a short run of the script succeeds and its CUDA peak stays within the budget;
-    an out-of-memory failure counts as not fitting. Written for GPUs and NOT exercised by the tests
-    (the machines this project is tested on have no GPU).
+    `fits` must be monotone (true up to some batch, false above). A batch larger than `cap`, the dataset's
+    number of training pairs, cannot be measured (the loader's batches stop growing there, and so does the
+    memory), so `fits` is never asked about one. Returns (batch, capped): capped is True when `cap` itself
+    fits, i.e. the largest batch is at least `cap` and the dataset is too small to say more.
+    """
+    if cap < 1:
+        raise ValueError(f"the dataset has no training pairs to search a batch size with (cap {cap})")
+    start = min(max(start, 1), cap)
+    if not fits(start):
+        low, high = 0, start
+    else:
+        low = start
+        while True:
+            if low >= cap:
+                return cap, True
+            candidate = min(2 * low, cap)
+            if not fits(candidate):
+                high = candidate
+                break
+            low = candidate
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, False
+
+
+def search_max_batch_gpu(args, method, cached, budget, start, cap, work_dir):
+    """Largest per-device batch whose run finishes within `budget` of CUDA memory (`search_max_batch`), at most
+    `cap`, the dataset's number of training pairs; returns (batch, capped).
+
+    A batch fits when a short run of the script succeeds and its training loop's CUDA peak stays within the
+    budget; an out-of-memory failure counts as not fitting. Runs on GPUs only; the tests check
+    `search_max_batch` with a stand-in for `fits` (the machines this project is tested on have no GPU).
     """
 
     def fits(batch_size):
@@ -531,16 +568,7 @@ def search_max_batch_gpu(args, method, cached, budget, start, work_dir):
             raise
         return summary["peak_memory_bytes"] <= budget
 
-    if not fits(start):
-        low, high = 0, start
-    else:
-        low, high = start, 2 * start
-        while fits(high):
-            low, high = high, 2 * high
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+    return search_max_batch(fits, start, cap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,30 +578,48 @@ def fmt_gib(value):
     return f"{value / GIB:.2f} GiB"
 
 
+def fmt_max_batch(row):
+    """The max-batch cell: the batch, "n/a" without an estimate, or a lower bound where the search reached the
+    dataset's size (a larger batch cannot be measured on it)."""
+    if row["max_batch"] is None:
+        return "n/a"
+    if row.get("max_batch_capped"):
+        return f"≥ {row['max_batch']} (dataset size)"
+    return str(row["max_batch"])
+
+
 def render_markdown(report):
     setting = report["setting"]
+    on_gpu = setting["peak_memory_kind"] == "cuda"
+    latent_size = setting["resolution"] // 8
+    if on_gpu:
+        search = "doubling, then bisection, of short runs, up to the dataset's number of training pairs."
+    else:
+        search = (
+            f"estimate from the peaks at {setting['train_batch_size']} and {setting['memory_probe_batch_size']} "
+            "pairs (intercept + per-pair slope)."
+        )
     lines = [
-        f"Model: {setting['model']} (UNet {setting['unet_parameters'] / 1e6:.1f} M parameters), {setting['resolution']} px "
-        f"({setting['resolution'] // 8}x{setting['resolution'] // 8} latents), {setting['train_batch_size']} pairs per device, "
-        f"{setting['training']}, {setting['threads']} thread(s); s/step: median of {setting['timed_steps'] - 2} steps after 2 "
-        f"(floor: {setting['floor_steps']} after {setting['floor_warmup_steps']}), median over {setting['repeats']} run(s).",
-        f"Peak memory: {'CUDA allocator peak' if setting['peak_memory_kind'] == 'cuda' else 'peak RSS of the process'}; max batch in a "
-        f"{fmt_gib(setting['memory_budget_bytes'])} budget: "
-        + (
-            "binary search of short runs."
-            if setting["peak_memory_kind"] == "cuda"
-            else f"estimate from the peaks at {setting['train_batch_size']} and {setting['memory_probe_batch_size']} pairs (intercept + per-pair slope)."
-        ),
+        f"Model: {setting['model']} (UNet {setting['unet_parameters'] / 1e6:.1f} M parameters), "
+        f"{setting['resolution']} px ({latent_size}x{latent_size} latents), {setting['train_batch_size']} pairs per "
+        f"device, {setting['training']}, {setting['threads']} thread(s); s/step: median of "
+        f"{setting['timed_steps'] - 2} steps after 2 (floor: {setting['floor_steps']} after "
+        f"{setting['floor_warmup_steps']}), median over {setting['repeats']} run(s).",
+        f"Peak memory of the training loop (the floor's step loop): "
+        f"{'CUDA allocator peak' if on_gpu else 'peak RSS of the process'}; max batch in a "
+        f"{fmt_gib(setting['memory_budget_bytes'])} budget: {search}",
         f"Machine: {report['machine']}.",
         "",
-        "| method | latents | s/step | floor s/step | ratio to floor | peak memory | floor peak memory | memory ratio to floor | max batch in budget |",
+        "| method | latents | s/step | floor s/step | ratio to floor | peak memory | floor peak memory "
+        "| memory ratio to floor | max batch in budget |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         lines.append(
-            f"| {row['method']} | {row['latents']} | {row['seconds_per_step']:.3f} | {row['floor_seconds_per_step']:.3f} | "
-            f"{row['time_ratio_to_floor']:.2f}x | {fmt_gib(row['peak_memory_bytes'])} | {fmt_gib(row['floor_peak_memory_bytes'])} | "
-            f"{row['memory_ratio_to_floor']:.2f}x | {row['max_batch'] if row['max_batch'] is not None else 'n/a'} |"
+            f"| {row['method']} | {row['latents']} | {row['seconds_per_step']:.3f} "
+            f"| {row['floor_seconds_per_step']:.3f} | {row['time_ratio_to_floor']:.2f}x "
+            f"| {fmt_gib(row['peak_memory_bytes'])} | {fmt_gib(row['floor_peak_memory_bytes'])} "
+            f"| {row['memory_ratio_to_floor']:.2f}x | {fmt_max_batch(row)} |"
         )
     if report["mapo_vs_dpo"]:
         lines += ["", "| MaPO / Diffusion-DPO | latents | time | peak memory | max batch |", "|---|---|---|---|---|"]
@@ -590,7 +636,8 @@ def render_markdown(report):
 
 
 def build_assets(args):
-    """The bench (or, with --quick, tiny) pipeline and dataset, built once in --output_dir/assets by make_tiny_assets.py."""
+    """The bench (or, with --quick, tiny) pipeline and dataset, built once in --output_dir/assets by
+    make_tiny_assets.py."""
     preset = "tiny" if args.quick else "bench"
     args.resolution = args.resolution or {"tiny": 64, "bench": 256}[preset]
     root = Path(args.output_dir, "assets")
@@ -652,7 +699,8 @@ def main(args):
             floor_runs[method].append(run_floor(args, method, batch, runs_dir / f"floor-{method}-{repeat}.json"))
         for method, latents in case_runs:
             print(
-                f"[{repeat + 1}/{args.repeats}] {METHODS[method]['label']}, {latents} latents: {args.max_train_steps} steps ...",
+                f"[{repeat + 1}/{args.repeats}] {METHODS[method]['label']}, {latents} latents: "
+                f"{args.max_train_steps} steps ...",
                 flush=True,
             )
             case_runs[method, latents].append(
@@ -677,10 +725,16 @@ def main(args):
     for (method, latents), runs in case_runs.items():
         label, cached = METHODS[method]["label"], latents == "cached"
         seconds, peak = median_of(runs, "seconds_per_step_median"), median_of(runs, "peak_memory_bytes")
-        per_sample = None
+        per_sample, capped = None, False
         if on_gpu:
-            max_batch = search_max_batch_gpu(
-                args, method, cached, budget, batch, runs_dir / f"{method}-{latents}-search"
+            num_pairs = runs[0]["num_train_pairs"]
+            if num_pairs is None:
+                raise RuntimeError(
+                    f"No 'Num pairs = N' in the log of {runs_dir / f'{method}-{latents}-0'}: the batch search needs "
+                    "the dataset's number of training pairs (its cap)."
+                )
+            max_batch, capped = search_max_batch_gpu(
+                args, method, cached, budget, batch, num_pairs, runs_dir / f"{method}-{latents}-search"
             )
         else:
             probe = run_training(
@@ -706,6 +760,8 @@ def main(args):
                 "floor_peak_memory_bytes": floor["peak_memory_bytes"],
                 "memory_ratio_to_floor": peak / floor["peak_memory_bytes"],
                 "max_batch": max_batch,
+                # True when the search reached the dataset's size: the largest batch is at least max_batch.
+                "max_batch_capped": capped,
                 "memory_per_sample_bytes": per_sample,
                 "peak_memory_kind": runs[0]["peak_memory_kind"],
                 "seconds_per_step_runs": [run["seconds_per_step_median"] for run in runs],
@@ -721,7 +777,11 @@ def main(args):
             mapo_vs_dpo[latents] = {
                 "time": mapo["seconds_per_step"] / dpo["seconds_per_step"],
                 "memory": mapo["peak_memory_bytes"] / dpo["peak_memory_bytes"],
-                "max_batch": mapo["max_batch"] / dpo["max_batch"] if mapo["max_batch"] and dpo["max_batch"] else None,
+                "max_batch": (
+                    mapo["max_batch"] / dpo["max_batch"]
+                    if all(row["max_batch"] and not row["max_batch_capped"] for row in (mapo, dpo))
+                    else None  # no estimate, or only a lower bound (the dataset's size): no ratio
+                ),
             }
     targets = {}
     cached_rows = [row for row in rows if row["latents"] == "cached"]
@@ -761,8 +821,8 @@ def main(args):
         "floor_runs": floor_runs,
     }
     markdown = render_markdown(report)
-    Path(args.output_dir, "benchmark.md").write_text(markdown)
-    Path(args.output_dir, "benchmark.json").write_text(json.dumps(report, indent=2))
+    Path(args.output_dir, "benchmark.md").write_text(markdown, encoding="utf-8")
+    Path(args.output_dir, "benchmark.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(markdown, flush=True)
     return report
 

@@ -27,7 +27,8 @@ def max_abs_diff(first, second):
 
 
 def launch_with_config(config, script, args, overrides, env_overrides=(), timeout=600):
-    """`accelerate launch --config_file <config> <overrides>`: a GPU config with the flags that make it run on the CPU."""
+    """`accelerate launch --config_file <config> <overrides>`: a GPU config with the flags that make it run on the
+    CPU."""
     env = {**os.environ, **OFFLINE_ENV, **dict(env_overrides)}
     cmd = [
         str(Path(sys.executable).parent / "accelerate"),
@@ -54,23 +55,49 @@ def launch_with_config(config, script, args, overrides, env_overrides=(), timeou
 # ----------------------------------------------------------------------------------------------
 # Data parallelism
 # ----------------------------------------------------------------------------------------------
+# --adam_epsilon 1e-3: with the default 1e-8, Adam's first steps divide by |g| + eps and turn the
+# ~1e-9 round-off of the few near-zero gradient entries into 1e-5 weight differences (lr x dg / eps);
+# a larger eps keeps Adam's normalisation elsewhere and makes a wrong shard or a missing all-reduce
+# (differences ~1e-4) stand out from float noise (~1e-7).
+DATA_PARALLEL = ["--max_train_steps", 3, "--learning_rate", 1e-4, "--adam_epsilon", 1e-3]
+
+
+@pytest.fixture(scope="module")
+def two_cpu_processes(tiny_assets, tmp_path_factory):
+    """`two_cpu_processes(script)`: (output folder, log) of a run of `script` in 2 CPU processes x 2 pairs launched
+    with multi_gpu_ddp.yaml, as a user would on GPUs; launched once and shared by the tests that read it."""
+    runs = {}
+
+    def run(script):
+        if script not in runs:
+            output_dir = tmp_path_factory.mktemp(f"two-processes-{Path(script).stem}")
+            # ACCELERATE_USE_CPU turns the config's MULTI_GPU into MULTI_CPU (gloo); `--cpu` would start one process.
+            log = launch_with_config(
+                "multi_gpu_ddp.yaml",
+                script,
+                tiny_args(tiny_assets, output_dir, "--train_batch_size", 2, *DATA_PARALLEL),
+                ["--num_processes", "2"],
+                {"ACCELERATE_USE_CPU": "1"},
+            )
+            runs[script] = output_dir, log
+        return runs[script]
+
+    return run
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_mapo_sdxl.py", "train_diffusion_dpo_sdxl.py"])
-def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_batch(tiny_assets, tmp_path, script):
+def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_batch(
+    tiny_assets, tmp_path, two_cpu_processes, script
+):
     # 2 processes x 2 pairs and 1 process x 4 pairs: the same 4 pairs per step (the sampler is seeded
     # and sharded by accelerate), the same flips and noise (keyed by seed, epoch and pair index), and
     # gradients averaged over processes equal to the gradient of the mean over the 4 pairs.
-    # --adam_epsilon 1e-3: with the default 1e-8, Adam's first steps divide by |g| + eps and turn the
-    # ~1e-9 round-off of the few near-zero gradient entries into 1e-5 weight differences (lr x dg / eps);
-    # a larger eps keeps Adam's normalisation elsewhere and makes a wrong shard or a missing all-reduce
-    # (differences ~1e-4) stand out from float noise (~1e-7).
-    common = ["--max_train_steps", 3, "--learning_rate", 1e-4, "--adam_epsilon", 1e-3]
-    launch(script, tiny_args(tiny_assets, tmp_path / "one", "--train_batch_size", 4, *common))
-    log = launch(
-        script, tiny_args(tiny_assets, tmp_path / "two", "--train_batch_size", 2, *common), num_processes=2
-    ).stdout
+    launch(script, tiny_args(tiny_assets, tmp_path / "one", "--train_batch_size", 4, *DATA_PARALLEL))
+    two_dir, log = two_cpu_processes(script)
     assert "total batch (parallel, accumulation) = 4" in log and "weights identical on all processes: yes" in log
 
-    one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
+    one, two = unet_weights(tmp_path / "one"), unet_weights(two_dir)
     base = load_file(Path(tiny_assets["model"], "unet", "diffusion_pytorch_model.safetensors"))
     assert max_abs_diff(one, base) > 1e-4  # the runs trained: equality below is not the starting point's
     difference = max_abs_diff(one, two)
@@ -105,6 +132,7 @@ def test_accelerate_configs_load_and_say_what_they_run(config, distributed_type,
         assert loaded["deepspeed_config"]["zero_stage"] == 2
 
 
+@pytest.mark.slow
 def test_single_gpu_config_trains_on_the_cpu(tiny_assets, tmp_path):
     log = launch_with_config(
         "single_gpu.yaml",
@@ -112,23 +140,19 @@ def test_single_gpu_config_trains_on_the_cpu(tiny_assets, tmp_path):
         tiny_args(tiny_assets, tmp_path, "--lora_rank", 4, "--max_train_steps", 2),
         ["--cpu"],
     )
-    assert "MaPO finished: 2 steps" in log
+    assert "MaPO finished: 2 optimizer steps" in log
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_multi_gpu_ddp_config_trains_two_cpu_processes(tiny_assets, tmp_path):
-    # ACCELERATE_USE_CPU turns the config's MULTI_GPU into MULTI_CPU (gloo); `--cpu` would start one process.
-    log = launch_with_config(
-        "multi_gpu_ddp.yaml",
-        "train_diffusion_dpo_sdxl.py",
-        tiny_args(tiny_assets, tmp_path, "--train_batch_size", 2, "--max_train_steps", 2, "--learning_rate", 1e-4),
-        ["--num_processes", "2"],
-        {"ACCELERATE_USE_CPU": "1"},
-    )
+@pytest.mark.slow
+def test_multi_gpu_ddp_config_trains_two_cpu_processes(two_cpu_processes):
+    # The Diffusion-DPO run of the data-parallel test above (the same launch: multi_gpu_ddp.yaml, 2 CPU processes).
+    output_dir, log = two_cpu_processes("train_diffusion_dpo_sdxl.py")
     assert "Distributed environment: DistributedType.MULTI_CPU" in log and "Num processes: 2" in log
-    assert "weights identical on all processes: yes" in log and (tmp_path / "unet" / "config.json").exists()
+    assert "weights identical on all processes: yes" in log and (output_dir / "unet" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_config_trains_one_cpu_process(tiny_assets, tmp_path):
     # DeepSpeed runs on the CPU in one process only: with ACCELERATE_USE_CPU accelerate drops DeepSpeed,
     # and without it accelerate sets up a single process while DeepSpeed sees two (its batch check fails).
@@ -139,7 +163,7 @@ def test_deepspeed_zero2_config_trains_one_cpu_process(tiny_assets, tmp_path):
         tiny_args(tiny_assets, tmp_path, "--train_batch_size", 2, "--max_train_steps", 2, "--learning_rate", 1e-4),
         ["--num_processes", "1"],
     )
-    assert "DistributedType.DEEPSPEED" in log and "MaPO finished: 2 steps" in log
+    assert "DistributedType.DEEPSPEED" in log and "MaPO finished: 2 optimizer steps" in log
     assert (tmp_path / "unet" / "config.json").exists()
 
 
@@ -154,6 +178,44 @@ def test_max_batch_estimate_is_intercept_plus_slope():
     assert estimate_max_batch_cpu(1000, 2, 1000, 8, 2050)[0] is None  # memory that does not grow gives no estimate
 
 
+def test_max_batch_search_finds_the_largest_fitting_batch_and_stops_at_the_dataset_size():
+    from benchmark_efficiency import fmt_max_batch, search_max_batch
+
+    def counted(limit, cap):
+        """A stand-in for a short training run: batches up to `limit` fit. It fails the test (instead of letting a
+        search without an end hang it) when asked about a batch the dataset cannot fill, or too often."""
+        asked = []
+
+        def fits(batch):
+            asked.append(batch)
+            assert 0 < batch <= cap, f"asked about batch {batch}, beyond the dataset's {cap} pairs: {asked[:12]}"
+            assert len(asked) <= 2 * cap.bit_length() + 4, f"no end after {len(asked)} runs: {asked[:12]}"
+            return batch <= limit
+
+        return fits, asked
+
+    # Memory that never runs out within the dataset (a batch beyond it stops growing): the search ends at the
+    # dataset's size and says that the true limit may be larger.
+    fits, asked = counted(limit=float("inf"), cap=10)
+    assert search_max_batch(fits, 4, 10) == (10, True)
+    assert asked == [4, 8, 10]
+    # A limit inside the dataset: doubling, then bisection.
+    fits, asked = counted(limit=7, cap=384)
+    assert search_max_batch(fits, 2, 384) == (7, False)
+    assert asked == [2, 4, 8, 6, 7]
+    # Every start, limit and dataset size (a start beyond the dataset starts at its size).
+    for cap in range(1, 20):
+        for start in range(1, 24):
+            for limit in range(0, 24):
+                fits, _ = counted(limit, cap)
+                assert search_max_batch(fits, start, cap) == (min(limit, cap), limit >= cap), (start, limit, cap)
+
+    assert fmt_max_batch({"max_batch": 10, "max_batch_capped": True}) == "≥ 10 (dataset size)"
+    assert fmt_max_batch({"max_batch": 7, "max_batch_capped": False}) == "7"
+    assert fmt_max_batch({"max_batch": None, "max_batch_capped": False}) == "n/a"
+
+
+@pytest.mark.slow
 def test_benchmark_in_its_reduced_setting_fills_every_column_quickly(tiny_assets, tmp_path):
     started = time.monotonic()
     result = subprocess.run(

@@ -78,7 +78,10 @@ def parse_args(argv=None):
         type=str,
         default="tiny",
         choices=sorted(UNET_PRESETS),
-        help="tiny: ~1 M-parameter UNet for tests and the demo; bench: ~24 M-parameter UNet for examples/benchmark_efficiency.py.",
+        help=(
+            "tiny: ~1 M-parameter UNet for tests and the demo; "
+            "bench: ~24 M-parameter UNet for examples/benchmark_efficiency.py."
+        ),
     )
     parser.add_argument(
         "--resolution",
@@ -90,7 +93,10 @@ def parse_args(argv=None):
         "--vae_fit_steps",
         type=int,
         default=None,
-        help="Steps of the VAE's reconstruction fit. Default: 120 for tiny, 20 for bench (speed benchmarks need no learnable preference).",
+        help=(
+            "Steps of the VAE's reconstruction fit. Default: 120 for tiny, 20 for bench "
+            "(speed benchmarks need no learnable preference)."
+        ),
     )
     parser.add_argument(
         "--num_train_pairs", type=int, default=384, help="Preference pairs in the train split (before ties)."
@@ -281,7 +287,8 @@ def fit_tiny_vae(vae, resolution, seed, steps=120, batch_size=8):
 # Dataset
 # ----------------------------------------------------------------------------------------------
 def make_image(color_name, half, rng, resolution):
-    """A (H, W, 3) uint8 image: a soft ball of `color_name` on a dark background, in the `half` ("top"/"bottom") of the picture."""
+    """A (H, W, 3) uint8 image: a soft ball of `color_name` on a dark background, in the `half` ("top"/"bottom")
+    of the picture."""
     yy, xx = np.mgrid[0:resolution, 0:resolution].astype(np.float32) / resolution
     center_x = rng.uniform(0.3, 0.7)
     center_y = rng.uniform(0.2, 0.35) if half == "top" else rng.uniform(0.65, 0.8)
@@ -348,7 +355,8 @@ def main(argv=None):
             path, seed=args.seed, resolution=args.resolution, unet_preset=preset, vae_fit_steps=args.vae_fit_steps
         )
         print(
-            f"{preset} SDXL pipeline: {path} (UNet: {num_parameters / 1e6:.2f} M parameters, {args.resolution // 8}x{args.resolution // 8} latents)"
+            f"{preset} SDXL pipeline: {path} (UNet: {num_parameters / 1e6:.2f} M parameters, "
+            f"{args.resolution // 8}x{args.resolution // 8} latents)"
         )
     if not args.skip_dataset:
         path = build_tiny_pickapic(
@@ -360,7 +368,8 @@ def main(argv=None):
             args.resolution,
         )
         print(
-            f"{preset} Pick-a-Pic dataset: {path} ({args.resolution} px; train: {args.num_train_pairs} pairs + {args.num_ties} ties, test: {args.num_test_pairs} pairs)"
+            f"{preset} Pick-a-Pic dataset: {path} ({args.resolution} px; train: {args.num_train_pairs} pairs + "
+            f"{args.num_ties} ties, test: {args.num_test_pairs} pairs)"
         )
 
 
