@@ -258,6 +258,11 @@ def test_benchmark_in_its_reduced_setting_fills_every_column(tiny_assets, tmp_pa
         assert row["time_ratio_to_floor"] == pytest.approx(row["seconds_per_step"] / row["floor_seconds_per_step"])
         assert row["peak_memory_kind"] == "rss"
     assert set(report["mapo_vs_dpo"]) == {"cached", "uncached"}
+    # Every training run passed --skip_final_save: summaries written, no weights (10 GB a run on SDXL).
+    runs = tmp_path / "runs"
+    assert list(runs.rglob("training_summary.json"))
+    written = [p for p in runs.rglob("*") if p.name == "unet" or p.suffix == ".safetensors"]
+    assert not [p for p in written if "checkpoint-" not in str(p)], written
     assert all(value > 0 for ratios in report["mapo_vs_dpo"].values() for value in ratios.values())
 
     markdown = (tmp_path / "benchmark.md").read_text()
