@@ -1220,8 +1220,13 @@ def main(args):
 
     def save_lora(model, folder):
         if accelerator.is_main_process:
-            lora_layers = lora_state_dict(accelerator.unwrap_model(model))
-            StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora_layers)
+            model = accelerator.unwrap_model(model)
+            # the adapter's config (rank, alpha) goes into the file: without it a loader takes alpha = rank
+            StableDiffusionXLPipeline.save_lora_weights(
+                folder,
+                unet_lora_layers=lora_state_dict(model),
+                unet_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+            )
 
     def save_model_hook(models, weights, output_dir):
         for model in models:

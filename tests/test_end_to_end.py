@@ -170,6 +170,18 @@ def test_saved_lora_loads_into_an_sdxl_pipeline_and_changes_its_output(tiny_asse
     assert abs(after - before).max() > 1e-3
 
 
+@pytest.mark.parametrize("script", ["train_mapo_sdxl.py", "train_diffusion_dpo_sdxl.py"])
+def test_saved_lora_keeps_its_alpha_so_a_pipeline_loads_it_at_alpha_over_rank(tiny_assets, tmp_path, script):
+    from diffusers import StableDiffusionXLPipeline
+
+    args = ["--lora_rank", 4, "--lora_alpha", 8, "--learning_rate", 1e-3, "--max_train_steps", 1]
+    launch(script, tiny_args(tiny_assets, tmp_path, *args))
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_assets["model"])
+    pipeline.load_lora_weights(str(tmp_path))
+    (config,) = pipeline.unet.peft_config.values()
+    assert (config.r, config.lora_alpha) == (4, 8)  # without the metadata diffusers loads alpha = rank, scale 1
+
+
 def test_mapo_full_finetuning_saves_a_unet_folder(tiny_assets, tmp_path):
     launch("train_mapo_sdxl.py", tiny_args(tiny_assets, tmp_path, "--learning_rate", 1e-4, "--max_train_steps", 2))
     from diffusers import UNet2DConditionModel
