@@ -14,6 +14,8 @@ a model that learns the preference does.
 
     python examples/tiny_assets/make_tiny_assets.py --output_dir tiny
     # -> tiny/tiny-sdxl (pipeline), tiny/tiny-pickapic/{train,test}.parquet
+    python examples/tiny_assets/make_tiny_assets.py --output_dir tiny --family sd --skip_dataset
+    # -> tiny/tiny-sd: an SD1.x-style pipeline (one text encoder; --family sd_v: v-prediction -> tiny/tiny-sd-v)
 
 `--unet_preset bench` builds the efficiency benchmark's model instead: a ~24 M-parameter UNet
 (64, 128, 256 channels, 2 layers per block) for 256 px images (32x32 latents), the same tiny text
@@ -107,6 +109,14 @@ def parse_args(argv=None):
         type=int,
         default=4,
         help="Extra train rows with label_0 = 0.5 (ties), dropped by the training scripts.",
+    )
+    parser.add_argument(
+        "--family",
+        type=str,
+        default="sdxl",
+        choices=["sdxl", "sd", "sd_v"],
+        help="Pipeline to build: sdxl (two text encoders, micro-conditioning), sd (SD1.x-style, one text encoder, "
+        "epsilon-prediction) or sd_v (the same with v-prediction, as SD2.x 768).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the model weights and the images.")
     parser.add_argument("--skip_model", action="store_true", help="Only write the dataset.")
@@ -243,6 +253,76 @@ def build_tiny_sdxl_pipeline(output_dir, seed=0, resolution=64, unet_preset="tin
     return sum(p.numel() for p in unet.parameters())
 
 
+def build_tiny_sd_pipeline(
+    output_dir, seed=0, resolution=64, prediction_type="epsilon", unet_preset="tiny", vae_fit_steps=120
+):
+    """Save a small SD1.x-style pipeline (one CLIP text encoder, no SDXL micro-conditioning) to `output_dir`:
+    the UNet shapes of `unet_preset` with cross-attention on the encoder's 32-wide hidden states, the same VAE and
+    tokenizer as the SDXL one, and an epsilon- or v-prediction scheduler. Returns the number of UNet parameters.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        vocab_size = write_clip_tokenizer_files(tok_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            layer_norm_eps=1e-5,
+            vocab_size=vocab_size,
+            hidden_act="gelu",
+            max_position_embeddings=77,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8, in_channels=4, out_channels=4, cross_attention_dim=32, **UNET_PRESETS[unet_preset]
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 32, 32],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+    fit_tiny_vae(vae, resolution, seed, steps=vae_fit_steps)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        num_train_timesteps=1000,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(output_dir)
+    return sum(p.numel() for p in unet.parameters())
+
+
 def fit_tiny_vae(vae, resolution, seed, steps=120, batch_size=8):
     """Make the random VAE behave like a trained one, in a few seconds on the CPU.
 
@@ -350,12 +430,17 @@ def main(argv=None):
     args = parse_args(argv)
     preset = args.unet_preset
     if not args.skip_model:
-        path = os.path.join(args.output_dir, f"{preset}-sdxl")
-        num_parameters = build_tiny_sdxl_pipeline(
-            path, seed=args.seed, resolution=args.resolution, unet_preset=preset, vae_fit_steps=args.vae_fit_steps
-        )
+        common = dict(seed=args.seed, resolution=args.resolution, unet_preset=preset, vae_fit_steps=args.vae_fit_steps)
+        if args.family == "sdxl":
+            path = os.path.join(args.output_dir, f"{preset}-sdxl")
+            num_parameters, kind = build_tiny_sdxl_pipeline(path, **common), "SDXL"
+        else:
+            path = os.path.join(args.output_dir, f"{preset}-{args.family.replace('_', '-')}")
+            prediction_type = "v_prediction" if args.family == "sd_v" else "epsilon"
+            num_parameters = build_tiny_sd_pipeline(path, prediction_type=prediction_type, **common)
+            kind = f"SD1.x-style ({prediction_type})"
         print(
-            f"{preset} SDXL pipeline: {path} (UNet: {num_parameters / 1e6:.2f} M parameters, "
+            f"{preset} {kind} pipeline: {path} (UNet: {num_parameters / 1e6:.2f} M parameters, "
             f"{args.resolution // 8}x{args.resolution // 8} latents)"
         )
     if not args.skip_dataset:

@@ -1,0 +1,202 @@
+"""train_ddspo.py: the objective against docs/METHODS.md, and the script end to end on tiny SD1.x and SDXL."""
+
+import json
+import math
+from pathlib import Path
+
+import make_tiny_assets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import launch, run_python, tiny_args
+
+from train_ddspo import ddspo_loss, rand_removal
+
+
+LOG2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective
+# ----------------------------------------------------------------------------------------------
+def test_ddspo_loss_is_log2_when_policy_equals_reference():
+    ref_losses_l = torch.tensor([0.3, 0.01, 2.0])
+    # theta == ref: the policy's errors against the targets are the reference's (0 on the winner's own target)
+    loss, metrics = ddspo_loss(torch.zeros(3), ref_losses_l.clone(), None, ref_losses_l, beta_ddspo=16000)
+    assert loss.item() == torch.tensor(LOG2).item()  # log 2 in float32, exactly
+    assert metrics["implicit_acc"].item() == 0.5 and metrics["reward_margin"].item() == 0.0
+    assert "ref_mse_w" not in metrics  # identically 0 with prompt-perturbation targets: not logged
+
+
+def test_ddspo_loss_matches_a_hand_computed_asymmetric_case_with_the_half_factor():
+    model_w, model_l = torch.tensor([0.02, 0.05]), torch.tensor([0.30, 0.10])
+    ref_w, ref_l = torch.tensor([0.01, 0.04]), torch.tensor([0.20, 0.12])
+    loss, metrics = ddspo_loss(model_w, model_l, ref_w, ref_l, beta_ddspo=20.0)
+    # A - B per pair: (0.01 - 0.10) = -0.09 and (0.01 - (-0.02)) = 0.03; inside = -0.5 * 20 * (A - B)
+    inside = torch.tensor([0.9, -0.3])
+    expected = -torch.nn.functional.logsigmoid(inside).mean()
+    torch.testing.assert_close(loss, expected)
+    assert metrics["implicit_acc"].item() == 0.5
+    torch.testing.assert_close(metrics["reward_margin"], inside.mean())
+    assert metrics["ref_mse_w"].item() == pytest.approx(0.025)
+
+
+def test_ddspo_loss_falls_when_the_policy_moves_away_from_the_degraded_target_on_the_loser():
+    ref_l = torch.tensor([0.1])
+    farther, _ = ddspo_loss(torch.zeros(1), torch.tensor([0.2]), None, ref_l, beta_ddspo=10.0)
+    closer, _ = ddspo_loss(torch.zeros(1), torch.tensor([0.05]), None, ref_l, beta_ddspo=10.0)
+    assert farther < LOG2 < closer
+
+
+def test_ddspo_loss_linear_weighting_scales_each_pairs_loss():
+    ref_l = torch.tensor([0.1, 0.1])
+    weights = torch.tensor([0.25, 1.0])
+    loss, _ = ddspo_loss(torch.zeros(2), ref_l.clone(), None, ref_l, beta_ddspo=1.0, weights=weights)
+    assert loss.item() == pytest.approx(LOG2 * 0.625)
+
+
+def test_rand_removal_used_by_the_script_is_the_one_the_data_tool_uses():
+    from examples.ddspo import degrade_prompts
+
+    assert degrade_prompts.rand_removal is rand_removal
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        kept = rand_removal("a photo of a red ball on the grass", rng).split()
+        assert 1 <= len(kept) <= 7
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddspo_pairs(tiny_assets, tmp_path_factory):
+    """The tiny Pick-a-Pic pairs as DDSPO rows (caption, negative_caption, jpg_w, jpg_l) plus two bad rows."""
+    folder = tmp_path_factory.mktemp("ddspo-pairs")
+    table = pq.read_table(Path(tiny_assets["dataset"]) / "train.parquet").to_pydict()
+    rows = {"caption": [], "negative_caption": [], "jpg_w": [], "jpg_l": []}
+    for caption, first, second, label in zip(table["caption"], table["jpg_0"], table["jpg_1"], table["label_0"]):
+        if label == 0.5:
+            continue
+        winner, loser = (first, second) if label == 1.0 else (second, first)
+        rows["caption"].append(caption)
+        rows["negative_caption"].append(caption.replace("photo of a ", ""))
+        rows["jpg_w"].append(winner)
+        rows["jpg_l"].append(loser)
+    for negative in ("", rows["caption"][0]):  # an empty negative caption, and one equal to its caption
+        for column in ("caption", "jpg_w", "jpg_l"):
+            rows[column].append(rows[column][0])
+        rows["negative_caption"].append(negative)
+    pq.write_table(pa.table(rows), folder / "train.parquet")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-sd")
+    make_tiny_assets.build_tiny_sd_pipeline(str(root / "eps"), prediction_type="epsilon", vae_fit_steps=20)
+    make_tiny_assets.build_tiny_sd_pipeline(str(root / "v"), prediction_type="v_prediction", vae_fit_steps=20)
+    return {"epsilon": str(root / "eps"), "v_prediction": str(root / "v")}
+
+
+def ddspo_args(model, dataset, output_dir, *extra):
+    assets = {"model": model, "dataset": dataset}
+    return tiny_args(assets, output_dir, "--max_train_steps", 1, *extra)
+
+
+def summary_of(output_dir):
+    return json.loads((Path(output_dir) / "training_summary.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "pipeline,mode,extra",
+    [
+        ("sd_epsilon", "paired", ["--lora_rank", 4, "--learning_rate", 1e-3]),
+        ("sd_v_prediction", "not_paired", ["--learning_rate", 1e-4, "--cache_latents"]),
+        ("sdxl", "rand_positive", ["--lora_rank", 4, "--learning_rate", 1e-3, "--independent_noise"]),
+        ("sdxl", "paired", ["--learning_rate", 1e-4, "--cache_latents"]),
+    ],
+)
+def test_ddspo_first_step_loss_is_exactly_log2_in_every_mode_and_family(
+    tiny_assets, tiny_sd, ddspo_pairs, tmp_path, pipeline, mode, extra
+):
+    model = tiny_assets["model"] if pipeline == "sdxl" else tiny_sd[pipeline.removeprefix("sd_")]
+    result = launch("train_ddspo.py", ddspo_args(model, ddspo_pairs, tmp_path, "--negative_mode", mode, *extra))
+    family = "SDXL" if pipeline == "sdxl" else "SD1.x/SD2.x"
+    assert f"Found an {family} pipeline" in result.stdout
+    summary = summary_of(tmp_path)
+    first = summary["last_step_metrics"]  # one step: the metrics at initialisation
+    assert first["loss"] == pytest.approx(LOG2, abs=1e-6) and first["reward_margin"] == pytest.approx(0, abs=1e-5)
+    expected = {"loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "ref_mse_l", "grad_norm"}
+    assert set(first) == expected
+    if mode == "paired":
+        assert summary["skipped_rows"] == {"empty_negative": 1, "negative_equals_caption": 1, "too_short": 0}
+    else:
+        assert summary["skipped_rows"] == {"empty_negative": 0, "negative_equals_caption": 0, "too_short": 0}
+    weights = (
+        "pytorch_lora_weights.safetensors" if "--lora_rank" in extra else "unet/diffusion_pytorch_model.safetensors"
+    )
+    assert (tmp_path / weights).is_file()
+
+
+@pytest.mark.slow
+def test_ddspo_lora_trains_and_its_output_loads_into_a_stock_sd_pipeline(tiny_sd, ddspo_pairs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    args = ["--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 4, "--beta_ddspo", 1000]
+    launch("train_ddspo.py", tiny_args({"model": tiny_sd["epsilon"], "dataset": ddspo_pairs}, tmp_path, *args))
+    assert summary_of(tmp_path)["last_step_metrics"]["model_mse_w"] > 0  # the policy left the reference
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd["epsilon"], safety_checker=None)
+    pipeline.load_lora_weights(str(tmp_path))
+    assert "ddspo" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_ddspo_with_targets_from_two_policies_logs_the_references_error_on_the_winner(tiny_sd, ddspo_pairs, tmp_path):
+    assets = {"model": tiny_sd["epsilon"], "dataset": ddspo_pairs}
+    policy = tmp_path / "policy"
+    launch(
+        "train_ddspo.py", tiny_args(assets, policy, "--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 2)
+    )
+    args = ["--lora_rank", 4, "--learning_rate", 1e-3, "--max_train_steps", 1, "--target_source", "policies"]
+    args += ["--winning_policy", policy, "--losing_policy", tiny_sd["epsilon"] + "/unet"]
+    launch("train_ddspo.py", tiny_args(assets, tmp_path / "run", *args))
+    first = summary_of(tmp_path / "run")["last_step_metrics"]
+    assert first["ref_mse_w"] > 0  # the winning policy's targets are not the reference's own predictions
+    assert first["ref_mse_l"] == pytest.approx(0, abs=1e-9)  # the losing policy is the base UNet, i.e. the reference
+    assert first["loss"] == pytest.approx(LOG2, abs=1e-6)  # theta == ref at initialisation, whatever the targets
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--negative_mode", "rand_positive", "--train_batch_size", 1], "needs --train_batch_size 2 or more"),
+        (["--target_source", "policies"], "needs --winning_policy and --losing_policy"),
+        (["--winning_policy", "x"], "only with --target_source policies"),
+        (["--beta_ddspo", 0], "--beta_ddspo must be positive"),
+        (["--min_removal", 0.8, "--max_removal", 0.5], "0 < min <= max < 1"),
+    ],
+)
+def test_bad_flags_stop_with_one_line_before_any_model_loads(tmp_path, extra, message):
+    result = run_python("train_ddspo.py", ["--output_dir", tmp_path, *extra])
+    assert result.returncode == 2 and message in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+@pytest.mark.slow
+def test_paired_mode_on_data_without_losing_images_names_the_columns_it_needs(tiny_sd, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = {
+        "caption": ["a photo of a red ball"],
+        "jpg_w": [make_tiny_assets.encode_png(np.zeros((8, 8, 3), np.uint8))],
+    }
+    pq.write_table(pa.table(rows), folder / "train.parquet")
+    result = launch(
+        "train_ddspo.py", tiny_args({"model": tiny_sd["epsilon"], "dataset": folder}, tmp_path / "o"), check=False
+    )
+    assert result.returncode != 0
+    assert "no column(s) ['negative_caption', 'jpg_l']" in result.stdout
+    assert "rand_positive and not_paired need only" in result.stdout
