@@ -32,6 +32,20 @@ def tiny_assets(tmp_path_factory):
     return {"model": str(root / "tiny-sdxl"), "dataset": str(root / "tiny-pickapic"), "root": root}
 
 
+@pytest.fixture(scope="session")
+def tiny_world(tiny_assets):
+    """The tiny pipeline pre-trained to draw the tiny world's balls (examples/tiny_assets/pretrain_tiny_world.py).
+
+    Built once and kept on disk under TINY_WORLD_CACHE (default ~/.cache/preference-alignment/tiny-world): a
+    build whose fingerprint (settings, recipe source, torch and diffusers versions) matches is reused, anything
+    else is rebuilt (about 3 minutes on 2 cores)."""
+    import pretrain_tiny_world
+
+    cache = os.environ.get("TINY_WORLD_CACHE") or str(Path.home() / ".cache" / "preference-alignment" / "tiny-world")
+    path, _ = pretrain_tiny_world.build(pretrain_tiny_world.parse_args(["--output_dir", cache]))
+    return {"model": str(path), "dataset": tiny_assets["dataset"]}
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ from .clip_rewards import CLIPScore, LaionAesthetic, PickScore
 from .hps import HPSv21, convert_open_clip_state_dict
 from .image_reward import ImageReward, convert_image_reward_state_dict
 from .registry import REWARD_MODELS, check_reward_model_names, load_reward_model, reward_weights_source
+from .toy_ball import ToyBall
 from .vqascore import VQAScore
 
 
@@ -27,6 +28,7 @@ __all__ = [
     "REWARD_MODELS",
     "RewardInputError",
     "RewardModel",
+    "ToyBall",
     "VQAScore",
     "check_reward_model_names",
     "convert_image_reward_state_dict",

@@ -12,10 +12,13 @@ from .base import RewardInputError
 from .clip_rewards import CLIPScore, LaionAesthetic, PickScore
 from .hps import HPSv21
 from .image_reward import ImageReward
+from .toy_ball import ToyBall
 from .vqascore import VQAScore
 
 
-REWARD_MODELS = {model.name: model for model in (PickScore, HPSv21, ImageReward, LaionAesthetic, CLIPScore, VQAScore)}
+REWARD_MODELS = {
+    model.name: model for model in (PickScore, HPSv21, ImageReward, LaionAesthetic, CLIPScore, VQAScore, ToyBall)
+}
 
 
 def check_reward_model_names(names):

@@ -16,7 +16,8 @@ loaders, the converters and the eval tools can be tested offline; the scores mea
   `vision_config.json` and a BERT `vocab.txt`.
 The tokenizers are byte-level CLIP BPE (with <|endoftext|> as the largest id, as in CLIP) and a
 small WordPiece vocabulary. Every model of examples/rewards/registry.py has a writer in STAND_INS
-below, except those that need an optional package (vqascore); `write_tiny_reward_models` checks it.
+below, except those that need an optional package (vqascore) or no weights (toy_ball);
+`write_tiny_reward_models` checks it.
 """
 
 import argparse
@@ -352,13 +353,16 @@ STAND_INS = {
 
 
 def reward_models_without_stand_in():
-    """Registered reward models with no writer in STAND_INS, leaving out those that need an optional package."""
+    """Registered reward models with no writer in STAND_INS, leaving out those that need an optional package
+    and those that have no weights (toy_ball)."""
     from examples.rewards.registry import REWARD_MODELS
 
     return [
         name
         for name, model in REWARD_MODELS.items()
-        if name not in STAND_INS and getattr(model, "optional_dependency", None) is None
+        if name not in STAND_INS
+        and getattr(model, "optional_dependency", None) is None
+        and getattr(model, "needs_weights", True)
     ]
 
 

@@ -1,31 +1,35 @@
 #!/usr/bin/env python
-r"""Prototype (issue 8): a tiny SDXL base model worth aligning, and a scorer that judges its images.
+r"""Pre-train the tiny SDXL pipeline into a base model worth aligning: it draws the tiny world's balls.
 
-The tiny pipeline of examples/tiny_assets/make_tiny_assets.py has a randomly initialised UNet, so
-its samples are grey blobs and nothing a preference method does can be seen in them. This script
-pre-trains that UNet (same ~1 M-parameter shapes) with ordinary denoising on the tiny world's
-images (a ball of one of six colours in the top or bottom half, captions "a photo of a <colour>
-ball", both halves equally often), with caption dropout for classifier-free guidance, then samples
-the saved pipeline and judges the images with plain-numpy functions (where is the ball, is it the
-caption's colour, and a Bradley-Terry-style score).
+make_tiny_assets.py builds the ~1 M-parameter pipeline with a randomly initialised UNet, whose samples
+are grey blobs: nothing a preference method does could be seen in them. This script trains that UNet
+(same shapes) with ordinary denoising on the tiny world's images (a ball of one of six colours in the
+top or bottom half, captioned "a photo of a <colour> ball", both halves equally often), with caption
+dropout for classifier-free guidance. Its samples show one ball of the caption's colour, in the top
+half about half of the time: the raters' preference (top half) is not in the base model, so an
+objective that learns it moves the share, and examples/rewards/toy_ball.py can see it.
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python examples/tiny_world/pretrain_prototype.py \
-        --output_dir /tmp/tiny_world --grid_path /tmp/tiny_world_grid.png
+    python examples/tiny_assets/pretrain_tiny_world.py --output_dir tiny_assets
+    # -> tiny_assets/tiny-world-sdxl (pipeline) with tiny_world.json (fingerprint, settings, timings)
 
-Steps (each cached: a finished output folder whose fingerprint matches the settings is reused):
-1. build the tiny pipeline with make_tiny_assets.build_tiny_sdxl_pipeline (or take --base_pipeline);
-2. refit its VAE a little longer (--vae_refit_steps): the 120-step fit of make_tiny_assets keeps the
-   ball's position but decodes every colour as the same grey-green, so no UNet could draw a red ball;
+Built once: a folder whose tiny_world.json carries the fingerprint of the current settings (and of
+this recipe's source, make_tiny_assets' pieces and the torch / diffusers versions) is reused as it is;
+anything else is rebuilt. About 3 minutes on 2 CPU cores (set OMP_NUM_THREADS=1 when the cores are
+shared: two threads under contention run several times slower).
+
+Steps:
+1. build the tiny pipeline with make_tiny_assets.build_tiny_sdxl_pipeline;
+2. refit its VAE longer, weighting the ball's pixels (--vae_refit_steps): the 120-step fit of
+   make_tiny_assets keeps the ball's position but decodes every colour as one grey-green, so no UNet
+   could draw a red ball through it;
 3. encode a balanced pool of images once (VAE posterior means x scaling_factor);
 4. pre-train the UNet: epsilon MSE, t ~ U{0..999} with a DDPMScheduler built from the pipeline's
-   scheduler config (a deep copy: pipeline runs change a scheduler's timesteps), SDXL conditioning
-   as the training scripts build it (penultimate hidden states of both encoders, pooled output of
-   the second, add_time_ids (64, 64, 0, 0, 64, 64)), the caption replaced by zeros with probability
-   --cfg_dropout (what the pipeline feeds as the unconditional branch: force_zeros_for_empty_prompt);
-   AdamW, warm-up then cosine decay, an EMA of the weights is what is saved;
-5. save the pipeline and tiny_world.json (fingerprint, settings, timings);
-6. sample --num_samples images (the six captions in turn, fixed per-image seeds) with the pipeline's
-   own Euler scheduler, score them, print the metrics and write a PNG grid.
+   scheduler config, SDXL conditioning as the training scripts build it (penultimate hidden states
+   of both encoders, pooled output of the second, add_time_ids (64, 64, 0, 0, 64, 64)), the caption
+   replaced by zeros with probability --cfg_dropout (what the pipeline feeds as the unconditional
+   branch: force_zeros_for_empty_prompt); AdamW, warm-up then cosine decay; the EMA of the weights is
+   what is saved;
+5. save the pipeline and tiny_world.json.
 """
 
 import argparse
@@ -37,135 +41,19 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tiny_assets"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_assets  # noqa: E402
 
 
 COLOR_NAMES = list(make_tiny_assets.COLORS)
-COLOR_TABLE = np.array([make_tiny_assets.COLORS[name] for name in COLOR_NAMES], dtype=np.float32)
-# make_image scales the ball's colour by U(0.8, 1.0) and the soft mask never quite reaches 1 at the
-# centre, so the brightest pixels of a ball sit near 0.9 x its table colour.
-TYPICAL_BRIGHTNESS = 0.9
 FORMAT_VERSION = 1  # bump when the recipe changes in a way the settings do not show
-
-
-# ----------------------------------------------------------------------------------------------
-# Scorer: plain numpy on (H, W, 3) uint8 RGB images
-# ----------------------------------------------------------------------------------------------
-def caption_color(caption):
-    """The colour word of a tiny-world caption ("a photo of a red ball" -> "red"), or None."""
-    words = caption.lower().replace(",", " ").split()
-    for name in COLOR_NAMES:
-        if name in words:
-            return name
-    return None
-
-
-def find_ball(image, border=4, min_peak=60.0, relative_threshold=0.5, max_area=0.35, min_pixels=12):
-    """Locate the ball: pixels far (in RGB) from the background, the median colour of the image's border.
-
-    Returns a dict: found (a compact blob clearly off the background: its 99.5th-percentile distance
-    from the background >= min_peak, at least min_pixels and at most max_area of the image above
-    relative_threshold x that peak), center_y / center_x (distance-weighted centroid of those
-    pixels, as fractions of the height / width: 0 = top / left), color (mean RGB of the ball's core,
-    the pixels within 80 % of the peak distance), background (RGB), peak (RGB distance), area (fraction).
-    """
-    image = np.asarray(image, dtype=np.float32)
-    height, width, _ = image.shape
-    ring = np.concatenate(
-        [
-            image[:border].reshape(-1, 3),
-            image[-border:].reshape(-1, 3),
-            image[:, :border].reshape(-1, 3),
-            image[:, -border:].reshape(-1, 3),
-        ]
-    )
-    background = np.median(ring, axis=0)
-    distance = np.linalg.norm(image - background, axis=-1)
-    peak = float(np.percentile(distance, 99.5))
-    mask = distance > relative_threshold * peak
-    area = float(mask.mean())
-    found = bool(peak >= min_peak and mask.sum() >= min_pixels and area <= max_area)
-    weights = (distance - relative_threshold * peak).clip(min=0) * mask
-    total = max(float(weights.sum()), 1e-6)
-    yy, xx = np.mgrid[0:height, 0:width]
-    core = distance >= 0.8 * peak
-    return {
-        "found": found,
-        "center_y": float((weights * yy).sum() / total) / height,
-        "center_x": float((weights * xx).sum() / total) / width,
-        "color": image[core].mean(axis=0) if core.any() else background,
-        "background": background,
-        "peak": peak,
-        "area": area,
-    }
-
-
-def color_log_probs(rgb, temperature=40.0):
-    """log p(colour | rgb) over COLOR_NAMES: softmax of -||rgb - 0.9 colour||^2 / (2 temperature^2)."""
-    logits = -((COLOR_TABLE * TYPICAL_BRIGHTNESS - np.asarray(rgb, np.float32)) ** 2).sum(-1) / (2 * temperature**2)
-    logits = logits - logits.max()
-    return logits - np.log(np.exp(logits).sum())
-
-
-def nearest_color(rgb):
-    return COLOR_NAMES[int(np.argmax(color_log_probs(rgb)))]
-
-
-def score_image(image, caption, height_weight=4.0, color_weight=1.0, min_log_prob=-10.0):
-    """Judge one generated image against its caption.
-
-    Returns a dict: found, top (ball centre in the top half), color (nearest table colour of the
-    ball's core), color_match (that colour is the caption's), center_y, and score, a
-    Bradley-Terry-style scalar (P(a preferred to b) = sigmoid(score_a - score_b), see bt_probability):
-
-        score = height_weight * (1 - 2 center_y) + color_weight * max(log p(caption colour | ball), min_log_prob)
-
-    (1 - 2 center_y is +1 at the top edge, -1 at the bottom). An image without a ball gets the worst
-    score: -height_weight + color_weight * min_log_prob.
-    """
-    ball = find_ball(image)
-    wanted = caption_color(caption)
-    if not ball["found"]:
-        return {
-            "found": False,
-            "top": False,
-            "color": None,
-            "color_match": False,
-            "center_y": ball["center_y"],
-            "score": -height_weight + color_weight * min_log_prob,
-        }
-    log_probs = color_log_probs(ball["color"])
-    color = COLOR_NAMES[int(np.argmax(log_probs))]
-    color_term = max(float(log_probs[COLOR_NAMES.index(wanted)]), min_log_prob) if wanted else 0.0
-    return {
-        "found": True,
-        "top": ball["center_y"] < 0.5,
-        "color": color,
-        "color_match": color == wanted,
-        "center_y": ball["center_y"],
-        "score": height_weight * (1.0 - 2.0 * ball["center_y"]) + color_weight * color_term,
-    }
-
-
-def bt_probability(score_a, score_b):
-    """Bradley-Terry: probability that the image scored score_a is preferred to the one scored score_b."""
-    return 1.0 / (1.0 + np.exp(-(np.asarray(score_a, np.float64) - np.asarray(score_b, np.float64))))
-
-
-def bootstrap_interval(values, num_resamples=2000, seed=0, level=0.95):
-    """Mean of 0/1 (or real) values and its percentile-bootstrap interval."""
-    values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(num_resamples, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return float(values.mean()), float(low), float(high)
+PIPELINE_FOLDER = "tiny-world-sdxl"
+INFO_FILE = "tiny_world.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,32 +61,36 @@ def bootstrap_interval(values, num_resamples=2000, seed=0, level=0.95):
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="/tmp/tiny_world", help="Receives base-sdxl/ and tiny-world-sdxl/.")
     parser.add_argument(
-        "--base_pipeline", default=None, help="An existing make_tiny_assets pipeline (default: build one)."
+        "--output_dir", default="tiny_assets", help=f"Receives {PIPELINE_FOLDER}/ (and a scratch base-sdxl/)."
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae_refit_steps", type=int, default=500)
-    parser.add_argument("--vae_ball_weight", type=float, default=2.0)
-    parser.add_argument("--vae_refit_lr", type=float, default=2e-3)
-    parser.add_argument("--vae_refit_batch_size", type=int, default=16)
-    parser.add_argument("--num_train_images", type=int, default=1536)
-    parser.add_argument("--train_steps", type=int, default=1500)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--warmup_steps", type=int, default=100)
-    parser.add_argument("--weight_decay", type=float, default=1e-2)
-    parser.add_argument("--cfg_dropout", type=float, default=0.1, help="Share of captions replaced by zeros.")
-    parser.add_argument("--snr_gamma", type=float, default=0.0, help="min-SNR-gamma loss weighting; 0: plain MSE.")
-    parser.add_argument("--ema_decay", type=float, default=0.995, help="0 saves the raw weights.")
-    parser.add_argument("--force", action="store_true", help="Rebuild even if a matching cache exists.")
-    # sampling and scoring
-    parser.add_argument("--num_samples", type=int, default=96)
-    parser.add_argument("--sample_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--sample_seed", type=int, default=1234)
-    parser.add_argument("--grid_path", default="/tmp/tiny_world_grid.png")
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the images and the training draws.")
+    vae = parser.add_argument_group("VAE refit")
+    vae.add_argument("--vae_refit_steps", type=int, default=500, help="Reconstruction steps (one-cycle Adam).")
+    vae.add_argument("--vae_ball_weight", type=float, default=2.0, help="Extra weight of pixels off the background.")
+    vae.add_argument("--vae_refit_lr", type=float, default=2e-3, help="Peak learning rate of the refit.")
+    vae.add_argument("--vae_refit_batch_size", type=int, default=16, help="Images per refit step.")
+    unet = parser.add_argument_group("UNet pre-training")
+    unet.add_argument("--num_train_images", type=int, default=1536, help="Balanced pool: colours x halves.")
+    unet.add_argument("--train_steps", type=int, default=1500, help="Optimizer steps.")
+    unet.add_argument("--batch_size", type=int, default=64, help="Images per step.")
+    unet.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate (cosine decay).")
+    unet.add_argument("--warmup_steps", type=int, default=100, help="Linear warm-up steps.")
+    unet.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    unet.add_argument("--cfg_dropout", type=float, default=0.1, help="Share of captions replaced by zeros.")
+    unet.add_argument("--snr_gamma", type=float, default=0.0, help="min-SNR-gamma loss weighting; 0: plain MSE.")
+    unet.add_argument("--ema_decay", type=float, default=0.995, help="EMA of the weights that is saved; 0: raw.")
+    parser.add_argument("--force", action="store_true", help="Rebuild even if a matching build exists.")
+    args = parser.parse_args(argv)
+    positive = ("vae_refit_batch_size", "num_train_images", "train_steps", "batch_size", "learning_rate")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.vae_refit_steps < 0 or args.warmup_steps < 0:
+        parser.error("--vae_refit_steps and --warmup_steps must not be negative.")
+    if not 0 <= args.cfg_dropout < 1 or not 0 <= args.ema_decay < 1:
+        parser.error("--cfg_dropout and --ema_decay must lie in [0, 1).")
+    return args
 
 
 TRAIN_SETTINGS = (
@@ -220,8 +112,11 @@ TRAIN_SETTINGS = (
 
 
 def fingerprint(args):
-    """Hash of everything the pre-trained pipeline depends on: the settings, this recipe's version,
-    the source of the make_tiny_assets pieces it is built from, and the base pipeline's path if given."""
+    """Hash of everything the pre-trained pipeline depends on: the settings, this recipe's version and
+    source, the source of the make_tiny_assets pieces it is built from, and the torch and diffusers versions."""
+    import diffusers
+    import torch
+
     sources = "".join(
         inspect.getsource(obj)
         for obj in (
@@ -229,6 +124,10 @@ def fingerprint(args):
             make_tiny_assets.fit_tiny_vae,
             make_tiny_assets.make_image,
             make_tiny_assets.write_clip_tokenizer_files,
+            image_batch,
+            refit_vae,
+            encode_prompts,
+            pretrain,
         )
     )
     key = {
@@ -236,8 +135,8 @@ def fingerprint(args):
         "settings": {name: getattr(args, name) for name in TRAIN_SETTINGS},
         "colors": make_tiny_assets.COLORS,
         "unet_preset": make_tiny_assets.UNET_PRESETS["tiny"],
-        "base_pipeline": os.path.abspath(args.base_pipeline) if args.base_pipeline else None,
-        "make_tiny_assets_source": hashlib.sha256(sources.encode()).hexdigest(),
+        "source": hashlib.sha256(sources.encode()).hexdigest(),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
@@ -416,122 +315,54 @@ def pretrain(args, base_path, out_path):
     return timings, float(np.mean(losses[-100:]))
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling and report
-# ----------------------------------------------------------------------------------------------
-def sample(pipe_path, args):
-    import torch
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(pipe_path)
-    pipe.set_progress_bar_config(disable=True)
-    captions = [f"a photo of a {COLOR_NAMES[i % len(COLOR_NAMES)]} ball" for i in range(args.num_samples)]
-    generators = [torch.Generator().manual_seed(args.sample_seed + i) for i in range(args.num_samples)]
-    start = time.perf_counter()
-    with torch.no_grad():
-        images = pipe(
-            prompt=captions,
-            num_inference_steps=args.sample_steps,
-            guidance_scale=args.guidance_scale,
-            generator=generators,
-            output_type="np",
-        ).images
-    seconds = time.perf_counter() - start
-    return captions, (np.clip(images, 0, 1) * 255).round().astype(np.uint8), seconds
-
-
-def write_grid(images, captions, results, path, scale=2):
-    """One row per colour: a swatch of the caption's colour, then that caption's samples; under each
-    image a bar, white where the scorer found the ball in the top half, grey for bottom, black for none."""
-    from PIL import Image
-
-    size = images.shape[1]
-    rows = [[] for _ in COLOR_NAMES]
-    for image, caption, result in zip(images, captions, results):
-        tile = np.zeros((size + 4, size + 2, 3), np.uint8)
-        tile[:size, :size] = image
-        tile[size + 1 :, :size] = 255 if result["top"] else (110 if result["found"] else 0)
-        rows[COLOR_NAMES.index(caption_color(caption))].append(tile)
-    width = max(len(r) for r in rows)
-    lines = []
-    for name, row in zip(COLOR_NAMES, rows):
-        swatch = np.zeros((size + 4, 16, 3), np.uint8)
-        swatch[8:-8, 2:-4] = make_tiny_assets.COLORS[name]
-        row = row + [np.zeros((size + 4, size + 2, 3), np.uint8)] * (width - len(row))
-        lines.append(np.concatenate([swatch] + row, axis=1))
-    grid = np.concatenate(lines, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def build(args):
+    """The pre-trained pipeline's folder: reused when its fingerprint matches, else (re)built. Returns (path, info)."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     output_dir = Path(args.output_dir)
-    out_path = output_dir / "tiny-world-sdxl"
-    info_path = out_path / "tiny_world.json"
+    out_path = output_dir / PIPELINE_FOLDER
+    info_path = out_path / INFO_FILE
     key = fingerprint(args)
-    info = json.loads(info_path.read_text()) if info_path.exists() else None
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
     if info is not None and info.get("fingerprint") == key and not args.force:
-        print(f"cached: {out_path} (fingerprint {key}); pre-training times of that build: {info['timings']}")
-    else:
-        timings = {}
-        base_path = args.base_pipeline
-        if base_path is None:  # rebuilt on every cache miss: make_tiny_assets may have changed since
-            base_path = output_dir / "base-sdxl"
-            start = time.perf_counter()
-            make_tiny_assets.build_tiny_sdxl_pipeline(str(base_path), seed=args.seed)
-            timings["build_base_s"] = time.perf_counter() - start
-        trained, final_loss = pretrain(args, str(base_path), str(out_path))
-        timings.update(trained)
-        info = {
-            "fingerprint": key,
-            "settings": {name: getattr(args, name) for name in TRAIN_SETTINGS},
-            "timings": timings,
-            "final_loss": final_loss,
-        }
-        info_path.write_text(json.dumps(info, indent=2) + "\n")
-        print(f"built: {out_path} (fingerprint {key}), final loss {final_loss:.4f}")
-        print("times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-        print(
-            f"pre-training wall time (VAE refit + data + UNet): "
-            f"{trained['vae_refit_s'] + trained['data_s'] + trained['pretrain_s']:.1f} s"
+        print(f"tiny world base: {out_path} is up to date (fingerprint {key}), reused")
+        return out_path, info
+    reason = (
+        "--force"
+        if info is not None and info.get("fingerprint") == key
+        else (
+            "no earlier build"
+            if info is None
+            else f"settings or recipe changed (fingerprint {info.get('fingerprint')})"
         )
-
-    captions, images, seconds = sample(str(out_path), args)
-    results = [score_image(image, caption) for image, caption in zip(images, captions)]
-    found = [r["found"] for r in results]
-    top = [r["top"] for r in results]
-    match = [r["color_match"] for r in results]
-    print(
-        f"sampling: {len(images)} images, {args.sample_steps} Euler steps, "
-        f"guidance {args.guidance_scale}: {seconds:.1f} s"
     )
-    for name, values in (("ball found", found), ("ball in top half", top), ("colour matches caption", match)):
-        mean, low, high = bootstrap_interval(values)
-        print(f"  {name}: {mean:.3f} (95 % bootstrap interval {low:.3f}-{high:.3f})")
-    found_idx = [i for i, f in enumerate(found) if f]
-    if found_idx:
-        print(
-            f"  among found balls: top {np.mean([top[i] for i in found_idx]):.3f}, "
-            f"colour match {np.mean([match[i] for i in found_idx]):.3f}"
-        )
-    caption_colors = [caption_color(c) for c in captions]
-    for label, values in (("top-half share", top), ("colour match", match)):
-        shares = {
-            name: round(float(np.mean([v for v, c in zip(values, caption_colors) if c == name])), 2)
-            for name in COLOR_NAMES
-        }
-        print(f"  {label} per caption colour: {shares}")
-    confusion = {}
-    for r, c in zip(results, captions):
-        confusion.setdefault(caption_color(c), []).append(r["color"] or "-")
-    off = "; ".join(f"{k}: {dict(Counter(v).most_common())}" for k, v in confusion.items() if set(v) != {k})
-    print(f"  drawn colours per caption: {off or 'all as captioned'}")
-    print(f"  mean score {np.mean([r['score'] for r in results]):.2f}")
-    write_grid(images, captions, results, args.grid_path)
-    print(f"grid: {args.grid_path}")
+    print(f"tiny world base: building {out_path} ({reason}; fingerprint {key})", flush=True)
+    info_path.unlink(missing_ok=True)  # a build interrupted from here on is never taken for a finished one
+    timings = {}
+    start = time.perf_counter()
+    base_path = output_dir / "base-sdxl"
+    make_tiny_assets.build_tiny_sdxl_pipeline(str(base_path), seed=args.seed)
+    timings["build_base_s"] = time.perf_counter() - start
+    trained, final_loss = pretrain(args, str(base_path), str(out_path))
+    timings.update(trained)
+    timings["total_s"] = time.perf_counter() - start
+    info = {
+        "fingerprint": key,
+        "settings": {name: getattr(args, name) for name in TRAIN_SETTINGS},
+        "timings": timings,
+        "final_loss": final_loss,
+    }
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    print(
+        f"== tiny world base built: {out_path} in {timings['total_s']:.0f} s "
+        f"(VAE refit {timings['vae_refit_s']:.0f} s, UNet {timings['pretrain_s']:.0f} s), final loss {final_loss:.4f}"
+    )
+    return out_path, info
+
+
+def main(argv=None):
+    build(parse_args(argv))
 
 
 if __name__ == "__main__":
