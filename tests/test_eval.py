@@ -594,3 +594,49 @@ def test_generate_score_compare_end_to_end(eval_assets, tiny_assets, tiny_reward
     assert "| lora |" in result.stdout and "PickScore" in result.stdout and "ImageReward" in result.stdout
     for suffix in ("md", "json", "png"):
         assert Path(f"{prefix}.{suffix}").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny SD1.x-style pipeline (one text encoder, no safety checker) and a LoRA of its UNet."""
+    import make_tiny_assets
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root = tmp_path_factory.mktemp("tiny_sd")
+    make_tiny_assets.build_tiny_sd_pipeline(root / "tiny-sd", vae_fit_steps=0)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(root / "tiny-sd", subfolder="unet")
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )
+    (root / "lora").mkdir()
+    StableDiffusionPipeline.save_lora_weights(
+        root / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    )
+    prompts_file = root / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    return {"model": str(root / "tiny-sd"), "lora": root / "lora", "prompts_file": prompts_file}
+
+
+@pytest.mark.slow
+def test_generate_on_an_sd_pipeline_writes_its_images_and_applies_a_lora(tiny_sd, tmp_path):
+    output_dir = tmp_path / "generated"
+    for name, extra in (("base", []), ("lora", ["--lora_path", tiny_sd["lora"]])):
+        run_tool(
+            "generate.py",
+            generate_args(tiny_sd, output_dir, name, tiny_sd["prompts_file"], "--scheduler", "euler", *extra),
+        )
+    base_rows, lora_rows = read_manifest(output_dir / "base"), read_manifest(output_dir / "lora")
+    assert [(row["prompt_index"], row["k"]) for row in base_rows] == [(i, k) for i in range(3) for k in range(K)]
+    assert [row["seed"] for row in lora_rows] == [row["seed"] for row in base_rows]
+    for row in base_rows:
+        assert Image.open(output_dir / "base" / row["image"]).size == (64, 64)
+    differences = [
+        np.abs(pixels(output_dir / "lora" / row["image"]) - pixels(output_dir / "base" / row["image"])).mean()
+        for row in base_rows
+    ]
+    assert min(differences) > 1.0

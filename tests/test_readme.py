@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import train_ddspo
 import train_diffusion_dpo_sdxl
 import train_mapo_sdxl
 
@@ -47,7 +48,7 @@ def option_strings(script):
     ]
 
 
-@pytest.mark.parametrize("script", [train_diffusion_dpo_sdxl, train_mapo_sdxl], ids=lambda s: s.__name__)
+@pytest.mark.parametrize("script", [train_diffusion_dpo_sdxl, train_mapo_sdxl, train_ddspo], ids=lambda s: s.__name__)
 def test_every_flag_is_documented_in_the_readme(script):
     missing = [flag for flag in option_strings(script) if f"`{flag}`" not in README]
     assert not missing, f"README.md does not document {missing}"
@@ -55,9 +56,8 @@ def test_every_flag_is_documented_in_the_readme(script):
 
 @pytest.mark.parametrize("readme", ["README.md", "examples/eval/README.md"])
 def test_flags_used_in_training_commands_exist(readme):
-    known = (
-        set(option_strings(train_diffusion_dpo_sdxl)) | set(option_strings(train_mapo_sdxl)) | ACCELERATE_LAUNCH_FLAGS
-    )
+    scripts = (train_diffusion_dpo_sdxl, train_mapo_sdxl, train_ddspo)
+    known = set().union(*(option_strings(script) for script in scripts)) | ACCELERATE_LAUNCH_FLAGS
     for block in re.findall(r"```bash\n(.*?)```", (REPO / readme).read_text(), flags=re.S):
         for command in block.split("\n\n"):
             if "train_" not in command:
@@ -78,6 +78,7 @@ def test_files_named_in_the_two_commands_exist():
 
 DOCUMENTS = ["README.md", "requirements.txt", "examples/eval/README.md", "train_diffusion_dpo_sdxl.py"]
 DOCUMENTS += ["train_mapo_sdxl.py", "utils/diffusion.py", "tests/run_tests.sh", "examples/setup_env.sh"]
+DOCUMENTS += ["train_ddspo.py", "examples/ddspo/README.md", "examples/capo/README.md"]
 
 
 def test_every_repository_file_the_docs_point_to_exists():

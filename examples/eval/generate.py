@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-r"""Generate K images per prompt from an SDXL pipeline, optionally with trained weights, for evaluation.
+r"""Generate K images per prompt from an SD1.x/2.x or SDXL pipeline, optionally with trained weights, for evaluation.
 
     accelerate launch examples/eval/generate.py --model_name mapo \
         --lora_path sdxl-mapo --prompts pickapic_v2_test --images_per_prompt 4 --output_dir generated
@@ -7,6 +7,8 @@ r"""Generate K images per prompt from an SDXL pipeline, optionally with trained 
 writes `generated/mapo/<prompt_index>_<k>.png`, `manifest.jsonl` (one row per image: prompt,
 prompt_index, k, seed, image), `prompts.json` and `generation_config.json`.
 
+- The pipeline is the text-to-image pipeline that the model's model_index.json names (SDXL, SD1.x, SD2.x);
+  an SD folder without a safety checker is loaded without one.
 - Trained weights: `--lora_path` (a training output folder with `pytorch_lora_weights.safetensors`,
   or the file) or `--unet_path` (a folder with `unet/`, the `unet/` folder itself, or a hub repository
   such as mhdang/dpo-sdxl-text2image-v1); neither for the base model.
@@ -19,6 +21,9 @@ prompt_index, k, seed, image), `prompts.json` and `generation_config.json`.
   that change the images (model, weights, scheduler, steps, guidance, size, seed, precision) must
   match the folder's generation_config.json; prompts must extend, not change, its prompts.json.
 - `accelerate launch` splits the missing images over the processes.
+
+The module-level helpers (seeds, atomic writes, the settings guard, the process split, pipeline loading) are
+shared with examples/ddspo/generate_pairs.py.
 """
 
 import argparse
@@ -53,13 +58,13 @@ def parse_args(input_args=None):
         "--pretrained_model_name_or_path",
         type=str,
         default="stabilityai/stable-diffusion-xl-base-1.0",
-        help="Base SDXL pipeline (hub id or folder).",
+        help="Base pipeline (hub id or folder): SDXL, SD1.x or SD2.x, the class its model_index.json names.",
     )
     parser.add_argument(
         "--pretrained_vae_model_name_or_path",
         type=str,
         default=None,
-        help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix for fp16.",
+        help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.",
     )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
@@ -127,20 +132,9 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--seed", type=int, default=0, help="Base seed; image k of prompt i uses SeedSequence((seed, i, k))."
     )
-    parser.add_argument("--scheduler", type=str, default="default", choices=list(SCHEDULERS), help="Sampler.")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps.")
-    parser.add_argument("--guidance_scale", type=float, default=5.0, help="Classifier-free guidance scale.")
+    add_sampling_arguments(parser)
     parser.add_argument(
         "--negative_prompt", type=str, default=None, help="Negative prompt for every image (default: none)."
-    )
-    parser.add_argument("--resolution", type=int, default=1024, help="Side of the square images.")
-    parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call on each process.")
-    parser.add_argument(
-        "--mixed_precision",
-        type=str,
-        default=None,
-        choices=["no", "fp16", "bf16"],
-        help="Weights and activations precision (default: the accelerate config's).",
     )
     parser.add_argument("--output_dir", type=str, required=True, help="Images go to OUTPUT_DIR/MODEL_NAME/.")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
@@ -152,15 +146,38 @@ def parse_args(input_args=None):
     return args
 
 
-def check_args(args):
-    """Refuse bad settings before any model is loaded."""
-    for name in ("images_per_prompt", "num_inference_steps", "batch_size", "resolution"):
+def add_sampling_arguments(parser):
+    """The sampler flags, named and defaulted alike in every tool that generates images."""
+    parser.add_argument("--scheduler", type=str, default="default", choices=list(SCHEDULERS), help="Sampler.")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps.")
+    parser.add_argument("--guidance_scale", type=float, default=5.0, help="Classifier-free guidance scale.")
+    parser.add_argument("--resolution", type=int, default=1024, help="Side of the square images.")
+    parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call on each process.")
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Weights and activations precision (default: the accelerate config's).",
+    )
+
+
+def check_sampling_args(args):
+    """Refuse bad sampler flags (those of `add_sampling_arguments`) before any model is loaded."""
+    for name in ("num_inference_steps", "batch_size", "resolution"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
-    if args.max_prompts is not None and args.max_prompts <= 0:
-        raise InputError(f"--max_prompts must be positive, got {args.max_prompts}.")
     if args.resolution % 8 != 0:
         raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}.")
+
+
+def check_args(args):
+    """Refuse bad settings before any model is loaded."""
+    if args.images_per_prompt <= 0:
+        raise InputError(f"--images_per_prompt must be positive, got {args.images_per_prompt}.")
+    check_sampling_args(args)
+    if args.max_prompts is not None and args.max_prompts <= 0:
+        raise InputError(f"--max_prompts must be positive, got {args.max_prompts}.")
     if args.lora_path is not None and args.unet_path is not None:
         raise InputError(
             "Give --lora_path or --unet_path, not both: each evaluates one trained model against the same base."
@@ -203,28 +220,46 @@ def unet_subfolder(unet_path):
     )
 
 
-def image_seed(base_seed, prompt_index, k):
-    """The seed of image k of prompt i: independent of K, of the other prompts and of how work is split."""
+def image_seed(base_seed, *indices):
+    """The seed of one image, from SeedSequence((base_seed, *indices)): (i, k) for image k of prompt i here, the row
+    index for a DDSPO pair. Independent of K, of the other prompts and of how the work is split."""
     import numpy as np
 
-    return int(np.random.SeedSequence((base_seed, prompt_index, k)).generate_state(1)[0])
+    return int(np.random.SeedSequence((base_seed, *indices)).generate_state(1)[0])
+
+
+def generator_for(seed):
+    """A CPU generator, so that an image's starting noise is the same on every device."""
+    import torch
+
+    return torch.Generator("cpu").manual_seed(seed)
 
 
 def image_filename(prompt_index, k):
     return f"{prompt_index:05d}_{k:02d}.png"
 
 
+def resolved_path(path):
+    """A local path made absolute (the same folder named two ways is one setting); a hub id or None unchanged."""
+    return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+
+def weight_dtype_for(mixed_precision):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def generation_settings(args, weight_dtype):
     """Everything that changes the pixels of an image with a given prompt and seed."""
-    absolute = lambda path: str(Path(path).resolve()) if path is not None and Path(path).exists() else path  # noqa: E731
     return {
-        "pretrained_model_name_or_path": absolute(args.pretrained_model_name_or_path),
-        "pretrained_vae_model_name_or_path": absolute(args.pretrained_vae_model_name_or_path),
+        "pretrained_model_name_or_path": resolved_path(args.pretrained_model_name_or_path),
+        "pretrained_vae_model_name_or_path": resolved_path(args.pretrained_vae_model_name_or_path),
         "revision": args.revision,
         "variant": args.variant,
-        "lora_path": absolute(args.lora_path),
+        "lora_path": resolved_path(args.lora_path),
         "lora_scale": args.lora_scale if args.lora_path else None,
-        "unet_path": absolute(args.unet_path),
+        "unet_path": resolved_path(args.unet_path),
         "scheduler": args.scheduler,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
@@ -235,18 +270,25 @@ def generation_settings(args, weight_dtype):
     }
 
 
+def changed_settings(config_file, settings):
+    """'key: old on disk, new now; ...' for every setting that differs from those saved in `config_file` (a JSON
+    file of a previous run), or '' when none does or there is no such file."""
+    if not config_file.is_file():
+        return ""
+    previous = json.loads(config_file.read_text())
+    changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
+    return "; ".join(f"{key}: {old!r} on disk, {new!r} now" for key, (old, new) in changed.items())
+
+
 def check_run_folder(run_dir, settings, prompts):
     """A resumed folder must hold images of the same settings and prompt order; raises InputError otherwise."""
     config_file, prompts_file = run_dir / "generation_config.json", run_dir / "prompts.json"
-    if config_file.is_file():
-        previous = json.loads(config_file.read_text())
-        changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
-        if changed:
-            details = "; ".join(f"{key}: {old!r} on disk, {new!r} now" for key, (old, new) in changed.items())
-            raise InputError(
-                f"{run_dir} holds images made with other settings ({details}). "
-                "Use another --model_name or --output_dir, or delete the folder."
-            )
+    details = changed_settings(config_file, settings)
+    if details:
+        raise InputError(
+            f"{run_dir} holds images made with other settings ({details}). "
+            "Use another --model_name or --output_dir, or delete the folder."
+        )
     if prompts_file.is_file():
         previous_prompts = json.loads(prompts_file.read_text())
         shared = min(len(previous_prompts), len(prompts))
@@ -260,52 +302,100 @@ def check_run_folder(run_dir, settings, prompts):
 
 
 def write_atomically(path, write):
+    """`write(temporary_path)`, then rename it to `path`: a crash leaves the old file or none, never half a file.
+    The temporary file is hidden (a leading dot) in the same folder."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(temporary)
     os.replace(temporary, path)
 
 
-def load_pipeline(args, weight_dtype, device):
-    import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+def share_of_this_process(accelerator, items):
+    """This process's contiguous share of `items` (all of them with one process). Every process must pass the same
+    list, so each one lists the work on disk before any of them writes (`accelerator.wait_for_everyone()`)."""
+    with accelerator.split_between_processes(items) as share:
+        return list(share)
 
+
+def load_pipeline(
+    pretrained_model_name_or_path,
+    weight_dtype,
+    device,
+    scheduler="default",
+    vae_path=None,
+    unet_path=None,
+    lora_path=None,
+    lora_scale=1.0,
+    revision=None,
+    variant=None,
+    cache_dir=None,
+):
+    """The text-to-image pipeline of the family model_index.json names (SDXL, SD1.x, SD2.x), on `device`.
+
+    `vae_path` and `unet_path` replace those components; `lora_path` (a folder with LORA_WEIGHT_NAME, or the file)
+    is fused into the weights at `lora_scale`; `scheduler` is a key of SCHEDULERS. A local SD folder whose
+    model_index.json names a safety checker that is not in the folder is loaded without one.
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, AutoPipelineForText2Image, DiffusionPipeline, UNet2DConditionModel
+
+    try:
+        model_index = DiffusionPipeline.load_config(
+            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir
+        )
+    except OSError as error:  # no model_index.json: a wrong folder, a wrong hub id, or the hub out of reach
+        raise InputError(
+            f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r} could not be loaded "
+            f"({' '.join(str(error).split())[:200]}); expected a diffusers pipeline folder or a hub id reachable "
+            "from here (is HF_HUB_OFFLINE set?)."
+        ) from error
     components = {}
-    if args.pretrained_vae_model_name_or_path is not None:
-        components["vae"] = AutoencoderKL.from_pretrained(
-            args.pretrained_vae_model_name_or_path, dtype=weight_dtype, cache_dir=args.cache_dir
-        )
-    if args.unet_path is not None:
+    if vae_path is not None:
+        components["vae"] = AutoencoderKL.from_pretrained(vae_path, dtype=weight_dtype, cache_dir=cache_dir)
+    if unet_path is not None:
+        if "unet" not in model_index:
+            raise InputError(
+                f"--unet_path was given, but {pretrained_model_name_or_path!r} is a {model_index['_class_name']} "
+                "without a UNet; use a UNet pipeline (SD1.x, SD2.x, SDXL)."
+            )
         components["unet"] = UNet2DConditionModel.from_pretrained(
-            args.unet_path, subfolder=unet_subfolder(args.unet_path), dtype=weight_dtype, cache_dir=args.cache_dir
+            unet_path, subfolder=unet_subfolder(unet_path), dtype=weight_dtype, cache_dir=cache_dir
         )
-    pipeline = StableDiffusionXLPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
+    local_folder = Path(pretrained_model_name_or_path)
+    safety_checker = model_index.get("safety_checker")
+    if (
+        local_folder.is_dir()
+        and safety_checker
+        and safety_checker[0]
+        and not (local_folder / "safety_checker").is_dir()
+    ):
+        components.update(safety_checker=None, requires_safety_checker=False)
+    pipeline = AutoPipelineForText2Image.from_pretrained(
+        pretrained_model_name_or_path,
+        revision=revision,
+        variant=variant,
         dtype=weight_dtype,
-        cache_dir=args.cache_dir,
+        cache_dir=cache_dir,
         **components,
     )
-    if SCHEDULERS[args.scheduler] is not None:
-        pipeline.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipeline.scheduler.config)
-    if args.lora_path is not None:
-        lora = Path(args.lora_path)
+    if SCHEDULERS[scheduler] is not None:
+        pipeline.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipeline.scheduler.config)
+    if lora_path is not None:
+        lora = Path(lora_path)
         folder, weight_name = (lora, LORA_WEIGHT_NAME) if lora.is_dir() else (lora.parent, lora.name)
         pipeline.load_lora_weights(str(folder), weight_name=weight_name)
-        pipeline.fuse_lora(lora_scale=args.lora_scale)
+        pipeline.fuse_lora(lora_scale=lora_scale)
         pipeline.unload_lora_weights()  # the update now lives in the fused weights
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
 
 def main(args):
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
     log = accelerator.print
 
     try:
@@ -353,31 +443,42 @@ def main(args):
     )
 
     generated = 0
-    with accelerator.split_between_processes(pending) as my_items:
-        if my_items:
-            pipeline = load_pipeline(args, weight_dtype, accelerator.device)
-            progress = tqdm(
-                total=len(my_items),
-                desc=f"generating {args.model_name} (this process's share)",
-                disable=not accelerator.is_local_main_process,
-            )
-            for start in range(0, len(my_items), args.batch_size):
-                batch = my_items[start : start + args.batch_size]
-                generators = [torch.Generator("cpu").manual_seed(image_seed(args.seed, i, k)) for i, k in batch]
-                images = pipeline(
-                    prompt=[prompts[i] for i, _ in batch],
-                    negative_prompt=[args.negative_prompt] * len(batch) if args.negative_prompt is not None else None,
-                    num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale,
-                    height=args.resolution,
-                    width=args.resolution,
-                    generator=generators,
-                ).images
-                for (i, k), image in zip(batch, images):
-                    write_atomically(run_dir / image_filename(i, k), lambda path: image.save(path, format="PNG"))
-                generated += len(batch)
-                progress.update(len(batch))
-            progress.close()
+    my_items = share_of_this_process(accelerator, pending)
+    if my_items:
+        pipeline = load_pipeline(
+            args.pretrained_model_name_or_path,
+            weight_dtype,
+            accelerator.device,
+            scheduler=args.scheduler,
+            vae_path=args.pretrained_vae_model_name_or_path,
+            unet_path=args.unet_path,
+            lora_path=args.lora_path,
+            lora_scale=args.lora_scale,
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
+        progress = tqdm(
+            total=len(my_items),
+            desc=f"generating {args.model_name} (this process's share)",
+            disable=not accelerator.is_local_main_process,
+        )
+        for start in range(0, len(my_items), args.batch_size):
+            batch = my_items[start : start + args.batch_size]
+            images = pipeline(
+                prompt=[prompts[i] for i, _ in batch],
+                negative_prompt=[args.negative_prompt] * len(batch) if args.negative_prompt is not None else None,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=[generator_for(image_seed(args.seed, i, k)) for i, k in batch],
+            ).images
+            for (i, k), image in zip(batch, images):
+                write_atomically(run_dir / image_filename(i, k), lambda path: image.save(path, format="PNG"))
+            generated += len(batch)
+            progress.update(len(batch))
+        progress.close()
     generated_per_process = gather_object([generated])
     accelerator.wait_for_everyone()
 
