@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import OFFLINE_ENV, REPO, free_port, launch, tiny_args
@@ -215,7 +216,7 @@ def test_max_batch_search_finds_the_largest_fitting_batch_and_stops_at_the_datas
 
 
 @pytest.mark.slow
-def test_benchmark_in_its_reduced_setting_fills_every_column(tiny_assets, tmp_path):
+def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(tiny_assets, tmp_path):
     result = subprocess.run(
         [
             sys.executable,
@@ -241,7 +242,7 @@ def test_benchmark_in_its_reduced_setting_fills_every_column(tiny_assets, tmp_pa
 
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert {(row["method"], row["latents"]) for row in report["rows"]} == {
-        (method, latents) for method in ("MaPO", "Diffusion-DPO") for latents in ("cached", "uncached")
+        (method, latents) for method in ("MaPO", "Diffusion-DPO", "DDSPO") for latents in ("cached", "uncached")
     }
     for row in report["rows"]:
         for column in (
@@ -258,19 +259,36 @@ def test_benchmark_in_its_reduced_setting_fills_every_column(tiny_assets, tmp_pa
         assert row["time_ratio_to_floor"] == pytest.approx(row["seconds_per_step"] / row["floor_seconds_per_step"])
         assert row["peak_memory_kind"] == "rss"
     assert set(report["mapo_vs_dpo"]) == {"cached", "uncached"}
+    assert set(report["ddspo_vs_dpo"]) == {"cached", "uncached"}
+    assert "DDSPO within 1.10x of its floor" in report["targets"]  # reported, met or not: no wall-clock assertion
     # Every training run passed --skip_final_save: summaries written, no weights (10 GB a run on SDXL).
     runs = tmp_path / "runs"
     assert list(runs.rglob("training_summary.json"))
     written = [p for p in runs.rglob("*") if p.name == "unet" or p.suffix == ".safetensors"]
     assert not [p for p in written if "checkpoint-" not in str(p)], written
-    assert all(value > 0 for ratios in report["mapo_vs_dpo"].values() for value in ratios.values())
+    # DDSPO trained on rows derived from the Pick-a-Pic dataset, in their own folder: the pairs Diffusion-DPO
+    # trained on (ties dropped), each with a rand-removal of its caption as negative caption.
+    from benchmark_efficiency import train_pairs_in_log
+
+    ddspo_dataset = Path(report["setting"]["ddspo_dataset"])
+    assert ddspo_dataset.parent == tmp_path / "assets" and ddspo_dataset != Path(tiny_assets["dataset"])
+    ddspo_rows = pq.read_table(ddspo_dataset / "train.parquet").to_pylist()
+    pairs = {
+        run: train_pairs_in_log((runs / run / "train.log").read_text())
+        for run in ("ddspo-cached-0", "diffusion-dpo-cached-0")
+    }
+    assert pairs == {"ddspo-cached-0": len(ddspo_rows), "diffusion-dpo-cached-0": len(ddspo_rows)}
+    for row in ddspo_rows:
+        words, negative_words = row["caption"].split(), row["negative_caption"].split()
+        assert 0 < len(negative_words) < len(words) and all(word in words for word in negative_words), row["caption"]
+        assert row["jpg_w"] != row["jpg_l"]
+    for comparison in ("mapo_vs_dpo", "ddspo_vs_dpo"):
+        assert all(value > 0 for ratios in report[comparison].values() for value in ratios.values())
 
     markdown = (tmp_path / "benchmark.md").read_text()
     assert markdown.strip() in result.stdout  # what it prints is what it writes
-    table = [
-        line for line in markdown.splitlines() if line.startswith("| MaPO |") or line.startswith("| Diffusion-DPO |")
-    ]
-    assert len(table) == 4
+    table = [line for line in markdown.splitlines() if line.startswith(("| MaPO |", "| Diffusion-DPO |", "| DDSPO |"))]
+    assert len(table) == 6
     for line in table:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert len(cells) == 9 and all(cells) and "n/a" not in cells, line
