@@ -41,9 +41,12 @@ def tiny_world(tiny_assets):
     else is rebuilt (about 3 minutes on 2 cores)."""
     import pretrain_tiny_world
 
-    cache = os.environ.get("TINY_WORLD_CACHE") or str(Path.home() / ".cache" / "preference-alignment" / "tiny-world")
-    path, _ = pretrain_tiny_world.build(pretrain_tiny_world.parse_args(["--output_dir", cache]))
+    path, _ = pretrain_tiny_world.build(pretrain_tiny_world.parse_args(["--output_dir", tiny_world_cache()]))
     return {"model": str(path), "dataset": tiny_assets["dataset"]}
+
+
+def tiny_world_cache():
+    return os.environ.get("TINY_WORLD_CACHE") or str(Path.home() / ".cache" / "preference-alignment" / "tiny-world")
 
 
 def free_port():

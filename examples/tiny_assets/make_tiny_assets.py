@@ -181,7 +181,7 @@ def build_tiny_sdxl_pipeline(output_dir, seed=0, resolution=64, unet_preset="tin
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -190,20 +190,7 @@ def build_tiny_sdxl_pipeline(output_dir, seed=0, resolution=64, unet_preset="tin
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
         tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
 
-    text_config = dict(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        layer_norm_eps=1e-5,
-        vocab_size=vocab_size,
-        projection_dim=32,
-        hidden_act="gelu",
-        max_position_embeddings=77,
-    )
+    text_config = tiny_text_config(vocab_size)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
 
@@ -219,16 +206,7 @@ def build_tiny_sdxl_pipeline(output_dir, seed=0, resolution=64, unet_preset="tin
         cross_attention_dim=64,  # both text encoders' hidden states, concatenated
         **UNET_PRESETS[unet_preset],
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 16, 32, 32],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=resolution,
-    )
+    vae = tiny_vae(resolution)
     fit_tiny_vae(vae, resolution, seed, steps=vae_fit_steps)
 
     scheduler = EulerDiscreteScheduler(
@@ -253,6 +231,40 @@ def build_tiny_sdxl_pipeline(output_dir, seed=0, resolution=64, unet_preset="tin
     return sum(p.numel() for p in unet.parameters())
 
 
+def tiny_text_config(vocab_size):
+    """A 3-layer CLIP text encoder of width 32 (with a 32-wide projection, used by SDXL's second encoder)."""
+    return dict(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        layer_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        projection_dim=32,
+        hidden_act="gelu",
+        max_position_embeddings=77,
+    )
+
+
+def tiny_vae(resolution):
+    """An AutoencoderKL with four blocks (8, 16, 32, 32): 64 px images give 8x8 latents (fit it with fit_tiny_vae)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 32, 32],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+
+
 def build_tiny_sd_pipeline(
     output_dir, seed=0, resolution=64, prediction_type="epsilon", unet_preset="tiny", vae_fit_steps=120
 ):
@@ -263,41 +275,18 @@ def build_tiny_sd_pipeline(
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tok_dir:
         vocab_size = write_clip_tokenizer_files(tok_dir)
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            layer_norm_eps=1e-5,
-            vocab_size=vocab_size,
-            hidden_act="gelu",
-            max_position_embeddings=77,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(vocab_size)))
     unet = UNet2DConditionModel(
         sample_size=resolution // 8, in_channels=4, out_channels=4, cross_attention_dim=32, **UNET_PRESETS[unet_preset]
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 16, 32, 32],
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=resolution,
-    )
+    vae = tiny_vae(resolution)
     fit_tiny_vae(vae, resolution, seed, steps=vae_fit_steps)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
