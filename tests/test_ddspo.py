@@ -16,6 +16,7 @@ from train_ddspo import ddspo_loss, rand_removal
 
 
 LOG2 = math.log(2.0)
+SD_VALIDATION = ["--validation_prompts", "a photo of a red ball", "--validation_inference_steps", 2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def summary_of(output_dir):
     "pipeline,mode,extra",
     [
         ("sd_epsilon", "paired", ["--lora_rank", 4, "--learning_rate", 1e-3]),
-        ("sd_v_prediction", "not_paired", ["--learning_rate", 1e-4, "--cache_latents"]),
+        ("sd_v_prediction", "not_paired", ["--learning_rate", 1e-4, "--cache_latents", *SD_VALIDATION]),
         ("sdxl", "rand_positive", ["--lora_rank", 4, "--learning_rate", 1e-3, "--independent_noise"]),
         ("sdxl", "paired", ["--learning_rate", 1e-4, "--cache_latents"]),
     ],
@@ -135,6 +136,8 @@ def test_ddspo_first_step_loss_is_exactly_log2_in_every_mode_and_family(
         assert summary["skipped_rows"] == {"empty_negative": 1, "negative_equals_caption": 1, "too_short": 0}
     else:
         assert summary["skipped_rows"] == {"empty_negative": 0, "negative_equals_caption": 0, "too_short": 0}
+    if "--validation_prompts" in extra:  # rendered with the pipeline class of the family found
+        assert (tmp_path / "validation" / "step-000001.png").is_file()
     weights = (
         "pytorch_lora_weights.safetensors" if "--lora_rank" in extra else "unet/diffusion_pytorch_model.safetensors"
     )

@@ -10,10 +10,10 @@ colour. Settings shared by all methods, chosen once: full fine-tuning, learning 
 Measured with these settings (seed 0, 192 images, one pre-trained base): base 0.45 in the top half;
 after 100 steps Diffusion-DPO 0.75, SFT 0.67, MaPO 0.88, each keeping the colour match at 0.97 or more;
 MaPO on flipped labels 0.09. On a second build of the base (two threads instead of one, which rounds
-differently): base 0.50, Diffusion-DPO 0.78, SFT 0.73, MaPO 0.77, flipped 0.14. The tests ask for a rise of 15 points or more (a drop, for flipped labels)
-and a colour match of 0.9 or more: below the smallest measured change (SFT, +21 points) and over twice
-the bootstrap half-width of one share (about 0.07 at 192 images). With Diffusion-DPO's sign flipped its
-test fails (0.50 -> 0.09).
+differently): base 0.50, Diffusion-DPO 0.78, SFT 0.73, MaPO 0.77, flipped 0.14. The tests ask for a
+rise of 15 points or more (a drop, for flipped labels) and a colour match of 0.9 or more: below the
+smallest measured change (SFT, +21 points) and over twice the bootstrap half-width of one share
+(about 0.07 at 192 images). With Diffusion-DPO's sign flipped its test fails (0.50 -> 0.09).
 """
 
 from pathlib import Path

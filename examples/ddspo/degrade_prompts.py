@@ -31,6 +31,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.eval.prompts`
+from examples.eval.generate import HelpFormatter  # noqa: E402
 from examples.eval.prompts import PROMPT_SET_NAMES, PromptSetError, load_prompts  # noqa: E402
 from train_ddspo import rand_removal  # noqa: E402  the training script's not_paired mode draws the same way
 
@@ -139,15 +140,6 @@ def llm_input_texts(tokenizer, instructions):
         ]
         return texts, False  # the chat template writes its own special tokens
     return list(instructions), True
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default that is a value (not None) and keeps the example's lines."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parse_args(input_args=None):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
 from examples.eval.generate import (  # noqa: E402
+    HelpFormatter,
     InputError,
     add_sampling_arguments,
     changed_settings,
@@ -76,15 +77,6 @@ Made by `examples/ddspo/generate_pairs.py` from `{dataset}`: for each row, `jpg_
 `jpg_l` from `negative_caption` by the same reference pipeline from the same `seed`. {pairs} pairs in {shards} shards.
 Settings: `pairs_config.json`. Read with `datasets.load_dataset("{output_dir}", split="train")`.
 """
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default that is a value (not None) and keeps the example's lines."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parse_args(input_args=None):

@@ -48,6 +48,16 @@ SCHEDULERS = {
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default that is a value (not None) and keeps the example's lines (the examples/ddspo
+    tools built on this one use it)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class InputError(ValueError):
     """Bad flags or data: the message says what was expected, what was found and what to do."""
 
