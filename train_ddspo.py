@@ -604,6 +604,13 @@ def load_split(dataset_name, split, cache_dir=None):
             if builder is None:
                 raise InputError(f"Expected a .parquet, .arrow, .csv or .json(l) data file, found {dataset_name!r}.")
             return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
+        if path.is_dir():
+            # Name the folder's data files explicitly: the datasets cache is keyed on the files' modification times
+            # only then. A folder whose README.md declares `configs:` (the data tools' cards do) is otherwise
+            # keyed on the file patterns alone, and a rewritten folder would silently load its stale first version.
+            builder = datasets.load_dataset_builder(str(path), cache_dir=cache_dir)
+            files = {name: list(paths) for name, paths in (builder.config.data_files or {}).items()}
+            return datasets.load_dataset(str(path), data_files=files or None, split=split, cache_dir=cache_dir)
         return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
     except (OSError, ValueError) as error:  # FileNotFoundError, ConnectionError, "Unknown split"
         if isinstance(error, InputError):

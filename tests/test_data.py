@@ -1,6 +1,7 @@
 """Data handling of both scripts: ties, broken images, joint augmentation, micro-conditioning, clear errors."""
 
 import io
+import os
 
 import datasets
 import numpy as np
@@ -220,3 +221,24 @@ def test_model_with_unsupported_prediction_type_is_refused(tiny_assets, tmp_path
         ],
     )
     assert result.returncode == 2 and "found prediction_type='sample'" in result.stdout
+
+
+@pytest.mark.parametrize("script_name", ["train_diffusion_dpo_sdxl", "train_mapo_sdxl", "train_ddspo", "train_capo"])
+def test_a_rewritten_dataset_folder_whose_card_declares_its_files_loads_its_new_rows(script_name, tmp_path):
+    # examples/capo/select_pairs.py and examples/ddspo/generate_pairs.py write such a card; datasets keys the cache
+    # of a `configs:` card on its file patterns, so without naming the files a rerun would train on the old rows.
+    import importlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    script = importlib.import_module(script_name)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: train.parquet\n---\n"
+    (folder / "README.md").write_text(card)
+    cache = str(tmp_path / "cache")
+    for rows in (1, 3):
+        pq.write_table(pa.table({"caption": [f"prompt {i}" for i in range(rows)]}), folder / "train.parquet")
+        os.utime(folder / "train.parquet", (rows, rows))  # distinct modification times, however fast the rewrite
+        assert len(script.load_split(str(folder), "train", cache_dir=cache)) == rows
