@@ -12,12 +12,13 @@ from .base import RewardInputError
 from .clip_rewards import CLIPScore, LaionAesthetic, PickScore
 from .hps import HPSv21
 from .image_reward import ImageReward
+from .mps import MPS
 from .toy_ball import ToyBall
 from .vqascore import VQAScore
 
 
 REWARD_MODELS = {
-    model.name: model for model in (PickScore, HPSv21, ImageReward, LaionAesthetic, CLIPScore, VQAScore, ToyBall)
+    model.name: model for model in (PickScore, HPSv21, ImageReward, MPS, LaionAesthetic, CLIPScore, VQAScore, ToyBall)
 }
 
 

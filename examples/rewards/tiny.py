@@ -13,7 +13,10 @@ loaders, the converters and the eval tools can be tested offline; the scores mea
 - hpsv21: an open_clip checkpoint `HPS_v2.1_compressed.pt` (`{"state_dict": ...}` in open_clip's
   names) with its `open_clip_config.json`, and tokenizer files;
 - imagereward: `ImageReward.pt` in ImageReward's own (BLIP) names, `med_config.json`,
-  `vision_config.json` and a BERT `vocab.txt`.
+  `vision_config.json` and a BERT `vocab.txt`;
+- mps: `MPS_overall_state_dict.safetensors` (what `python -m examples.rewards.mps` makes of the authors'
+  pickled checkpoint: their CLIP model and cross model, in their names) with the tiny CLIP's config.json,
+  tokenizer and image processor.
 The tokenizers are byte-level CLIP BPE (with <|endoftext|> as the largest id, as in CLIP) and a
 small WordPiece vocabulary. Every model of examples/rewards/registry.py has a writer in STAND_INS
 below, except those that need an optional package (vqascore) or no weights (toy_ball);
@@ -35,6 +38,7 @@ import torch
 from examples.rewards.clip_rewards import AESTHETIC_HEAD_FILENAME, aesthetic_mlp
 from examples.rewards.hps import HPS_V21_FILENAME, OPEN_CLIP_CONFIG_NAME
 from examples.rewards.image_reward import IMAGE_REWARD_FILENAME, MED_CONFIG_FILENAME, VISION_CONFIG_FILENAME
+from examples.rewards.mps import MPS_STATE_DICT_FILENAME, MPSNetwork
 from examples.tiny_assets.make_tiny_assets import bytes_to_unicode
 
 
@@ -90,12 +94,10 @@ def random_state_dict(shapes, generator):
     return state_dict
 
 
-def write_tiny_hf_clip(folder, seed):
-    """A transformers CLIP folder: two layers of width 32 per tower, 32 px images, 16-dimensional embeddings."""
-    from transformers import CLIPConfig, CLIPModel
+def tiny_clip_config(tokenizer):
+    """Two layers of width 32 per tower, 32 px images, 16-dimensional embeddings."""
+    from transformers import CLIPConfig
 
-    tokenizer = write_clip_tokenizer(folder)
-    write_clip_image_processor(folder)
     common = dict(
         hidden_size=TINY_WIDTH,
         intermediate_size=37,
@@ -115,8 +117,17 @@ def write_tiny_hf_clip(folder, seed):
         ),
         vision_config=dict(common, image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE),
     )
+    return config
+
+
+def write_tiny_hf_clip(folder, seed):
+    """A transformers CLIP folder (model, tokenizer, image processor) of `tiny_clip_config`."""
+    from transformers import CLIPModel
+
+    tokenizer = write_clip_tokenizer(folder)
+    write_clip_image_processor(folder)
     torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(folder)
+    CLIPModel(tiny_clip_config(tokenizer)).save_pretrained(folder)
     return folder
 
 
@@ -342,6 +353,24 @@ def write_tiny_image_reward(folder, seed):
     return folder
 
 
+def write_tiny_mps(folder, seed):
+    """MPS as its conversion writes it (`MPS_overall_state_dict.safetensors`, the authors' tensor names), with the
+    tiny CLIP's config.json, tokenizer and image processor beside it; a cross model of 2 layers, 2 heads of 8."""
+    from safetensors.torch import save_file
+
+    tokenizer = write_clip_tokenizer(folder)
+    write_clip_image_processor(folder)
+    config = tiny_clip_config(tokenizer)
+    config.save_pretrained(folder)
+    torch.manual_seed(seed)
+    network = MPSNetwork(config, layers=2, heads=2, dim_head=8, ff_mult=4)
+    save_file(
+        {key: value.contiguous() for key, value in network.state_dict().items()},
+        Path(folder) / MPS_STATE_DICT_FILENAME,
+    )
+    return folder
+
+
 # One writer per reward model of examples/rewards/registry.py: (folder, seed) -> folder.
 STAND_INS = {
     "pickscore": write_tiny_hf_clip,
@@ -349,6 +378,7 @@ STAND_INS = {
     "aesthetic": write_tiny_aesthetic,
     "hpsv21": write_tiny_hps,
     "imagereward": write_tiny_image_reward,
+    "mps": write_tiny_mps,
 }
 
 
