@@ -300,6 +300,29 @@ def test_select_pairs_never_pairs_a_file_with_itself_under_another_name(scored_r
     assert 5 not in [pair["prompt_index"] for pair in read_pairs(tmp_path / "o")]
 
 
+def test_a_prompt_repeated_in_the_list_is_its_own_group_each_time(scored_run, tmp_path):
+    # generate.py --keep_duplicate_prompts samples a repeated prompt once per occurrence, with its own seeds: each
+    # occurrence is calibrated and paired on its own, as the paper's N images of one prompt.
+    rows = [
+        {"prompt": "prompt 0", "prompt_index": 6, "k": k, "seed": 10 + k, "image": f"00006_{k:02d}.png"}
+        for k in range(2)
+    ]
+    for k, row in enumerate(rows):
+        Image.new("RGB", (8, 8), (200, 60 * k, 9)).save(scored_run / row["image"])
+    with open(scored_run / "manifest.jsonl", "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    with open(scored_run / "scores.csv", "a", newline="") as f:
+        for row, score in zip(rows, (20.0, 25.0)):
+            csv.writer(f).writerow([6, row["k"], row["seed"], row["prompt"], row["image"], score, 27.0, 0.5])
+    result = run_select_pairs("--run_dirs", scored_run, "--reward_models", "pickscore", "--output_dir", tmp_path / "o")
+    assert result.returncode == 0, result.stdout[-3000:]
+    pairs = {pair["prompt_index"]: pair for pair in read_pairs(tmp_path / "o")}
+    assert pairs[0]["caption"] == pairs[6]["caption"] == "prompt 0"
+    assert (pairs[0]["image_pos"], pairs[0]["image_neg"]) == ("00000_01.png", "00000_02.png")  # RUN's group 0 alone
+    assert (pairs[6]["image_pos"], pairs[6]["image_neg"]) == ("00006_01.png", "00006_00.png")
+    assert pairs[6]["reward_pos"] == pytest.approx(1 / (1 + math.exp(-5.0)))  # calibrated within its two images
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -52,7 +52,7 @@ REWARD_UNITS = {
     "hpsv21": "100 * cos(image, text)",
     "imagereward": "ImageReward's normalised score (mean 0, std 1 on its training data)",
     "aesthetic": "LAION aesthetic predictor v2 score, about 1-10 (stands in for VILA-R, which has no PyTorch weights)",
-    "mps": "MPS as its model outputs (logit_scale * cos with the condition-weighted text embedding)",
+    "mps": "MPS as its model outputs: exp(logit_scale) * cos(text, condition-masked cross-attended image)",
     "clipscore": "100 * max(cos(image, text), 0)",
     "vqascore": "P('Yes' | image, question), a probability in [0, 1]",
 }
@@ -420,8 +420,11 @@ def read_run(run_dir, scores_filename, reward_models, image_skips):
         score_rows = {row["image"]: row for row in csv.DictReader(f)}
     groups = {}
     for row in manifest:
+        # A group is one prompt of generate.py's list: a prompt repeated with --keep_duplicate_prompts is sampled
+        # (and calibrated) once per occurrence, each with its own seeds.
         group = groups.setdefault(
-            row["prompt"], {"prompt": row["prompt"], "prompt_index": row["prompt_index"], "images": [], "scores": []}
+            (row["prompt_index"], row["prompt"]),
+            {"prompt": row["prompt"], "prompt_index": row["prompt_index"], "images": [], "scores": []},
         )
         name = row["image"]
         if name in group["images"]:

@@ -1,0 +1,337 @@
+"""train_capo.py: the objectives against docs/METHODS.md, bad input, and the script end to end on tiny SD1.x and
+SDXL pipelines, alone and after generate.py -> score.py -> select_pairs.py."""
+
+import json
+import math
+from pathlib import Path
+
+import make_tiny_assets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import launch, run_python, tiny_args
+from safetensors.torch import load_file
+from test_scaling import launch_with_config, max_abs_diff, unet_weights
+
+import train_capo
+from train_capo import beta_range_warning, capo_loss
+
+
+LOG2 = math.log(2.0)
+GAP = 0.6  # reward_pos - reward_neg of every pair of the tiny CaPO data
+
+
+# ----------------------------------------------------------------------------------------------
+# The objectives
+# ----------------------------------------------------------------------------------------------
+def at_initialisation(objective, reward_pos, reward_neg, weights=(1.0, 1.0, 1.0)):
+    """capo_loss with the policy equal to the reference: the same errors for both."""
+    losses_pos, losses_neg = torch.tensor([0.3, 0.02, 1.5]), torch.tensor([0.1, 0.4, 0.9])
+    weight = torch.tensor(weights)
+    return capo_loss(
+        losses_pos,
+        losses_neg,
+        losses_pos.clone(),
+        losses_neg.clone(),
+        weight,
+        weight,
+        torch.tensor(reward_pos),
+        torch.tensor(reward_neg),
+        beta=500.0,
+        objective=objective,
+    )
+
+
+def test_capo_loss_at_initialisation_is_the_mean_squared_calibrated_gap():
+    loss, metrics = at_initialisation("capo", [0.9, 0.7, 0.5], [0.1, 0.4, 0.5], weights=(0.2, 0.9, 0.5))
+    assert loss.item() == pytest.approx((0.8**2 + 0.3**2 + 0.0) / 3, abs=1e-7)
+    assert metrics["target_margin"].item() == pytest.approx((0.8 + 0.3) / 3)
+    assert metrics["reward_margin"].item() == 0 and metrics["implicit_acc"].item() == 0.5
+
+
+@pytest.mark.parametrize("objective,expected", [("dpo", LOG2), ("ipo", 1.0)])
+def test_dpo_is_log2_and_ipo_is_one_at_initialisation(objective, expected):
+    loss, _ = at_initialisation(objective, [0.9, 0.7, 0.5], [0.1, 0.4, 0.5])
+    assert loss.item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_capo_loss_matches_a_hand_computed_weighted_case():
+    model_pos, model_neg = torch.tensor([0.10, 0.30]), torch.tensor([0.20, 0.25])
+    ref_pos, ref_neg = torch.tensor([0.12, 0.30]), torch.tensor([0.20, 0.20])
+    weight_pos, weight_neg = torch.tensor([0.5, 1.0]), torch.tensor([0.5, 1.0])
+    reward_pos, reward_neg = torch.tensor([0.8, 0.6]), torch.tensor([0.2, 0.5])
+    inputs = (model_pos, model_neg, ref_pos, ref_neg, weight_pos, weight_neg, reward_pos, reward_neg)
+    # R_theta = -w * (model - ref): pos (0.01, 0), neg (0, -0.05); logit = 10 * (R_pos - R_neg) = (0.1, 0.5)
+    logit = torch.tensor([0.1, 0.5])
+    loss, metrics = capo_loss(*inputs, beta=10.0, objective="capo")
+    torch.testing.assert_close(loss, ((torch.tensor([0.6, 0.1]) - logit) ** 2).mean())
+    torch.testing.assert_close(metrics["reward_margin"], logit.mean())
+    assert metrics["implicit_acc"].item() == 1.0
+    torch.testing.assert_close(
+        capo_loss(*inputs, beta=10.0, objective="dpo")[0], -torch.nn.functional.logsigmoid(logit).mean()
+    )
+    torch.testing.assert_close(capo_loss(*inputs, beta=10.0, objective="ipo")[0], ((1 - logit) ** 2).mean())
+
+
+def test_the_implicit_reward_grows_when_the_policy_denoises_the_positive_better_than_the_reference():
+    ones, ref = torch.ones(1), torch.tensor([0.2])
+    better, _ = capo_loss(torch.tensor([0.1]), ref, ref, ref, ones, ones, ones, ones * 0, beta=1.0, objective="dpo")
+    worse, _ = capo_loss(torch.tensor([0.3]), ref, ref, ref, ones, ones, ones, ones * 0, beta=1.0, objective="dpo")
+    assert better < LOG2 < worse
+
+
+def test_a_beta_from_another_objectives_sweep_is_named_with_the_papers_sweeps():
+    assert beta_range_warning("capo", 500) is None and beta_range_warning("dpo", 3000) is None
+    assert beta_range_warning("capo", 20) is None  # outside every sweep (the tiny world's setting): nothing to say
+    warning = beta_range_warning("capo", 3000)
+    assert "sweep for dpo (2000, 3000, 4000)" in warning and "SDXL (300, 500, 1000)" in warning
+
+
+def test_default_beta_is_the_middle_of_each_objectives_sdxl_sweep():
+    for objective, beta in {"capo": 500, "ipo": 1000, "dpo": 3000}.items():
+        assert train_capo.parse_args(["--objective", objective, "--dataset_name", "x"]).beta_capo == beta
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on tiny data
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def capo_pairs(tiny_assets, tmp_path_factory):
+    """The tiny Pick-a-Pic pairs as CaPO rows (reward_pos 0.8, reward_neg 0.2), plus a row whose reward is NaN and
+    one whose two images are the same file, each to be skipped and counted."""
+    folder = tmp_path_factory.mktemp("capo-pairs")
+    table = pq.read_table(Path(tiny_assets["dataset"]) / "train.parquet").to_pydict()
+    rows = {"caption": [], "jpg_pos": [], "jpg_neg": [], "reward_pos": [], "reward_neg": []}
+    for caption, first, second, label in zip(table["caption"], table["jpg_0"], table["jpg_1"], table["label_0"]):
+        if label == 0.5:
+            continue
+        positive, negative = (first, second) if label == 1.0 else (second, first)
+        for column, value in zip(rows, (caption, positive, negative, 0.5 + GAP / 2, 0.5 - GAP / 2)):
+            rows[column].append(value)
+    for pos, neg, reward in (
+        (rows["jpg_pos"][0], rows["jpg_neg"][0], float("nan")),
+        (rows["jpg_pos"][1],) * 2 + (0.8,),
+    ):
+        for column, value in zip(rows, (rows["caption"][0], pos, neg, reward, 0.2)):
+            rows[column].append(value)
+    pq.write_table(pa.table(rows), folder / "train.parquet")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-sd-capo")
+    make_tiny_assets.build_tiny_sd_pipeline(str(root / "v"), prediction_type="v_prediction", vae_fit_steps=20)
+    return {"v_prediction": str(root / "v")}
+
+
+def summary_of(output_dir):
+    return json.loads((Path(output_dir) / "training_summary.json").read_text())
+
+
+METRICS = {"loss", "implicit_acc", "reward_margin", "target_margin", "grad_norm"}
+METRICS |= {"model_mse_pos", "model_mse_neg", "ref_mse_pos", "ref_mse_neg"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "pipeline,objective,expected,extra",
+    [
+        ("sdxl", "capo", GAP**2, ["--lora_rank", 4, "--learning_rate", 1e-3]),
+        ("sdxl", "dpo", LOG2, ["--learning_rate", 1e-4, "--cache_latents", "--shared_noise"]),
+        (
+            "sd_v",
+            "ipo",
+            1.0,
+            ["--lora_rank", 4, "--validation_prompts", "a red ball", "--validation_inference_steps", 2],
+        ),
+        ("sd_v", "capo", GAP**2, ["--learning_rate", 1e-4, "--loss_weighting", "constant", "--cache_latents"]),
+    ],
+)
+def test_first_step_loss_is_each_objectives_value_at_initialisation(
+    tiny_assets, tiny_sd, capo_pairs, tmp_path, pipeline, objective, expected, extra
+):
+    model = tiny_assets["model"] if pipeline == "sdxl" else tiny_sd["v_prediction"]
+    args = tiny_args({"model": model, "dataset": capo_pairs}, tmp_path, "--max_train_steps", 1)
+    result = launch("train_capo.py", [*args, "--objective", objective, *extra])
+    assert f"Found an {'SDXL' if pipeline == 'sdxl' else 'SD1.x/SD2.x'} pipeline" in result.stdout
+    summary = summary_of(tmp_path)
+    first = summary["last_step_metrics"]  # one step: the metrics at initialisation
+    assert set(first) == METRICS
+    assert first["loss"] == pytest.approx(expected, abs=1e-6) and first["reward_margin"] == pytest.approx(0, abs=1e-6)
+    assert first["target_margin"] == pytest.approx(GAP, abs=1e-6)
+    assert first["model_mse_pos"] == pytest.approx(first["ref_mse_pos"], abs=1e-6)
+    assert summary["skipped_rows"] == {"non_finite_reward": 1, "identical_images": 1}
+    assert summary["objective"] == objective
+    card = (tmp_path / "README.md").read_text()
+    assert (
+        f"tags: [stable-diffusion{'-xl' if pipeline == 'sdxl' else ''}, text-to-image, diffusers, capo, {objective}]"
+        in card
+    )
+    if "--validation_prompts" in extra:
+        assert (tmp_path / "validation" / "step-000001.png").is_file()
+    weights = (
+        "pytorch_lora_weights.safetensors" if "--lora_rank" in extra else "unet/diffusion_pytorch_model.safetensors"
+    )
+    assert (tmp_path / weights).is_file()
+
+
+@pytest.mark.slow
+def test_independent_noise_by_default_and_shared_noise_on_request(tiny_assets, capo_pairs, tmp_path):
+    # With one noise draw for both images of a pair the reference's errors are those of Diffusion-DPO's recipe; with
+    # independent draws they differ. Seen through the reference's mean errors of the first step.
+    errors = {}
+    for name, extra in (("independent", []), ("shared", ["--shared_noise"])):
+        args = tiny_args(
+            {"model": tiny_assets["model"], "dataset": capo_pairs}, tmp_path / name, "--max_train_steps", 1
+        )
+        launch("train_capo.py", [*args, "--lora_rank", 4, "--max_train_samples", 4, *extra])
+        first = summary_of(tmp_path / name)["last_step_metrics"]
+        errors[name] = first["ref_mse_pos"], first["ref_mse_neg"]
+    assert errors["independent"][0] == pytest.approx(errors["shared"][0], abs=1e-7)  # the positive's draw is the same
+    assert errors["independent"][1] != pytest.approx(errors["shared"][1], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_batch(tiny_assets, capo_pairs, tmp_path):
+    common = ["--max_train_steps", 3, "--learning_rate", 1e-4, "--adam_epsilon", 1e-3, "--max_train_samples", 24]
+    assets = {"model": tiny_assets["model"], "dataset": capo_pairs}
+    launch("train_capo.py", tiny_args(assets, tmp_path / "one", "--train_batch_size", 4, *common))
+    log = launch_with_config(
+        "multi_gpu_ddp.yaml",
+        "train_capo.py",
+        tiny_args(assets, tmp_path / "two", "--train_batch_size", 2, *common),
+        ["--num_processes", "2"],
+        {"ACCELERATE_USE_CPU": "1"},
+    )
+    assert "total batch (parallel, accumulation) = 4" in log and "weights identical on all processes: yes" in log
+    one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
+    base = load_file(Path(tiny_assets["model"], "unet", "diffusion_pytorch_model.safetensors"))
+    assert max_abs_diff(one, base) > 1e-4
+    assert max_abs_diff(one, two) < 5e-6
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_with_the_lora_weights_of_an_uninterrupted_one(tiny_assets, capo_pairs, tmp_path):
+    import shutil
+
+    common = ["--max_train_steps", 5, "--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_samples", 12]
+    common += ["--checkpointing_steps", 2]
+    assets = {"model": tiny_assets["model"], "dataset": capo_pairs}
+    launch("train_capo.py", tiny_args(assets, tmp_path / "uninterrupted", *common))
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "uninterrupted" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    launch("train_capo.py", tiny_args(assets, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest"))
+    first = load_file(tmp_path / "uninterrupted" / "pytorch_lora_weights.safetensors")
+    second = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert max_abs_diff(first, second) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--beta_capo", 0], "--beta_capo must be positive"),
+        (["--loss_weighting", "linear"], "invalid choice: 'linear'"),
+        (["--objective", "kto"], "invalid choice: 'kto'"),
+    ],
+)
+def test_bad_flags_stop_with_one_line_before_any_model_loads(tmp_path, extra, message):
+    result = run_python("train_capo.py", ["--output_dir", tmp_path, *extra])
+    assert result.returncode == 2 and message in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_a_beta_from_another_objectives_range_is_warned_about_before_any_model_loads(tmp_path):
+    result = run_python(
+        "train_capo.py", ["--output_dir", tmp_path, "--beta_capo", 3000, "--dataset_name", tmp_path / "x"]
+    )
+    assert "warning: --beta_capo 3000 lies in the paper's SDXL sweep for dpo" in result.stdout
+    assert result.returncode == 2 and "no such file or folder" in result.stdout  # and the run still checks the rest
+
+
+def write_rows(folder, **columns):
+    folder.mkdir(parents=True, exist_ok=True)
+    image = make_tiny_assets.encode_png(make_tiny_assets.np.zeros((8, 8, 3), make_tiny_assets.np.uint8))
+    other = make_tiny_assets.encode_png(make_tiny_assets.np.full((8, 8, 3), 255, make_tiny_assets.np.uint8))
+    rows = {"caption": ["a photo of a red ball"] * 2, "jpg_pos": [image] * 2, "jpg_neg": [other] * 2, **columns}
+    pq.write_table(
+        pa.table({key: value for key, value in rows.items() if value is not None}), folder / "train.parquet"
+    )
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "columns,message",
+    [
+        ({"reward_pos": [0.9, 0.8], "reward_neg": None}, "no column(s) ['reward_neg']"),
+        ({"reward_pos": [0.9, 27.5], "reward_neg": [0.1, 0.2]}, "1 row(s) have a calibrated reward outside [0, 1]"),
+        (
+            {"reward_pos": [float("nan"), None], "reward_neg": [0.1, 0.2]},
+            "2 reward_pos or reward_neg missing or not finite",
+        ),
+    ],
+    ids=["missing_column", "not_calibrated", "nothing_finite"],
+)
+def test_bad_reward_columns_are_one_line_before_any_model_loads(tiny_assets, tmp_path, columns, message):
+    folder = write_rows(tmp_path / "data", **columns)
+    result = launch(
+        "train_capo.py", tiny_args({"model": tiny_assets["model"], "dataset": folder}, tmp_path / "o"), check=False
+    )
+    assert result.returncode != 0 and message in result.stdout
+    assert 'train_capo.py", line' not in result.stdout  # accelerate's own traceback only
+    assert "Found an" not in result.stdout
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole pipeline: generate -> score -> select_pairs -> train, each objective
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def selected_pairs(tiny_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("capo-pipeline")
+    (root / "prompts.txt").write_text("a photo of a red ball\na photo of a blue ball\na photo of a green ball\n")
+    args = ["--pretrained_model_name_or_path", tiny_assets["model"], "--prompts", root / "prompts.txt"]
+    args += [
+        "--images_per_prompt",
+        4,
+        "--seed",
+        0,
+        "--resolution",
+        64,
+        "--num_inference_steps",
+        2,
+        "--scheduler",
+        "ddim",
+    ]
+    args += ["--output_dir", root / "generated", "--model_name", "base"]
+    for script, script_args in (
+        ("examples/eval/generate.py", args),
+        ("examples/eval/score.py", ["--run_dirs", root / "generated" / "base", "--reward_models", "toy_ball"]),
+        (
+            "examples/capo/select_pairs.py",
+            ["--run_dirs", root / "generated" / "base", "--reward_models", "toy_ball", "--output_dir", root / "pairs"],
+        ),
+    ):
+        result = run_python(script, [str(arg) for arg in script_args])
+        assert result.returncode == 0, result.stdout[-3000:]
+    return root / "pairs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["capo", "dpo", "ipo"])
+def test_pairs_selected_from_generated_and_scored_images_train_with_each_objective(
+    tiny_assets, selected_pairs, tmp_path, objective
+):
+    pairs = pq.read_table(selected_pairs / "train.parquet").to_pylist()
+    assert len(pairs) == 3 and all(pair["reward_pos"] > pair["reward_neg"] for pair in pairs)
+    args = tiny_args({"model": tiny_assets["model"], "dataset": selected_pairs}, tmp_path, "--max_train_steps", 2)
+    result = launch("train_capo.py", [*args, "--objective", objective, "--train_batch_size", 3, "--lora_rank", 4])
+    assert "Num pairs = 3" in result.stdout
+    metrics = summary_of(tmp_path)["last_step_metrics"]
+    expected_gap = sum(pair["reward_pos"] - pair["reward_neg"] for pair in pairs) / 3
+    assert metrics["target_margin"] == pytest.approx(expected_gap, abs=1e-6)

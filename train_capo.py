@@ -1,0 +1,1818 @@
+#!/usr/bin/env python
+"""CaPO (Calibrated Preference Optimization, Lee et al. 2025) for SDXL and SD1.x/SD2.x, with DPO and IPO on the
+same pairs for the paper's comparisons.
+
+The objective (docs/METHODS.md, "CaPO"; paper Eq. 8, 21-23): for a pair (c, x0_pos, x0_neg) with calibrated
+rewards R_ca(x_pos), R_ca(x_neg) in [0, 1] (examples/capo/select_pairs.py), one timestep t and, by default,
+independent noise for the two images,
+
+    w_t      = sigmoid(b - lambda_t)                                       # --sigmoid_bias b, 1.5 for SDXL
+    R_theta  = -w_t * (err(theta(x_t), target) - err(ref(x_t), target))   # per image
+    logit    = beta * (R_theta(x_t^pos) - R_theta(x_t^neg))
+    capo: loss = ((R_ca(x_pos) - R_ca(x_neg)) - logit)^2                   # Eq. 8
+    dpo:  loss = -logsigmoid(logit)         ipo: loss = (1 - logit)^2      # Eq. 22
+
+With LoRA the reference is the UNet with its adapters off; with full fine-tuning, a frozen copy. Example (SDXL,
+the paper's settings: Adam, batch 256, lr 1e-5, 1000 warm-up steps, beta 500 from the sweep {300, 500, 1000}):
+
+    accelerate launch train_capo.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+      --dataset_name capo-pairs --objective capo --beta_capo 500 --train_batch_size 8 \\
+      --gradient_accumulation_steps 32 --learning_rate 1e-5 --lr_warmup_steps 1000 --max_train_steps 10000 \\
+      --mixed_precision bf16 --output_dir sdxl-capo
+"""
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """Bad flags or data: the message says what was expected, what was found and what to do."""
+
+
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+PIPELINE_FILES = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+]  # what training reads first
+OBJECTIVES = ["capo", "dpo", "ipo"]
+OBJECTIVE_NAMES = {"capo": "CaPO", "dpo": "DPO (CaPO Eq. 22)", "ipo": "IPO (CaPO Eq. 22)"}
+# The paper's beta sweeps (App. B.2); the default of each objective is the middle of its SDXL sweep.
+BETA_SWEEPS = {
+    "SDXL": {"capo": (300, 500, 1000), "ipo": (500, 1000, 2000), "dpo": (2000, 3000, 4000)},
+    "SD3-M": {"capo": (30, 50, 100), "ipo": (50, 100, 200), "dpo": (100, 200, 300)},
+}
+DEFAULT_BETA = {objective: float(sweep[1]) for objective, sweep in BETA_SWEEPS["SDXL"].items()}
+DEFAULT_SIGMOID_BIAS = 1.5  # SDXL (App. B.2); -1.0 is SD3-M's
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments (standard library only: a bad flag is refused before the imports below, which take seconds)
+# ----------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default that is a value (not None or an unset switch) and keeps the example's lines."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        help="Hub id or local folder of an SDXL pipeline or an SD1.x/SD2.x one (one text encoder, epsilon or "
+        "v-prediction); which one is read from the pipeline's components and logged.",
+    )
+    model.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A different VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then the VAE runs in the weight dtype; "
+        "the pipeline's own VAE stays in float32).",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
+    model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
+    model.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Override the scheduler's prediction type (default: the model's own).",
+    )
+    model.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help="Train LoRA adapters of this rank on the UNet attention layers instead of the full UNet.",
+    )
+    model.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank, i.e. scale 1).")
+
+    method = parser.add_argument_group("method")
+    method.add_argument(
+        "--objective",
+        type=str,
+        default="capo",
+        choices=OBJECTIVES,
+        help="capo: regression of the implicit reward gap onto the calibrated reward gap (Eq. 8). dpo, ipo: the "
+        "paper's baselines on the same pairs (Eq. 22).",
+    )
+    method.add_argument(
+        "--beta_capo",
+        type=float,
+        default=None,
+        help="beta of the chosen --objective (default: the middle of the paper's SDXL sweep: capo "
+        + ", ".join(f"{o} {DEFAULT_BETA[o]:g}" for o in OBJECTIVES).removeprefix("capo ")
+        + "). A beta inside another objective's sweep and outside this one's is warned about.",
+    )
+    method.add_argument(
+        "--loss_weighting",
+        type=str,
+        default="sigmoid",
+        choices=["sigmoid", "constant"],
+        help="sigmoid: each image's error difference is weighted by w_t = sigmoid(b - lambda_t) (Sec. 4.4, the "
+        "paper's choice for all three objectives). constant: w_t = 1.",
+    )
+    method.add_argument(
+        "--sigmoid_bias",
+        type=float,
+        default=DEFAULT_SIGMOID_BIAS,
+        help="b of the sigmoid weighting (the paper: 1.5 for SDXL, -1.0 for SD3-M).",
+    )
+    method.add_argument(
+        "--shared_noise",
+        action="store_true",
+        help="One noise draw for both images of a pair (default: independent noise, App. A.2; the timestep is "
+        "always shared).",
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default="yuvalkirstain/pickapic_v2",
+        help="A datasets hub name, a local folder (parquet/arrow/csv/json files, or save_to_disk output) or a "
+        "single data file.",
+    )
+    data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    data.add_argument("--caption_column", type=str, default="caption", help="Column with the prompts.")
+    data.add_argument(
+        "--image_pos_column",
+        type=str,
+        default="jpg_pos",
+        help="Preferred images x0_pos (encoded bytes or datasets Image; examples/capo/select_pairs.py writes them).",
+    )
+    data.add_argument("--image_neg_column", type=str, default="jpg_neg", help="Dispreferred images x0_neg.")
+    data.add_argument(
+        "--reward_pos_column",
+        type=str,
+        default="reward_pos",
+        help="Calibrated reward R_ca(x_pos) in [0, 1] (the mean over rewards of Eq. 7's win-rates).",
+    )
+    data.add_argument("--reward_neg_column", type=str, default="reward_neg", help="Calibrated reward R_ca(x_neg).")
+    data.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on a random subset of this many pairs (after the skipped rows are dropped).",
+    )
+    data.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Processes that decode and augment images."
+    )
+    data.add_argument("--resolution", type=int, default=1024, help="Square training resolution (multiple of 8).")
+    data.add_argument(
+        "--random_crop",
+        action="store_true",
+        help="Crop at random (default: center). Both images of a pair share the crop.",
+    )
+    data.add_argument(
+        "--no_hflip",
+        action="store_true",
+        help="Disable random horizontal flips (otherwise both images of a pair flip together).",
+    )
+    data.add_argument(
+        "--vae_encode_batch_size",
+        type=int,
+        default=1,
+        help="Images per VAE encoder call. SDXL's float32 VAE at 1024 px peaked at 31 GiB with 8 per call on an "
+        "H100, three times the LoRA training loop; 1 keeps encoding (and the --cache_latents build) below it.",
+    )
+    data.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image (VAE) and caption (text encoders) once before training, spread over the "
+        "processes, and train on that cache, so the loop runs only the UNet. Each pair's crop and flip are drawn "
+        "once, before caching. Later runs with the same data, model, resolution and augmentation reuse the cache.",
+    )
+    data.add_argument(
+        "--latents_cache_dir",
+        type=str,
+        default=None,
+        help="Where --cache_latents keeps its caches, one folder per setting (default: <datasets "
+        "cache>/preference_latents).",
+    )
+    data.add_argument(
+        "--preference_eval_split",
+        type=str,
+        default=None,
+        help="Split of --dataset_name for the held-out preference accuracy, measured before training (logged "
+        "at step 0), every --validation_steps and at the end.",
+    )
+    data.add_argument("--preference_eval_max_samples", type=int, default=512, help="Pairs of the eval split to use.")
+    data.add_argument(
+        "--preference_eval_timesteps",
+        type=int,
+        default=4,
+        help="Fixed (timestep, noise) draws per pair; a pair counts as right when its mean error on the positive is "
+        "lower.",
+    )
+
+    training = parser.add_argument_group("training")
+    training.add_argument(
+        "--output_dir",
+        type=str,
+        default="capo",
+        help="Where checkpoints, weights, logs and the model card go.",
+    )
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed for data order, augmentation, timesteps and noise (random if unset, and logged).",
+    )
+    training.add_argument(
+        "--train_batch_size", type=int, default=4, help="Preference pairs per device per micro-batch."
+    )
+    training.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step."
+    )
+    training.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
+    training.add_argument(
+        "--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs."
+    )
+    training.add_argument(
+        "--learning_rate",
+        type=float,
+        default=1e-5,
+        help="Peak learning rate (after --scale_lr if given); the paper: 1e-5 for SDXL at batch 256.",
+    )
+    training.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps x batch size x processes.",
+    )
+    training.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant_with_warmup",
+        choices=LR_SCHEDULERS,
+        help="Learning-rate schedule.",
+    )
+    training.add_argument(
+        "--lr_warmup_steps", type=int, default=1000, help="Warm-up steps of the schedule (the paper: 1000)."
+    )
+    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    training.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    training.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="Gradient clipping norm (0 disables clipping; the norm is still logged).",
+    )
+    training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    training.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute UNet activations in the backward pass to save memory.",
+    )
+    training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
+    training.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides accelerate's config. Frozen weights are held in this dtype; trained weights stay float32. "
+        "fp16 needs a GPU.",
+    )
+    training.add_argument(
+        "--skip_final_save",
+        action="store_true",
+        help="Write no weights at the end (checkpoints, summary and model card are still written): for "
+        "benchmarks, where a full SDXL UNet is 10 GB of disk per run.",
+    )
+
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps."
+    )
+    checkpoints.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
+    )
+    checkpoints.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint-N folder (a path, or a name inside --output_dir), or "latest" in --output_dir.',
+    )
+
+    logs = parser.add_argument_group("logging and validation")
+    logs.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        choices=["tensorboard", "wandb", "all", "none"],
+        help="Tracker for metrics and images.",
+    )
+    logs.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    logs.add_argument("--tracker_project_name", type=str, default="capo", help="Project name in the tracker.")
+    logs.add_argument(
+        "--validation_prompts",
+        type=str,
+        nargs="*",
+        default=None,
+        help="Prompts rendered side by side with the base model (validation/step-NNNNNN.png).",
+    )
+    logs.add_argument(
+        "--validation_steps",
+        type=int,
+        default=200,
+        help="Validate (images, held-out accuracy) every N optimizer steps and at the end.",
+    )
+    logs.add_argument(
+        "--validation_inference_steps", type=int, default=25, help="Sampling steps for validation images."
+    )
+    logs.add_argument(
+        "--validation_guidance_scale", type=float, default=5.0, help="Classifier-free guidance for validation images."
+    )
+
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the hub at the end.")
+    hub.add_argument(
+        "--hub_model_id", type=str, default=None, help="Repository on the hub (default: the output folder's name)."
+    )
+    hub.add_argument("--hub_token", type=str, default=None, help="Token for the hub (default: the logged-in one).")
+
+    args = parser.parse_args(input_args)
+    try:
+        check_args(args)
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+def check_args(args):
+    """Refuse bad settings before any import or model load; resolve --resume_from_checkpoint to a folder."""
+    if args.beta_capo is None:
+        args.beta_capo = DEFAULT_BETA[args.objective]
+    if args.beta_capo <= 0:
+        raise InputError(
+            f"--beta_capo must be positive (the paper's SDXL sweep for {args.objective}: "
+            f"{BETA_SWEEPS['SDXL'][args.objective]}), got {args.beta_capo}."
+        )
+    warning = beta_range_warning(args.objective, args.beta_capo)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if args.lora_rank is not None and args.lora_rank <= 0:
+        raise InputError(f"--lora_rank must be a positive integer, got {args.lora_rank}.")
+    if args.resolution <= 0 or args.resolution % 8 != 0:
+        raise InputError(
+            f"--resolution must be a positive multiple of 8 (the VAE downsamples 8x), got {args.resolution}."
+        )
+    positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"]
+    positive += ["preference_eval_timesteps", "vae_encode_batch_size", "num_train_epochs"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.max_train_steps is not None and args.max_train_steps <= 0:
+        raise InputError(f"--max_train_steps must be positive, got {args.max_train_steps}.")
+    check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, PIPELINE_FILES)
+    if args.pretrained_vae_model_name_or_path is not None:
+        check_local_path(
+            "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, ["config.json"]
+        )
+    check_local_path("--dataset_name", args.dataset_name, [])
+    args.resume_from_checkpoint = resolve_checkpoint(args)
+
+
+def beta_range_warning(objective, beta):
+    """A sentence when `beta` lies inside another objective's sweep (App. B.2) but outside `objective`'s, else None.
+
+    The three objectives read beta on different scales (CaPO regresses onto a gap in [-1, 1], DPO needs a logit of
+    several units), so a beta copied from another objective's command line is the likely mistake.
+    """
+    for family, sweeps in BETA_SWEEPS.items():
+        own = sweeps[objective]
+        if own[0] <= beta <= own[-1]:
+            return None
+    for family, sweeps in BETA_SWEEPS.items():
+        for other, sweep in sweeps.items():
+            if other != objective and sweep[0] <= beta <= sweep[-1]:
+                return (
+                    f"--beta_capo {beta:g} lies in the paper's {family} sweep for {other} {sweep} but outside its "
+                    f"sweeps for {objective} (SDXL {BETA_SWEEPS['SDXL'][objective]}, SD3-M "
+                    f"{BETA_SWEEPS['SD3-M'][objective]}); is it meant for --objective {other}?"
+                )
+    return None
+
+
+def names_local_path(value):
+    """Hub ids look like `name` or `org/name`; anything else (or anything that exists on disk) is a local path."""
+    return os.path.exists(value) or value.startswith((".", "/", "~")) or value.count("/") > 1
+
+
+def check_local_path(flag, value, required_files):
+    """A local path must exist and, for a folder, hold `required_files`; a hub id is checked when it loads."""
+    if not names_local_path(value):
+        return
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise InputError(f"{flag} {value!r}: no such file or folder here; expected a hub id or a local path.")
+    missing = [name for name in required_files if not (path / name).is_file()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "a file"
+        raise InputError(f"{flag} {value!r} lacks {missing}; found {found}. Expected a diffusers folder.")
+
+
+def list_checkpoints(output_dir):
+    """The checkpoint-N folders of `output_dir`, oldest first."""
+    found = [path for path in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_NAME.fullmatch(path.name)]
+    return sorted((path for path in found if path.is_dir()), key=checkpoint_step)
+
+
+def checkpoint_step(path):
+    return int(CHECKPOINT_NAME.fullmatch(Path(path).name).group(1))
+
+
+def resolve_checkpoint(args):
+    """--resume_from_checkpoint as a folder path (None: start a new run), as diffusers' scripts resolve it."""
+    value = args.resume_from_checkpoint
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(args.output_dir)
+        return str(found[-1]) if found else None
+    for candidate in (Path(value), Path(args.output_dir, value)):
+        if CHECKPOINT_NAME.fullmatch(candidate.name) and candidate.is_dir():
+            break
+    else:
+        found = [path.name for path in list_checkpoints(args.output_dir)]
+        raise InputError(
+            f"--resume_from_checkpoint {value!r}: expected a checkpoint-N folder (a path, or a name inside "
+            f"--output_dir {args.output_dir!r}) or 'latest'; --output_dir holds {found or 'no checkpoints'}."
+        )
+    has_lora = (candidate / "pytorch_lora_weights.safetensors").is_file()
+    if has_lora and not args.lora_rank:
+        raise InputError(f"{candidate} holds LoRA weights; resume it with the --lora_rank of the run that wrote it.")
+    if args.lora_rank and not has_lora and (candidate / "unet").is_dir():
+        raise InputError(f"{candidate} holds a full UNet (full fine-tuning); resume it without --lora_rank.")
+    return str(candidate)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+
+import datasets  # noqa: E402
+import diffusers  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from utils import (  # noqa: E402
+    DDPM_PREDICTION_TYPES,
+    log_snr,
+    noisy_latents_and_target,
+    per_sample_mse,
+    sample_generators,
+    sample_noise,
+    sample_timesteps,
+    sigmoid_loss_weight,
+)
+
+
+logger = get_logger(__name__)
+
+HELDOUT_EVAL_EPOCH = 2**31  # the held-out accuracy's fixed draws use "epochs" no training run reaches
+
+
+# ----------------------------------------------------------------------------------------------
+# Objective
+# ----------------------------------------------------------------------------------------------
+def capo_loss(
+    model_losses_pos,
+    model_losses_neg,
+    ref_losses_pos,
+    ref_losses_neg,
+    weight_pos,
+    weight_neg,
+    reward_pos,
+    reward_neg,
+    beta,
+    objective="capo",
+):
+    """CaPO (Eq. 8) and the DPO / IPO baselines on the same pairs (Eq. 22); docs/METHODS.md, "CaPO".
+
+    Inputs have shape (B,): per-sample errors of the policy and of the reference against the forward-process target,
+    the loss weight w(lambda_t) of each image (ones for constant weighting) and the calibrated rewards
+    R_ca(x_pos), R_ca(x_neg). The implicit reward of an image is R_theta = -w * (model error - reference error)
+    (Eq. 21/23, lambda'_t taken constant and absorbed into beta), and logit = beta * (R_theta(pos) - R_theta(neg)).
+    At initialisation (policy == reference) logit = 0: the CaPO loss is mean((reward_pos - reward_neg)^2), DPO's
+    log 2 and IPO's 1.
+    """
+    implicit_pos = -weight_pos * (model_losses_pos - ref_losses_pos)
+    implicit_neg = -weight_neg * (model_losses_neg - ref_losses_neg)
+    logit = beta * (implicit_pos - implicit_neg)  # (B,)
+    target_margin = reward_pos - reward_neg  # in [-1, 1]
+    if objective == "capo":
+        per_pair = (target_margin - logit) ** 2
+    elif objective == "dpo":
+        per_pair = -F.logsigmoid(logit)
+    elif objective == "ipo":
+        per_pair = (1 - logit) ** 2
+    else:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+    loss = per_pair.mean()
+    metrics = {
+        "loss": loss.detach(),
+        "implicit_acc": ((logit > 0).float() + 0.5 * (logit == 0).float()).mean().detach(),
+        "reward_margin": logit.mean().detach(),
+        "target_margin": target_margin.mean().detach(),
+        "model_mse_pos": model_losses_pos.mean().detach(),
+        "model_mse_neg": model_losses_neg.mean().detach(),
+        "ref_mse_pos": ref_losses_pos.mean().detach(),
+        "ref_mse_neg": ref_losses_neg.mean().detach(),
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def load_split(dataset_name, split, cache_dir=None):
+    """A split of a hub dataset, a local folder, a `save_to_disk` folder or a single data file.
+
+    What `datasets` cannot find (a split, a folder without data files, a hub id out of reach) stops the run
+    with one line.
+    """
+    path = Path(dataset_name)
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            dataset = datasets.load_from_disk(str(path))
+            if not isinstance(dataset, datasets.DatasetDict):
+                return dataset
+            if split not in dataset:
+                raise InputError(f"{dataset_name!r} has no split {split!r}; it has {sorted(dataset)}.")
+            return dataset[split]
+        if path.is_file():
+            builder = DATA_FILE_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise InputError(f"Expected a .parquet, .arrow, .csv or .json(l) data file, found {dataset_name!r}.")
+            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
+        if path.is_dir():
+            # Name the folder's data files explicitly: the datasets cache is keyed on the files' modification times
+            # only then. A folder whose README.md declares `configs:` (the data tools' cards do) is otherwise
+            # keyed on the file patterns alone, and a rewritten folder would silently load its stale first version.
+            builder = datasets.load_dataset_builder(str(path), cache_dir=cache_dir)
+            files = {name: list(paths) for name, paths in (builder.config.data_files or {}).items()}
+            return datasets.load_dataset(str(path), data_files=files or None, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:  # FileNotFoundError, ConnectionError, "Unknown split"
+        if isinstance(error, InputError):
+            raise
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+        raise InputError(
+            f"Could not load split {split!r} of {dataset_name!r}: {reason}. Expected a hub dataset reachable from "
+            "here, a folder of parquet/arrow/csv/json files named by split, a save_to_disk folder or a data file."
+        ) from error
+
+
+SKIP_REASONS = {
+    "non_finite_reward": "reward_pos or reward_neg missing or not finite",
+    "identical_images": "the two images of the pair are the same file",
+}
+
+
+def prepare_rows(dataset, args, split):
+    """Check the columns and the calibrated rewards and drop the rows CaPO cannot use, counted by reason (see
+    SKIP_REASONS). Rewards outside [0, 1] are not calibrated win-rates: that stops the run.
+
+    Returns the dataset and {reason: count}.
+    """
+    columns = [args.caption_column, args.image_pos_column, args.image_neg_column]
+    columns += [args.reward_pos_column, args.reward_neg_column]
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise InputError(
+            f"Split {split!r} of {args.dataset_name!r} has no column(s) {missing}; it has {dataset.column_names}. "
+            "CaPO trains on calibrated pairs (examples/capo/select_pairs.py writes caption, jpg_pos, jpg_neg, "
+            "reward_pos, reward_neg); name other columns with --caption_column, --image_pos_column, "
+            "--image_neg_column, --reward_pos_column, --reward_neg_column."
+        )
+    # Keep images undecoded: decoding happens in the loader, where a broken image is skipped and counted.
+    for column in (args.image_pos_column, args.image_neg_column):
+        if isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    keep, outside = [], []
+    rewards = np.stack(
+        [
+            np.array([np.nan if value is None else float(value) for value in dataset[column]], dtype=np.float64)
+            for column in (args.reward_pos_column, args.reward_neg_column)
+        ],
+        axis=1,
+    ).reshape(-1, 2)
+    images = dataset.select_columns([args.image_pos_column, args.image_neg_column])
+    for row, (reward, pair) in enumerate(zip(rewards, images)):
+        if not np.isfinite(reward).all():
+            skipped["non_finite_reward"] += 1
+        elif same_image(pair[args.image_pos_column], pair[args.image_neg_column]):
+            skipped["identical_images"] += 1
+        else:
+            if ((reward < 0) | (reward > 1)).any():
+                outside.append((row, *reward.tolist()))
+            keep.append(row)
+    if outside:
+        row, pos, neg = outside[0]
+        raise InputError(
+            f"Split {split!r} of {args.dataset_name!r}: {len(outside)} row(s) have a calibrated reward outside "
+            f"[0, 1] (first: row {row}, {args.reward_pos_column}={pos:g}, {args.reward_neg_column}={neg:g}); CaPO "
+            "regresses onto win-rates (Eq. 7), so raw scores must be calibrated first (examples/capo/select_pairs.py)."
+        )
+    if len(keep) < len(dataset):
+        dataset = dataset.select(keep)
+    if len(dataset) == 0:
+        reasons = ", ".join(f"{count} {SKIP_REASONS[reason]}" for reason, count in skipped.items() if count)
+        raise InputError(
+            f"Split {split!r} of {args.dataset_name!r} has no usable row left ({reasons or 'it is empty'}); expected "
+            "rows with a caption, two different images and finite calibrated rewards."
+        )
+    return dataset, skipped
+
+
+def same_image(first, second):
+    """Whether two image cells (bytes, datasets Image dicts or paths) hold the same file: equal bytes, or the same
+    path when no bytes are stored."""
+
+    def key(value):
+        if isinstance(value, dict):
+            return value.get("bytes") or value.get("path")
+        return value
+
+    first, second = key(first), key(second)
+    return first is not None and first == second
+
+
+def decode_image(value):
+    """Encoded bytes, a datasets Image dict, a path or a PIL image -> RGB PIL image (raises on bad data)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise ValueError(f"expected image bytes, a path or a PIL image, found {type(value).__name__}")
+    image.load()
+    return image.convert("RGB")
+
+
+def crop_and_flip_pair(images, resolution, random_crop, hflip, rng):
+    """Resize, crop and flip the two images of a pair with one set of parameters, so they stay aligned.
+
+    Returns the pixel tensor (2, 3, resolution, resolution) in [-1, 1] and, per image, the SDXL
+    micro-conditioning (original_h, original_w, crop_top, crop_left, target_h, target_w).
+    """
+    original_sizes = [(image.height, image.width) for image in images]
+    scale = resolution / min(images[0].height, images[0].width)
+    size = (max(resolution, round(images[0].width * scale)), max(resolution, round(images[0].height * scale)))
+    images = [image.resize(size, Image.BILINEAR) for image in images]  # the negative takes the positive's size
+    width, height = size
+    if random_crop:
+        top, left = int(rng.integers(0, height - resolution + 1)), int(rng.integers(0, width - resolution + 1))
+    else:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    images = [image.crop((left, top, left + resolution, top + resolution)) for image in images]
+    if hflip and rng.random() < 0.5:
+        images = [ImageOps.mirror(image) for image in images]
+        left = width - left - resolution  # where the crop window sits in the mirrored image
+    pixels = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
+    pixel_values = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    time_ids = torch.tensor(
+        [[*original, top, left, resolution, resolution] for original in original_sizes], dtype=torch.float32
+    )
+    return pixel_values, time_ids
+
+
+class CaPOPairs(torch.utils.data.Dataset):
+    """Decoded, jointly augmented (positive, negative) images with their calibrated rewards. An undecodable row
+    comes out as its index and the reason, and collate_fn drops and counts it."""
+
+    def __init__(self, dataset, args, augment=True):
+        self.dataset = dataset
+        self.args = args
+        self.augment = augment
+        self.seed = args.seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        args = self.args
+        row = self.dataset[int(index)]
+        try:
+            images = [decode_image(row[column]) for column in (args.image_pos_column, args.image_neg_column)]
+        except Exception as error:  # a broken image must not end a multi-day run: skip, count, say why
+            return {"skipped_index": int(index), "reason": f"{type(error).__name__}: {error}"}
+        # Augmentation randomness depends on (seed, epoch, index) only: resumable and worker-independent.
+        rng = np.random.default_rng([self.seed, self.epoch, int(index), 0])
+        pixel_values, time_ids = crop_and_flip_pair(
+            images, args.resolution, args.random_crop and self.augment, not args.no_hflip and self.augment, rng
+        )
+        return {
+            "pixel_values": pixel_values,  # (2, 3, H, W): positive, negative
+            "time_ids": time_ids,  # (2, 6)
+            "rewards": torch.tensor(
+                [row[args.reward_pos_column], row[args.reward_neg_column]], dtype=torch.float32
+            ),  # (2,)
+            "caption": row[args.caption_column] or "",
+            "index": int(index),
+        }
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Rows from the --cache_latents cache: latents (2, C, h, w) positive first, time ids, calibrated rewards and
+    the caption's embeddings."""
+
+    def __init__(self, pairs, captions):
+        self.pairs = pairs.with_format("torch")
+        self.captions = captions.with_format("torch")
+        self.caption_rows = {caption: row for row, caption in enumerate(captions["caption"])}
+
+    def set_epoch(self, epoch):
+        pass  # crops and flips were drawn once, before caching
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        pair = self.pairs[int(index)]
+        cached = self.captions[self.caption_rows[pair["caption"]]]
+        example = {
+            "latents": pair["latents"],
+            "time_ids": pair["time_ids"],
+            "rewards": pair["rewards"],
+            "caption": pair["caption"],
+            "index": int(pair["index"]),
+            "prompt_embeds": cached["prompt_embeds"],
+        }
+        if "pooled_prompt_embeds" in cached:
+            example["pooled_prompt_embeds"] = cached["pooled_prompt_embeds"]
+        return example
+
+
+def collate_fn(examples):
+    """Stack the decoded pairs of a batch; undecodable ones are dropped and reported in `skipped`."""
+    kept = [example for example in examples if "skipped_index" not in example]
+    batch = {
+        "num_skipped": len(examples) - len(kept),
+        "skipped": [
+            (example["skipped_index"], example["reason"]) for example in examples if "skipped_index" in example
+        ],
+    }
+    for key in kept[0] if kept else ():
+        values = [example[key] for example in kept]
+        batch[key] = (
+            torch.stack(values) if torch.is_tensor(values[0]) else values
+        )  # pixel_values (B, k, 3, H, W), time_ids (B, k, 6)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_prompts(text_encoders, tokenizers, prompts):
+    """Text conditioning -> (prompt embeds (B, L, D), pooled embeds (B, D) or None).
+
+    SD1.x/SD2.x (one encoder): its last hidden state, as StableDiffusionPipeline feeds it; no pooled embeds.
+    SDXL (two): penultimate hidden states of both encoders concatenated, pooled output of the second.
+    """
+    if len(text_encoders) == 1:
+        input_ids = tokenizers[0](
+            prompts,
+            padding="max_length",
+            max_length=tokenizers[0].model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(text_encoders[0].device)
+        return text_encoders[0](input_ids)[0], None
+    prompt_embeds_list = []
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        input_ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(text_encoder.device)
+        outputs = text_encoder(input_ids, output_hidden_states=True)
+        prompt_embeds_list.append(outputs.hidden_states[-2])
+    pooled_prompt_embeds = outputs.text_embeds  # the second encoder has the projection
+    return torch.cat(prompt_embeds_list, dim=-1), pooled_prompt_embeds
+
+
+@torch.no_grad()
+def encode_images(vae, pixel_values, batch_size):
+    """VAE posterior means times scaling_factor, `batch_size` images per encoder call.
+
+    The mean, not a sample: SDXL's posterior std is ~1e-3 of the latent scale, so sampling adds
+    nothing but would make cached and on-the-fly latents differ.
+    """
+    latents = [
+        vae.encode(pixel_values[start : start + batch_size].to(vae.device, vae.dtype)).latent_dist.mode()
+        for start in range(0, pixel_values.shape[0], batch_size)
+    ]
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
+def latents_cache_path(args, train_split, storage_dtype):
+    """One folder per (data, model, resolution, augmentation, dtype): a changed setting never reads a stale cache."""
+    augmentation_is_random = args.random_crop or not args.no_hflip
+    key = {
+        "data": train_split._fingerprint,
+        "model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "variant": args.variant,
+        "vae": args.pretrained_vae_model_name_or_path,
+        "resolution": args.resolution,
+        "random_crop": args.random_crop,
+        "hflip": not args.no_hflip,
+        "augmentation_seed": args.seed if augmentation_is_random else None,
+        "caption_column": args.caption_column,
+        "image_columns": [args.image_pos_column, args.image_neg_column],
+        "reward_columns": [args.reward_pos_column, args.reward_neg_column],
+        "dtype": str(storage_dtype),
+    }
+    root = args.latents_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "preference_latents")
+    return Path(root, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
+
+
+@torch.no_grad()
+def build_latents_cache(accelerator, args, train_dataset, vae, text_encoders, tokenizers, cache_path, storage_dtype):
+    """Encode every row's images and every distinct caption once, each process its share; reuse a finished cache.
+
+    Returns the CachedPairs dataset and the list of (pair index, reason) skipped as undecodable.
+    """
+    from datasets.arrow_writer import ArrowWriter
+
+    marker = cache_path / "complete.json"
+    rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator.wait_for_everyone()  # every process must see the same answer to "is the cache complete?"
+    if not marker.exists():
+        cache_path.mkdir(parents=True, exist_ok=True)
+        numpy_dtype = "float16" if storage_dtype == torch.float16 else "float32"
+        latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        latent_shape = (2, vae.config.latent_channels, latent_size, latent_size)
+        pair_features = datasets.Features(
+            {
+                "index": datasets.Value("int64"),
+                "caption": datasets.Value("string"),
+                "latents": datasets.Array4D(latent_shape, numpy_dtype),
+                "time_ids": datasets.Array2D((2, 6), "float32"),
+                "rewards": datasets.Sequence(datasets.Value("float32"), length=2),
+            }
+        )
+        train_dataset.set_epoch(0)  # the crop and flip of epoch 0 are the ones cached
+        shard = torch.utils.data.Subset(train_dataset, range(rank, len(train_dataset), world))
+        loader = torch.utils.data.DataLoader(
+            shard,
+            batch_size=max(1, args.vae_encode_batch_size // 2),
+            collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers,
+        )
+        skipped = []
+        writer = ArrowWriter(features=pair_features, path=str(cache_path / f"pairs-{rank:05d}-of-{world:05d}.arrow"))
+        for batch in tqdm(loader, desc="Caching latents", disable=not accelerator.is_local_main_process):
+            skipped += batch["skipped"]
+            if "index" not in batch:
+                continue
+            latents = encode_images(vae, batch["pixel_values"].flatten(0, 1), args.vae_encode_batch_size).unflatten(
+                0, (-1, 2)
+            )
+            rows = {
+                "index": batch["index"],
+                "caption": batch["caption"],
+                "time_ids": list(batch["time_ids"].numpy()),
+                "latents": list(latents.to(storage_dtype).float().cpu().numpy().astype(numpy_dtype)),
+                "rewards": list(batch["rewards"].numpy()),
+            }
+            writer.write_batch(rows)
+        writer.finalize()
+        writer.close()
+
+        captions = sorted({caption or "" for caption in train_dataset.dataset[args.caption_column]})[rank::world]
+        writer = ArrowWriter(path=str(cache_path / f"captions-{rank:05d}-of-{world:05d}.arrow"))
+        for start in tqdm(
+            range(0, len(captions), 64), desc="Caching text embeddings", disable=not accelerator.is_local_main_process
+        ):
+            chunk = captions[start : start + 64]
+            prompt_embeds, pooled_prompt_embeds = encode_prompts(text_encoders, tokenizers, chunk)
+            rows = {
+                "caption": chunk,
+                "prompt_embeds": list(prompt_embeds.to(storage_dtype).float().cpu().numpy().astype(numpy_dtype)),
+            }
+            if pooled_prompt_embeds is not None:  # SDXL
+                rows["pooled_prompt_embeds"] = list(
+                    pooled_prompt_embeds.to(storage_dtype).float().cpu().numpy().astype(numpy_dtype)
+                )
+            writer.write_batch(rows)
+        writer.finalize()
+        writer.close()
+        all_skipped = [item for part in gather_object([skipped]) for item in part]
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            marker.write_text(json.dumps({"skipped": all_skipped, "settings": vars(args)}, default=str))
+        accelerator.wait_for_everyone()
+    pairs = datasets.concatenate_datasets(
+        [datasets.Dataset.from_file(str(p)) for p in sorted(cache_path.glob("pairs-*.arrow"))]
+    ).sort("index")
+    captions = datasets.concatenate_datasets(
+        [datasets.Dataset.from_file(str(p)) for p in sorted(cache_path.glob("captions-*.arrow"))]
+    )
+    skipped = [tuple(item) for item in json.loads(marker.read_text())["skipped"]]
+    return CachedPairs(pairs, captions), skipped
+
+
+def capo_batch_inputs(batch, vae, text_encoders, tokenizers, args, device, dtype):
+    """A collated batch -> the inputs of B pairs: latents (2B, C, h, w), all positives then all negatives; time ids
+    (2B, 6) (SDXL micro-conditioning; unused for SD1.x); the caption's embeds {"prompt_embeds": (B, L, D),
+    "pooled_prompt_embeds": (B, D) or None}; calibrated rewards (B,) of the positives and of the negatives.
+    Reads the --cache_latents cache when the batch carries latents; encodes pixels and captions otherwise.
+    """
+    if "latents" in batch:
+        latents = batch["latents"].transpose(0, 1).flatten(0, 1).to(device, dtype, non_blocking=True)  # (2B, ...)
+        pooled = batch.get("pooled_prompt_embeds")
+        condition = {
+            "prompt_embeds": batch["prompt_embeds"].to(device, dtype, non_blocking=True),
+            "pooled_prompt_embeds": None if pooled is None else pooled.to(device, dtype, non_blocking=True),
+        }
+    else:
+        pixel_values = batch["pixel_values"].transpose(0, 1).flatten(0, 1)
+        latents = encode_images(vae, pixel_values, args.vae_encode_batch_size).to(dtype)
+        prompt_embeds, pooled = encode_prompts(text_encoders, tokenizers, batch["caption"])
+        condition = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+    time_ids = batch["time_ids"].transpose(0, 1).flatten(0, 1).to(device)
+    reward_pos, reward_neg = batch["rewards"].to(device, torch.float32).unbind(1)
+    return latents, time_ids, condition, reward_pos, reward_neg
+
+
+def unet_conditioning(condition, time_ids):
+    """UNet keyword arguments for prompt embeds (and, for SDXL, pooled embeds and time ids) of the same batch size."""
+    kwargs = {"encoder_hidden_states": condition["prompt_embeds"]}
+    if condition["pooled_prompt_embeds"] is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": condition["pooled_prompt_embeds"], "time_ids": time_ids}
+    return kwargs
+
+
+def concat_conditions(*conditions):
+    """Stack several {"prompt_embeds", "pooled_prompt_embeds"} dicts along the batch."""
+    pooled = [condition["pooled_prompt_embeds"] for condition in conditions]
+    return {
+        "prompt_embeds": torch.cat([condition["prompt_embeds"] for condition in conditions]),
+        "pooled_prompt_embeds": None if pooled[0] is None else torch.cat(pooled),
+    }
+
+
+def noisy_pair_latents(noise_scheduler, latents, generators, shared_noise=False):
+    """x_t for B pairs (latents (2B, ...), positives then negatives): one timestep per pair, shared by its images,
+    and independent noise for the two images (App. A.2), or one draw for both with shared_noise.
+
+    Returns noisy latents (2B, ...), timesteps (2B,) and the targets in the model's output space (2B, ...).
+    """
+    timesteps = sample_timesteps(noise_scheduler.config.num_train_timesteps, generators, latents.device).repeat(2)
+    noise_pos = sample_noise(latents.shape[1:], generators, latents.device)
+    noise_neg = noise_pos if shared_noise else sample_noise(latents.shape[1:], generators, latents.device)
+    noisy_latents, target = noisy_latents_and_target(
+        noise_scheduler, latents, torch.cat([noise_pos, noise_neg]), timesteps
+    )
+    return noisy_latents, timesteps, target
+
+
+def loss_weights(noise_scheduler, timesteps, args):
+    """w(lambda_t) per image: sigmoid(b - lambda_t) (--loss_weighting sigmoid) or ones."""
+    if args.loss_weighting == "constant":
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    return sigmoid_loss_weight(log_snr(noise_scheduler, timesteps), args.sigmoid_bias).to(timesteps.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out preference accuracy and validation images
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def preference_accuracy(accelerator, unet, vae, text_encoders, tokenizers, noise_scheduler, eval_dataset, args, dtype):
+    """Share of held-out pairs whose mean error (against the forward-process target) on the positive image is
+    below that on the negative (ties half).
+
+    The draws are fixed by (seed, pair index), so values before and after training are comparable.
+    """
+    shard = range(accelerator.process_index, len(eval_dataset), accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(eval_dataset, shard), batch_size=args.train_batch_size, collate_fn=collate_fn
+    )
+    score, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for batch in loader:
+        if "index" not in batch:
+            continue
+        latents, time_ids, condition, _, _ = capo_batch_inputs(
+            batch, vae, text_encoders, tokenizers, args, accelerator.device, dtype
+        )
+        conditioning = unet_conditioning(concat_conditions(condition, condition), time_ids)
+        batch_size = len(batch["index"])
+        errors = torch.zeros(2, batch_size, device=accelerator.device)  # positives, negatives
+        for draw in range(args.preference_eval_timesteps):
+            generators = sample_generators(args.seed, HELDOUT_EVAL_EPOCH + draw, batch["index"], accelerator.device)
+            noisy_latents, timesteps, target = noisy_pair_latents(
+                noise_scheduler, latents, generators, args.shared_noise
+            )
+            with accelerator.autocast():
+                model_pred = unet(noisy_latents, timesteps, **conditioning).sample
+            errors += per_sample_mse(model_pred, target).view(2, batch_size)
+        score += ((errors[0] < errors[1]).float() + 0.5 * (errors[0] == errors[1]).float()).sum()
+        count += batch_size
+    score, count = accelerator.reduce(score, "sum"), accelerator.reduce(count, "sum")
+    return (score / count.clamp(min=1)).item()
+
+
+@torch.no_grad()
+def render_validation(args, accelerator, vae, text_encoders, unet, dtype):
+    """One image per --validation_prompts entry with `unet`, a fixed seed per prompt."""
+    encoders = dict(zip(("text_encoder", "text_encoder_2"), text_encoders))
+    pipeline_class = StableDiffusionXLPipeline if len(text_encoders) == 2 else StableDiffusionPipeline
+    if pipeline_class is StableDiffusionPipeline:
+        encoders.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = pipeline_class.from_pretrained(
+        args.pretrained_model_name_or_path,
+        vae=vae,
+        unet=unet,
+        **encoders,
+        revision=args.revision,
+        variant=args.variant,
+        dtype=dtype,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for i, prompt in enumerate(args.validation_prompts):
+        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + i)
+        with accelerator.autocast():
+            output = pipeline(
+                prompt,
+                num_inference_steps=args.validation_inference_steps,
+                guidance_scale=args.validation_guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generator,
+            )
+        images.append(output.images[0])
+    return images
+
+
+def log_validation(args, accelerator, base_images, vae, text_encoders, unet, dtype, step):
+    """Render the trained model's validation images and save and log them beside the base model's."""
+    images = render_validation(args, accelerator, vae, text_encoders, unet, dtype)
+    grid = Image.new("RGB", (2 * args.resolution, args.resolution * len(images)))  # base | trained, a row a prompt
+    for row, (base, trained) in enumerate(zip(base_images, images)):
+        grid.paste(base, (0, row * args.resolution))
+        grid.paste(trained, (args.resolution, row * args.resolution))
+    path = Path(args.output_dir, "validation", f"step-{step:06d}.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/base_vs_trained", np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            caption = " | ".join(args.validation_prompts)
+            tracker.log({"validation/base_vs_trained": wandb.Image(grid, caption=caption)}, step=step)
+    logger.info(f"Validation images (base | trained) saved to {path}")
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet, lora):
+    """With LoRA, the UNet with its adapters switched off is the base model; without LoRA, nothing to switch."""
+    if lora:
+        unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        if lora:
+            unet.enable_adapters()
+
+
+@torch.no_grad()
+def reference_prediction(unet, ref_unet, lora, noisy_latents, timesteps, conditioning):
+    """The frozen reference's output: `unet` (unwrapped) with its LoRA adapters off, or the frozen copy `ref_unet`
+    of full fine-tuning, held in the weight dtype."""
+    if ref_unet is None:
+        with adapters_disabled(unet, lora):
+            return unet(noisy_latents, timesteps, **conditioning).sample
+    return frozen_prediction(ref_unet, noisy_latents, timesteps, conditioning)
+
+
+@torch.no_grad()
+def frozen_prediction(frozen_unet, noisy_latents, timesteps, conditioning):
+    """A frozen UNet held in the weight dtype, fed inputs cast to that dtype."""
+    dtype = frozen_unet.dtype
+    kwargs = {"encoder_hidden_states": conditioning["encoder_hidden_states"].to(dtype)}
+    if "added_cond_kwargs" in conditioning:
+        kwargs["added_cond_kwargs"] = {
+            key: value.to(dtype) for key, value in conditioning["added_cond_kwargs"].items()
+        }
+    return frozen_unet(noisy_latents.to(dtype), timesteps, **kwargs).sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory and saving
+# ----------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of each phase of a run (cache build, training loop, validation), not of the whole process.
+
+    CUDA's allocator peak on a GPU; on the CPU the process's peak resident set size, whose high-water
+    mark Linux resets through /proc/self/clear_refs. `switch(phase)` closes the running phase (a phase
+    that runs several times keeps its largest peak) and restarts the counter.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.kind = "cuda" if device.type == "cuda" else "rss"
+        self.peaks = {}
+        self.current = None
+
+    def read(self):
+        if self.kind == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):  # not Linux: ru_maxrss, the whole process's peak
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    def reset(self):
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        except OSError:
+            self.kind = "rss of the whole process (its peak cannot be reset here)"
+
+    def switch(self, phase):
+        if self.current is not None:
+            self.peaks[self.current] = max(self.peaks.get(self.current, 0), self.read())
+        self.current = phase
+        self.reset()
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        outer = self.current
+        self.switch(name)
+        try:
+            yield
+        finally:
+            self.switch(outer)
+
+
+def add_lora_adapters(unet, rank, alpha, mixed_precision):
+    """LoRA on the UNet's attention projections, base weights frozen; under fp16 the adapters train in float32."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=target_modules)
+    )
+    if mixed_precision == "fp16":
+        cast_training_params(unet, dtype=torch.float32)
+
+
+def lora_state_dict(unet):
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def weights_fingerprint(model):
+    """sha256 of the trained parameters' bytes: equal on every process after a correct data-parallel run."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def method_description(args):
+    weighting = f"sigmoid weighting b = {args.sigmoid_bias:g}" if args.loss_weighting == "sigmoid" else "no weighting"
+    return (
+        f"{OBJECTIVE_NAMES[args.objective]} (beta = {args.beta_capo:g}, {weighting}, "
+        f"{'shared' if args.shared_noise else 'independent'} noise)"
+    )
+
+
+def write_model_card(args, summary):
+    method = method_description(args)
+    weights = f"`pytorch_lora_weights.safetensors` (LoRA rank {args.lora_rank})" if args.lora_rank else "`unet/`"
+    if args.skip_final_save:
+        weights = "not saved (--skip_final_save)"
+    rows = dict(summary.get("last_step_metrics", {}))
+    for when in ("before", "after"):
+        key = f"heldout_preference_accuracy_{when}"
+        if key in summary:
+            rows[f"held-out preference accuracy ({args.preference_eval_split}), {when} training"] = summary[key]
+    metrics = "\n".join(f"| {key} | {value:.4f} |" for key, value in rows.items())
+    card = f"""---
+base_model: {args.pretrained_model_name_or_path}
+tags: [{summary["family_tag"]}, text-to-image, diffusers, capo, {args.objective}]
+---
+# {Path(args.output_dir).name}
+
+{method} of `{args.pretrained_model_name_or_path}` on `{args.dataset_name}` (split `{args.dataset_split_name}`),
+{steps(summary["global_step"])} of {summary["total_batch_size"]} pairs, learning rate {args.learning_rate:g}
+({args.lr_scheduler}), trained with `train_capo.py`. Weights: {weights}.
+
+Metrics of the last optimizer step:
+
+| metric | value |
+|---|---|
+{metrics}
+"""
+    Path(args.output_dir, "README.md").write_text(card)
+
+
+def steps(count):
+    return f"{count} optimizer step{'' if count == 1 else 's'}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+def main(args):
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:
+        # accelerate enables FSDP and DeepSpeed only on GPUs; elsewhere each process would train alone.
+        raise InputError(
+            f"accelerate launched {launched} processes but set up {accelerator.num_processes}; expected one "
+            "distributed run. FSDP and DeepSpeed configs need GPUs: on a CPU use ACCELERATE_USE_CPU=1 with "
+            "--multi_gpu (DDP)."
+        )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise InputError(
+            "--mixed_precision fp16 needs a GPU: on the CPU accelerate autocasts to bfloat16, which does not mix "
+            "with float16 weights. Use --mixed_precision bf16 (or no) here."
+        )
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    if args.seed is None:
+        # Every process must share the seed: it fixes the data order that the processes shard.
+        seed = [int(torch.randint(0, 2**31 - 1, (1,)).item())]
+        broadcast_object_list(seed)
+        args.seed = seed[0]
+        logger.info(f"No --seed given; using {args.seed}.")
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # Data first: a bad dataset stops the run before any model is loaded.
+    with accelerator.main_process_first():
+        train_split = load_split(args.dataset_name, args.dataset_split_name, args.cache_dir)
+        train_split, dropped = prepare_rows(train_split, args, args.dataset_split_name)
+        if args.max_train_samples is not None:
+            train_split = train_split.shuffle(seed=args.seed)
+            train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
+        eval_split = None
+        if args.preference_eval_split is not None:
+            eval_split = load_split(args.dataset_name, args.preference_eval_split, args.cache_dir)
+            eval_split, _ = prepare_rows(eval_split, args, args.preference_eval_split)
+            eval_split = eval_split.select(range(min(args.preference_eval_max_samples, len(eval_split))))
+    reasons = ", ".join(f"{count} ({SKIP_REASONS[reason]})" for reason, count in dropped.items() if count)
+    logger.info(f"Training on {len(train_split)} pairs; skipped rows: {reasons or 'none'}.")
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo
+
+            repo_name = args.hub_model_id or Path(args.output_dir).name
+            repo_id = create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id
+
+    # Models. Frozen weights are loaded in the weight dtype (casting after loading warns in diffusers).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # SDXL's own VAE overflows in float16 and stays float32; a replacement such as the fp16-fix VAE does not.
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
+    model_path = args.pretrained_model_name_or_path
+    load_kwargs = {"revision": args.revision, "cache_dir": args.cache_dir}
+    try:
+        components = DiffusionPipeline.load_config(model_path, **load_kwargs)
+        if components.get("text_encoder_2", [None])[0] is not None:
+            family, pipeline_class, encoder_names = "SDXL", StableDiffusionXLPipeline, ("", "_2")
+        elif components.get("unet", [None])[0] is not None and components.get("text_encoder", [None])[0] is not None:
+            family, pipeline_class, encoder_names = "SD1.x/SD2.x", StableDiffusionPipeline, ("",)
+        else:
+            raise InputError(
+                f"{model_path!r} is a {components.get('_class_name')} with components {sorted(components)}; expected "
+                "an SD1.x/SD2.x pipeline (unet, text_encoder) or an SDXL one (unet, text_encoder, text_encoder_2)."
+            )
+        noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **load_kwargs)
+        tokenizers = [
+            transformers.AutoTokenizer.from_pretrained(model_path, subfolder=f"tokenizer{suffix}", **load_kwargs)
+            for suffix in encoder_names
+        ]
+        text_encoder_classes = {"": transformers.CLIPTextModel, "_2": transformers.CLIPTextModelWithProjection}
+        text_encoders = [
+            text_encoder_classes[suffix].from_pretrained(
+                model_path, subfolder=f"text_encoder{suffix}", variant=args.variant, dtype=weight_dtype, **load_kwargs
+            )
+            for suffix in encoder_names
+        ]
+        if args.pretrained_vae_model_name_or_path:
+            vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=vae_dtype, **load_kwargs)
+        else:
+            vae = AutoencoderKL.from_pretrained(
+                model_path, subfolder="vae", variant=args.variant, dtype=vae_dtype, **load_kwargs
+            )
+        unet = UNet2DConditionModel.from_pretrained(
+            model_path,
+            subfolder="unet",
+            variant=args.variant,
+            dtype=weight_dtype if args.lora_rank else torch.float32,  # LoRA trains adapters only
+            **load_kwargs,
+        )
+        ref_unet = None
+        if not args.lora_rank:  # full fine-tuning: the reference is a frozen copy
+            ref_unet = UNet2DConditionModel.from_pretrained(
+                model_path, subfolder="unet", variant=args.variant, dtype=weight_dtype, **load_kwargs
+            )
+    except OSError as error:  # not on the hub (or the hub out of reach), or a file missing in a local folder
+        reason = str(error).strip().splitlines()[0].rstrip(".")
+        raise InputError(
+            f"Could not load the models of {model_path!r}: {reason}. Expected a local diffusers folder or a hub "
+            "id reachable from here."
+        ) from error
+    logger.info(
+        f"Found an {family} pipeline ({components.get('_class_name')}: {len(text_encoders)} text encoder"
+        f"{'s' if len(text_encoders) > 1 else ''}, prediction type {noise_scheduler.config.prediction_type})."
+    )
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if noise_scheduler.config.prediction_type not in DDPM_PREDICTION_TYPES:
+        raise InputError(
+            f"Expected a model that predicts {DDPM_PREDICTION_TYPES}, found "
+            f"prediction_type={noise_scheduler.config.prediction_type!r}; set --prediction_type."
+        )
+    for frozen in (vae, *text_encoders):
+        frozen.requires_grad_(False).to(accelerator.device)
+    unet.to(accelerator.device)
+    if ref_unet is not None:
+        ref_unet.requires_grad_(False).eval().to(accelerator.device)
+
+    if args.lora_rank:
+        add_lora_adapters(unet, args.lora_rank, args.lora_alpha, accelerator.mixed_precision)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    # Checkpoints hold only what is trained: the LoRA file, or the UNet folder.
+    def save_unet(model, folder):
+        """Save the full UNet; under FSDP the shards are gathered first (a collective: every process calls this)."""
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(model)
+            if accelerator.distributed_type == DistributedType.FSDP:
+                model = UNet2DConditionModel.from_config(model.config)
+                model.load_state_dict(state_dict)
+            model.save_pretrained(folder)
+
+    def save_lora(model, folder):
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(model)
+            # the adapter's config (rank, alpha) goes into the file: without it a loader takes alpha = rank
+            pipeline_class.save_lora_weights(
+                folder,
+                unet_lora_layers=lora_state_dict(model),
+                unet_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+            )
+
+    def save_model_hook(models, weights, output_dir):
+        for model in models:
+            if args.lora_rank:
+                save_lora(model, output_dir)
+            else:
+                save_unet(model, os.path.join(output_dir, "unet"))
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if not models:  # DeepSpeed and FSDP restored the model (and optimizer) from their own files
+            return
+        model = accelerator.unwrap_model(models.pop())
+        if args.lora_rank:
+            from peft.utils import set_peft_model_state_dict
+
+            lora_weights, _ = pipeline_class.lora_state_dict(input_dir)
+            unet_weights = {k.removeprefix("unet."): v for k, v in lora_weights.items() if k.startswith("unet.")}
+            incompatible = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(unet_weights), "default")
+            if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
+                raise InputError(
+                    f"The checkpoint in {input_dir} has LoRA weights this model lacks: "
+                    f"{incompatible.unexpected_keys[:5]}; resume with the --lora_rank of the run that wrote it."
+                )
+            if accelerator.mixed_precision == "fp16":  # also when fp16 comes from accelerate's config
+                cast_training_params(model, dtype=torch.float32)
+        else:
+            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # Optimizer
+    if args.scale_lr:
+        total_pairs = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate = args.learning_rate * total_pairs
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = optimizer_class(
+        params_to_optimize,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    # Dataset and dataloader
+    memory = PeakMemory(accelerator.device)
+    train_dataset = CaPOPairs(train_split, args, augment=True)
+    cache_skipped = []
+    if args.cache_latents:
+        storage_dtype = torch.float16 if weight_dtype == torch.float16 else torch.float32  # numpy has no bfloat16
+        cache_path = latents_cache_path(args, train_split, storage_dtype)
+        reusing = (cache_path / "complete.json").exists()
+        logger.info(f"--cache_latents: {'reusing' if reusing else 'building'} {cache_path}")
+        if args.random_crop or not args.no_hflip:
+            logger.info(
+                "--cache_latents: each pair's crop and flip are drawn once and cached (pass --no_hflip to train "
+                "without flips)."
+            )
+        with memory.phase("cache_build"):
+            train_dataset, cache_skipped = build_latents_cache(
+                accelerator, args, train_dataset, vae, text_encoders, tokenizers, cache_path, storage_dtype
+            )
+        for index, reason in cache_skipped:
+            logger.warning(f"Skipped pair {index} while caching: undecodable image ({reason}).")
+    eval_dataset = CaPOPairs(eval_split, args, augment=False) if eval_split is not None else None
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        shuffle=True,
+        batch_size=args.train_batch_size,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+    # Schedule (steps counted per process before prepare(), as diffusers' scripts do)
+    batches_per_epoch = math.ceil(len(train_dataset) / (args.train_batch_size * accelerator.num_processes))
+    num_update_steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    first_step = checkpoint_step(args.resume_from_checkpoint) if args.resume_from_checkpoint else 0
+    if first_step >= args.max_train_steps:
+        if accelerator.is_main_process:
+            print(
+                f"== Nothing to train: {args.resume_from_checkpoint} is at step {first_step} of "
+                f"{args.max_train_steps}. The finished run's outputs in {args.output_dir} were left as they are; "
+                "raise --max_train_steps to train further.",
+                flush=True,
+            )
+        accelerator.end_training()
+        return
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
+    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    training = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning"
+    logger.info("***** Running training *****")
+    logger.info(f"  Method = {method_description(args)}, {training}, {family}")
+    logger.info(
+        f"  Num pairs = {len(train_dataset)}, epochs = {args.num_train_epochs}, steps = {args.max_train_steps}"
+    )
+    logger.info(
+        f"  Pairs per device = {args.train_batch_size}, total batch (parallel, accumulation) = {total_batch_size}"
+    )
+
+    def heldout_accuracy():
+        unet.eval()
+        with memory.phase("validation"):
+            model = accelerator.unwrap_model(unet)
+            accuracy = preference_accuracy(
+                accelerator, model, vae, text_encoders, tokenizers, noise_scheduler, eval_dataset, args, weight_dtype
+            )
+        unet.train()
+        return accuracy
+
+    def validate(step):
+        with memory.phase("validation"):
+            model = accelerator.unwrap_model(unet)
+            log_validation(args, accelerator, base_images, vae, text_encoders, model, weight_dtype, step)
+
+    # Measured on the starting model, before a checkpoint is loaded.
+    summary = {}
+    if eval_dataset is not None:
+        summary["heldout_preference_accuracy_before"] = heldout_accuracy()
+        logger.info(
+            f"Held-out preference accuracy before training: {summary['heldout_preference_accuracy_before']:.3f}"
+        )
+        if first_step == 0:
+            accelerator.log({"heldout_preference_accuracy": summary["heldout_preference_accuracy_before"]}, step=0)
+    base_images = None
+    if args.validation_prompts and accelerator.is_main_process:
+        with memory.phase("validation"), adapters_disabled(accelerator.unwrap_model(unet), args.lora_rank) as base:
+            base_images = render_validation(args, accelerator, vae, text_encoders, base, weight_dtype)
+
+    global_step, first_epoch = first_step, first_step // num_update_steps_per_epoch
+    if args.resume_from_checkpoint:
+        logger.info(f"Resuming from {args.resume_from_checkpoint}")
+        accelerator.load_state(args.resume_from_checkpoint)
+
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    skipped_total, step_metrics, step_seconds = 0, [], []
+    memory.switch("training")
+    step_started = time.perf_counter()
+    for epoch in range(first_epoch, args.num_train_epochs):
+        unet.train()
+        train_dataset.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        dataloader = train_dataloader
+        if epoch == first_epoch and global_step > 0:
+            resume_batches = (global_step - epoch * num_update_steps_per_epoch) * args.gradient_accumulation_steps
+            dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+        for batch in dataloader:
+            if batch["num_skipped"]:
+                skipped_total += batch["num_skipped"]
+                for index, reason in batch["skipped"]:
+                    logger.warning(f"Skipped pair {index}: undecodable image ({reason}).", main_process_only=False)
+            if "index" not in batch:
+                raise RuntimeError(
+                    f"Every pair of a batch had an undecodable image ({skipped_total} skipped so far); check the "
+                    "dataset's image columns."
+                )
+            with accelerator.accumulate(unet):
+                generators = sample_generators(args.seed, epoch, batch["index"], accelerator.device)
+                latents, time_ids, condition, reward_pos, reward_neg = capo_batch_inputs(
+                    batch, vae, text_encoders, tokenizers, args, accelerator.device, weight_dtype
+                )
+                noisy_latents, timesteps, target = noisy_pair_latents(
+                    noise_scheduler, latents, generators, args.shared_noise
+                )
+                conditioning = unet_conditioning(concat_conditions(condition, condition), time_ids)
+                # The reference's two passes and the policy's two, each pair of images in one call.
+                ref_pred = reference_prediction(
+                    accelerator.unwrap_model(unet), ref_unet, args.lora_rank, noisy_latents, timesteps, conditioning
+                )
+                ref_losses_pos, ref_losses_neg = per_sample_mse(ref_pred, target).chunk(2)
+                model_pred = unet(noisy_latents, timesteps, **conditioning).sample
+                model_losses_pos, model_losses_neg = per_sample_mse(model_pred, target).chunk(2)
+                weight_pos, weight_neg = loss_weights(noise_scheduler, timesteps, args).chunk(2)
+                loss, metrics = capo_loss(
+                    model_losses_pos,
+                    model_losses_neg,
+                    ref_losses_pos,
+                    ref_losses_neg,
+                    weight_pos,
+                    weight_neg,
+                    reward_pos,
+                    reward_neg,
+                    args.beta_capo,
+                    args.objective,
+                )
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                    grad_norm = accelerator.clip_grad_norm_(params_to_optimize, max_norm)
+                    if grad_norm is not None:
+                        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                            grad_norm = grad_norm.full_tensor()
+                        metrics["grad_norm"] = (
+                            grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
+                        )
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_metrics.append(metrics)
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress_bar.update(1)
+                # Mean over the accumulated micro-batches, then over processes: one all-reduce and one
+                # device-to-host copy per optimizer step, whatever the number of metrics.
+                names = list(step_metrics[-1])
+                means = [
+                    torch.stack([m[key].float().to(accelerator.device) for m in step_metrics if key in m]).mean()
+                    for key in names
+                ]
+                logs = dict(zip(names, accelerator.reduce(torch.stack(means), "mean").tolist()))
+                step_seconds.append(time.perf_counter() - step_started)  # .tolist() waited for the step's device work
+                logs["lr"] = lr_scheduler.get_last_lr()[0]
+                logs["skipped_pairs"] = skipped_total
+                step_metrics = []
+                accelerator.log(logs, step=global_step)
+                postfix = {"loss": f"{logs['loss']:.4f}"}
+                postfix["acc"] = f"{logs['implicit_acc']:.2f}"
+                progress_bar.set_postfix(**postfix)
+                summary["last_step_metrics"] = {k: v for k, v in logs.items() if k not in ("lr", "skipped_pairs")}
+
+                if global_step % args.checkpointing_steps == 0:
+                    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+                        existing = list_checkpoints(args.output_dir)
+                        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+                            shutil.rmtree(old)
+                    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                    accelerator.save_state(save_path)
+                    logger.info(f"Saved state to {save_path}")
+
+                if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+                    if eval_dataset is not None:
+                        accuracy = heldout_accuracy()
+                        accelerator.log({"heldout_preference_accuracy": accuracy}, step=global_step)
+                        logger.info(f"Step {global_step}: held-out preference accuracy {accuracy:.3f}")
+                    if base_images is not None:
+                        validate(global_step)
+                step_started = time.perf_counter()  # checkpointing and validation are not step time
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+    memory.switch(None)
+
+    accelerator.wait_for_everyone()
+    unet.eval()
+    if eval_dataset is not None:
+        summary["heldout_preference_accuracy_after"] = heldout_accuracy()
+        accelerator.log(
+            {"heldout_preference_accuracy": summary["heldout_preference_accuracy_after"]}, step=global_step
+        )
+    skipped_total = int(accelerator.reduce(torch.tensor(skipped_total, device=accelerator.device), "sum").item())
+    skipped_total += len(cache_skipped)
+    if accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP:
+        # Data-parallel replicas must end bit-identical; say so rather than assume it.
+        fingerprints = gather_object([weights_fingerprint(accelerator.unwrap_model(unet))])
+        summary["replicas_identical"] = len(set(fingerprints)) == 1
+        if not summary["replicas_identical"]:
+            logger.warning(f"The trained weights differ between processes: {fingerprints}")
+    if not args.skip_final_save:
+        if args.lora_rank:
+            save_lora(unet, args.output_dir)
+        else:
+            save_unet(unet, os.path.join(args.output_dir, "unet"))
+    if base_images is not None:
+        validate(global_step)
+    if accelerator.is_main_process:
+        summary.update(
+            {
+                "method": "capo",
+                "objective": args.objective,
+                "beta_capo": args.beta_capo,
+                "family": family,
+                "family_tag": "stable-diffusion-xl" if family == "SDXL" else "stable-diffusion",
+                "global_step": global_step,
+                "total_batch_size": total_batch_size,
+                "train_batch_size": args.train_batch_size,
+                "lora_rank": args.lora_rank,
+                "cache_latents": args.cache_latents,
+                "skipped_pairs": skipped_total,
+                "skipped_rows": dropped,
+                # After the first two steps (allocation, kernel selection), as a benchmark would count them.
+                "seconds_per_step_median": float(np.median(step_seconds[2:] or step_seconds)),
+                "peak_memory_bytes": memory.peaks["training"],  # the training loop's own peak
+                "peak_memory_by_phase_bytes": memory.peaks,
+                "peak_memory_kind": memory.kind,
+            }
+        )
+        Path(args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
+        write_model_card(args, summary)
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["checkpoint-*", "logs/*"],
+                token=args.hub_token,
+            )
+        print_summary(args, summary)
+    accelerator.end_training()
+
+
+def print_summary(args, summary):
+    name = OBJECTIVE_NAMES[summary["objective"]]
+    lines = [f"== {name} finished: {steps(summary['global_step'])}, output in {args.output_dir}"]
+    if "heldout_preference_accuracy_before" in summary:
+        lines.append(
+            f"   held-out preference accuracy ({args.preference_eval_split}): "
+            f"{summary['heldout_preference_accuracy_before']:.3f} before -> "
+            f"{summary['heldout_preference_accuracy_after']:.3f} after"
+        )
+    finals = ", ".join(f"{key} {value:.4g}" for key, value in summary["last_step_metrics"].items())
+    lines.append(f"   last step: {finals}")
+    skipped = [f"{count} ({SKIP_REASONS[reason]})" for reason, count in summary["skipped_rows"].items() if count]
+    lines.append(
+        f"   skipped rows: {', '.join(skipped) or 'none'}; skipped undecodable pairs: {summary['skipped_pairs']}"
+    )
+    peaks = ", ".join(
+        f"{phase} {value / 2**30:.2f} GiB" for phase, value in summary["peak_memory_by_phase_bytes"].items()
+    )
+    lines.append(
+        f"   {summary['seconds_per_step_median']:.3f} s per step (median); "
+        f"peak memory ({summary['peak_memory_kind']}): {peaks}"
+    )
+    if "replicas_identical" in summary:
+        lines.append(f"   weights identical on all processes: {'yes' if summary['replicas_identical'] else 'NO'}")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main(ARGS)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
