@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import train_capo
 import train_ddspo
 import train_diffusion_dpo_sdxl
 import train_mapo_sdxl
@@ -48,16 +49,18 @@ def option_strings(script):
     ]
 
 
-@pytest.mark.parametrize("script", [train_diffusion_dpo_sdxl, train_mapo_sdxl, train_ddspo], ids=lambda s: s.__name__)
+SCRIPTS = [train_diffusion_dpo_sdxl, train_mapo_sdxl, train_ddspo, train_capo]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
 def test_every_flag_is_documented_in_the_readme(script):
     missing = [flag for flag in option_strings(script) if f"`{flag}`" not in README]
     assert not missing, f"README.md does not document {missing}"
 
 
-@pytest.mark.parametrize("readme", ["README.md", "examples/eval/README.md"])
+@pytest.mark.parametrize("readme", ["README.md", "examples/eval/README.md", "examples/capo/README.md"])
 def test_flags_used_in_training_commands_exist(readme):
-    scripts = (train_diffusion_dpo_sdxl, train_mapo_sdxl, train_ddspo)
-    known = set().union(*(option_strings(script) for script in scripts)) | ACCELERATE_LAUNCH_FLAGS
+    known = set().union(*(option_strings(script) for script in SCRIPTS)) | ACCELERATE_LAUNCH_FLAGS
     for block in re.findall(r"```bash\n(.*?)```", (REPO / readme).read_text(), flags=re.S):
         for command in block.split("\n\n"):
             if "train_" not in command:
@@ -78,7 +81,7 @@ def test_files_named_in_the_two_commands_exist():
 
 DOCUMENTS = ["README.md", "requirements.txt", "examples/eval/README.md", "train_diffusion_dpo_sdxl.py"]
 DOCUMENTS += ["train_mapo_sdxl.py", "utils/diffusion.py", "tests/run_tests.sh", "examples/setup_env.sh"]
-DOCUMENTS += ["train_ddspo.py", "examples/ddspo/README.md", "examples/capo/README.md"]
+DOCUMENTS += ["train_ddspo.py", "examples/ddspo/README.md", "examples/capo/README.md", "train_capo.py"]
 
 
 def test_every_repository_file_the_docs_point_to_exists():
