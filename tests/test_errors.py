@@ -10,7 +10,7 @@ import pytest
 from conftest import OFFLINE_ENV, REPO, run_python
 
 
-SCRIPTS = ["train_diffusion_dpo_sdxl.py", "train_mapo_sdxl.py"]
+SCRIPTS = ["train_diffusion_dpo_sdxl.py", "train_mapo_sdxl.py", "train_ddspo.py", "train_capo.py"]
 HUB_ID_NOT_HERE = "no-such-org/no-such-model"  # looks like a hub id: it can only fail when the models load
 
 
