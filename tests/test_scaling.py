@@ -242,7 +242,9 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(ti
 
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert {(row["method"], row["latents"]) for row in report["rows"]} == {
-        (method, latents) for method in ("MaPO", "Diffusion-DPO", "DDSPO") for latents in ("cached", "uncached")
+        (method, latents)
+        for method in ("MaPO", "Diffusion-DPO", "DDSPO", "CaPO")
+        for latents in ("cached", "uncached")
     }
     for row in report["rows"]:
         for column in (
@@ -260,7 +262,10 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(ti
         assert row["peak_memory_kind"] == "rss"
     assert set(report["mapo_vs_dpo"]) == {"cached", "uncached"}
     assert set(report["ddspo_vs_dpo"]) == {"cached", "uncached"}
-    assert "DDSPO within 1.10x of its floor" in report["targets"]  # reported, met or not: no wall-clock assertion
+    assert set(report["capo_vs_dpo"]) == {"cached", "uncached"}
+    # Reported, met or not: no wall-clock assertion.
+    assert "DDSPO within 1.10x of its floor" in report["targets"]
+    assert "CaPO time within 1.10x of Diffusion-DPO" in report["targets"]
     # Every training run passed --skip_final_save: summaries written, no weights (10 GB a run on SDXL).
     runs = tmp_path / "runs"
     assert list(runs.rglob("training_summary.json"))
@@ -282,13 +287,25 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(ti
         words, negative_words = row["caption"].split(), row["negative_caption"].split()
         assert 0 < len(negative_words) < len(words) and all(word in words for word in negative_words), row["caption"]
         assert row["jpg_w"] != row["jpg_l"]
-    for comparison in ("mapo_vs_dpo", "ddspo_vs_dpo"):
+    # CaPO trained on the same pairs, in a folder of its own: the preferred image as jpg_pos, the other as jpg_neg,
+    # with calibrated rewards in [0, 1] that rank them so.
+    capo_dataset = Path(report["setting"]["capo_dataset"])
+    assert capo_dataset.parent == tmp_path / "assets" and capo_dataset != ddspo_dataset
+    capo_rows = pq.read_table(capo_dataset / "train.parquet").to_pylist()
+    assert train_pairs_in_log((runs / "capo-cached-0" / "train.log").read_text()) == len(capo_rows) == len(ddspo_rows)
+    for capo_row, ddspo_row in zip(capo_rows, ddspo_rows):
+        assert [capo_row[c] for c in ("caption", "jpg_pos", "jpg_neg")] == [
+            ddspo_row[c] for c in ("caption", "jpg_w", "jpg_l")
+        ]
+        assert 0 <= capo_row["reward_neg"] < capo_row["reward_pos"] <= 1
+    for comparison in ("mapo_vs_dpo", "ddspo_vs_dpo", "capo_vs_dpo"):
         assert all(value > 0 for ratios in report[comparison].values() for value in ratios.values())
 
     markdown = (tmp_path / "benchmark.md").read_text()
     assert markdown.strip() in result.stdout  # what it prints is what it writes
-    table = [line for line in markdown.splitlines() if line.startswith(("| MaPO |", "| Diffusion-DPO |", "| DDSPO |"))]
-    assert len(table) == 6
+    labels = ("| MaPO |", "| Diffusion-DPO |", "| DDSPO |", "| CaPO |")
+    table = [line for line in markdown.splitlines() if line.startswith(labels)]
+    assert len(table) == 8
     for line in table:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert len(cells) == 9 and all(cells) and "n/a" not in cells, line
