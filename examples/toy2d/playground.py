@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""The preference objectives on a conditional 2-D mixture of Gaussians, on a CPU in about a minute.
+
+A small MLP denoiser with a class embedding is trained as the reference on a noisy version of K Gaussian modes
+(DDSPO Fig. 2b), then fine-tuned from it with the training scripts' own objectives:
+
+- modes: N = 2 pairs per class, winner ~ ref(.|c), loser ~ ref(.|c-) from a neighbouring class; Diffusion-DPO vs
+  DDSPO (DDSPO Fig. 2, §4.1);
+- mismatch: winners from the true modes moved outward by a shift d; Diffusion-DPO vs MaPO vs SFT (MaPO §3.1);
+- capo: a reward on the plane, N images per group from the reference, calibration and pair selection with
+  examples/capo/select_pairs.py; CaPO vs DPO on the same pairs.
+
+Writes results.md (the table), results.json (every seed's numbers), modes.png, mismatch.png and capo.png:
+
+    python examples/toy2d/playground.py --output_dir docs/toy2d
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: train_*.py, utils, examples
+
+EXPERIMENTS = ("modes", "mismatch", "capo")
+MIN_SEEDS = 5
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, and the description's example kept as written."""
+
+
+class InputError(ValueError):
+    """A setting that cannot run: the message says what was expected, what was found and what to do."""
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    world = parser.add_argument_group("the world")
+    world.add_argument("--num_classes", type=int, default=6, help="Classes, one Gaussian mode each, on a circle.")
+    world.add_argument("--radius", type=float, default=2.0, help="Radius of the circle of mode centres.")
+    world.add_argument("--mode_std", type=float, default=0.2, help="Standard deviation of a true mode.")
+    world.add_argument("--noisy_std", type=float, default=0.45, help="Standard deviation of a mode in the noisy data.")
+    world.add_argument(
+        "--label_noise", type=float, default=0.2, help="Share of the noisy data drawn from a neighbouring mode."
+    )
+    reference = parser.add_argument_group("the reference model")
+    reference.add_argument("--hidden", type=int, default=64, help="Width of the MLP's three hidden layers.")
+    reference.add_argument(
+        "--reference_points_per_class", type=int, default=500, help="Noisy training points per class."
+    )
+    reference.add_argument("--reference_steps", type=int, default=2000, help="Adam steps (linear decay to 0).")
+    reference.add_argument("--reference_batch_size", type=int, default=256, help="Points per step and seed.")
+    reference.add_argument("--reference_learning_rate", type=float, default=2e-3, help="Peak learning rate.")
+    finetuning = parser.add_argument_group("fine-tuning: one setting shared by every method")
+    finetuning.add_argument("--learning_rate", type=float, default=1e-4, help="Adam, constant, every method.")
+    finetuning.add_argument("--finetune_steps", type=int, default=500, help="Steps, every method.")
+    finetuning.add_argument("--batch_size", type=int, default=64, help="Pairs per step and seed (drawn with repeats).")
+    finetuning.add_argument(
+        "--betas",
+        type=float,
+        nargs="+",
+        default=[100.0, 1000.0, 5000.0],
+        help="β grid of Diffusion-DPO, DDSPO, CaPO and its DPO baseline (one meaning: the logit's scale).",
+    )
+    finetuning.add_argument(
+        "--mapo_betas", type=float, nargs="+", default=[8.0, 64.0], help="β grid of MaPO (an exponent: Table 3)."
+    )
+    experiments = parser.add_argument_group("experiments")
+    experiments.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    experiments.add_argument("--pairs_per_class", type=int, default=2, help="modes: pairs per class (DDSPO: N = 2).")
+    experiments.add_argument(
+        "--shifts", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0], help="mismatch: shifts d of the winners."
+    )
+    experiments.add_argument("--mismatch_pairs_per_class", type=int, default=16, help="mismatch: pairs per class.")
+    experiments.add_argument("--capo_groups_per_class", type=int, default=8, help="capo: groups (prompts) per class.")
+    experiments.add_argument("--capo_images_per_group", type=int, default=8, help="capo: images N per group.")
+    evaluation = parser.add_argument_group("evaluation and output")
+    evaluation.add_argument("--num_seeds", type=int, default=5, help=f"Seeds per number (at least {MIN_SEEDS}).")
+    evaluation.add_argument("--seed", type=int, default=0, help="First seed; the others follow it.")
+    evaluation.add_argument("--samples_per_class", type=int, default=200, help="Generated points per class and seed.")
+    evaluation.add_argument("--sampling_steps", type=int, default=50, help="DDPM sampling steps.")
+    evaluation.add_argument("--output_dir", type=str, default="toy2d-output", help="Receives the table and figures.")
+    args = parser.parse_args(input_args)
+    try:
+        check_args(args)
+    except InputError as error:
+        parser.error(str(error))
+    return args
+
+
+def check_args(args):
+    """Refuse settings that cannot run before torch is imported."""
+    if args.num_classes < 2:
+        raise InputError(f"--num_classes must be at least 2 (a class needs a neighbour), got {args.num_classes}.")
+    if any(shift < 0 for shift in args.shifts):
+        raise InputError(f"--shifts are distances and cannot be negative, got {args.shifts}.")
+    if args.num_seeds < MIN_SEEDS:
+        raise InputError(
+            f"--num_seeds must be at least {MIN_SEEDS} for the reported intervals, got {args.num_seeds}; "
+            "shorten a run with --finetune_steps or --reference_steps instead."
+        )
+    positive = ["hidden", "reference_points_per_class", "reference_steps", "reference_batch_size", "finetune_steps"]
+    positive += ["batch_size", "pairs_per_class", "mismatch_pairs_per_class", "capo_groups_per_class"]
+    positive += ["samples_per_class", "sampling_steps"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    if args.capo_images_per_group < 2:
+        raise InputError(f"--capo_images_per_group must be at least 2 (a pair), got {args.capo_images_per_group}.")
+    for name in ("radius", "mode_std", "noisy_std", "learning_rate", "reference_learning_rate"):
+        if not getattr(args, name) > 0:
+            raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if not 0 <= args.label_noise <= 1:
+        raise InputError(f"--label_noise is a share in [0, 1], got {args.label_noise}.")
+    if any(not beta > 0 for beta in args.betas + args.mapo_betas):
+        raise InputError(f"--betas and --mapo_betas must be positive, got {args.betas} and {args.mapo_betas}.")
+
+
+def settings_of(args):
+    return {key: value for key, value in sorted(vars(args).items()) if key != "output_dir"}
+
+
+def main(args):
+    start = time.time()
+    import torch
+
+    from examples.toy2d import report, toy  # torch, diffusers and the training scripts: after the flags are checked
+
+    torch.set_num_threads(1)  # the tensors are tiny: a second thread costs more than it brings, on 2 cores many times
+    results = toy.run_all(args)
+    settings = settings_of(args)
+    summary = report.summarise(results)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if "modes" in results:
+        title = "Diffusion-DPO vs DDSPO, N = %d pairs per class (seed %d)" % (args.pairs_per_class, args.seed)
+        report.modes_figure(results, output_dir / "modes.png", title, "modes", ["dpo", "ddspo"])
+    if "mismatch" in results:
+        report.mismatch_figure(summary, output_dir / "mismatch.png")
+    if "capo" in results:
+        title = "CaPO vs DPO on the same calibrated pairs (seed %d)" % args.seed
+        report.modes_figure(results, output_dir / "capo.png", title, "capo", ["capo", "capo_dpo"])
+    (output_dir / "results.md").write_text(report.markdown(summary, settings), encoding="utf-8")
+    wall_seconds = time.time() - start
+    report.write_json(output_dir / "results.json", summary, settings, wall_seconds)
+    print((output_dir / "results.md").read_text(encoding="utf-8"))
+    print(f"Wrote {output_dir}/results.md, results.json and the figures in {wall_seconds:.0f} s.")
+    return json.loads((output_dir / "results.json").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main(parse_args())

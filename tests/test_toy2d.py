@@ -1,0 +1,198 @@
+"""examples/toy2d: the metrics on hand-made point sets, bad input, the objectives imported from the scripts (never
+a copy), a reduced run end to end, and the default run against the committed numbers the README quotes."""
+
+import ast
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from conftest import REPO, run_python
+
+from examples.toy2d import metrics
+
+
+PLAYGROUND = "examples/toy2d/playground.py"
+COMMITTED = REPO / "docs" / "toy2d"
+# A rerun of the default setting must give every committed mean to within this much, or half its interval's
+# half-width where that is wider (docs/toy2d/results.md, README "See it in 2-D").
+ABSOLUTE_TOLERANCE = 0.01
+REDUCED = [
+    "--reference_steps", 30, "--finetune_steps", 4, "--samples_per_class", 16, "--sampling_steps", 4,
+    "--betas", 100, 1000, "--mapo_betas", 8, "--shifts", 0, 2, "--capo_groups_per_class", 2,
+    "--reference_points_per_class", 40, "--batch_size", 8,
+]  # fmt: skip
+SCRIPT_FUNCTIONS = [
+    ("train_diffusion_dpo_sdxl", "diffusion_dpo_loss"),
+    ("train_diffusion_dpo_sdxl", "sft_loss"),
+    ("train_mapo_sdxl", "mapo_loss"),
+    ("train_ddspo", "ddspo_loss"),
+    ("train_capo", "capo_loss"),
+    ("examples.capo.select_pairs", "calibrate"),
+    ("examples.capo.select_pairs", "select_pairs"),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics, on point sets whose answers are known
+# ----------------------------------------------------------------------------------------------
+CENTRES = np.array([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]])
+
+
+def test_mode_accuracy_is_the_share_of_points_nearest_their_own_centre():
+    points = np.array([[1.9, 0.1], [2.5, -0.3], [0.6, 0.1], [-1.5, 0.2]])  # nearest centres: 0, 0, 0, 1
+    assert metrics.mode_accuracy(points, CENTRES, 0) == 0.75
+    assert metrics.mode_accuracy(points, CENTRES, 1) == 0.25
+    assert metrics.mode_accuracy(points, CENTRES, 2) == 0.0
+
+
+def test_sliced_wasserstein_of_a_translated_set_is_the_shift_over_root_two():
+    points = np.random.default_rng(0).standard_normal((50, 2))
+    shift = np.array([3.0, -4.0])
+    assert metrics.sliced_wasserstein(points, points + shift) == pytest.approx(5.0 / math.sqrt(2), rel=1e-9)
+
+
+def test_sliced_wasserstein_is_zero_for_the_same_points_in_another_order():
+    points = np.random.default_rng(1).standard_normal((30, 2))
+    assert metrics.sliced_wasserstein(points, points[::-1]) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.sliced_wasserstein(points, points * 2) > 0.1
+
+
+def test_sliced_wasserstein_refuses_sets_of_different_sizes():
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.sliced_wasserstein(np.zeros((3, 2)), np.zeros((4, 2)))
+
+
+def test_spread_of_a_square_is_its_half_diagonal_wherever_it_sits():
+    square = np.array([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    assert metrics.spread(square) == pytest.approx(math.sqrt(2))
+    assert metrics.spread(square + 7.0) == pytest.approx(math.sqrt(2))
+
+
+def test_interval_is_the_student_t_interval_and_leaves_out_diverged_seeds():
+    mean, half_width, n = metrics.interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (mean, n) == (3.0, 5)
+    assert half_width == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
+    assert metrics.interval([1.0, math.nan, 3.0])[::2] == (2.0, 2)
+
+
+def test_a_diverged_seed_is_named_in_the_table_not_dropped():
+    from examples.toy2d import report
+
+    run = {"members": [{"seed": s} for s in range(5)], "swd": np.array([[0.1], [0.2], [np.nan], [0.3], [0.2]])}
+    row = report.summary_row("Diffusion-DPO, β = 100", run, "swd")
+    assert row["n"] == 4 and row["diverged"] == [2]
+    assert report.seeds_cell([row]) == "4 of 5 (diverged: seed 2)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, before torch
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--num_classes", 0], "--num_classes must be at least 2"),
+        (["--shifts", 0, -1], "--shifts are distances and cannot be negative"),
+        (["--num_seeds", 4], "--num_seeds must be at least 5"),
+    ],
+    ids=["zero classes", "negative shift", "four seeds"],
+)
+def test_a_setting_that_cannot_run_stops_with_one_line(tmp_path, flags, message):
+    result = run_python(PLAYGROUND, [*flags, "--output_dir", tmp_path / "out"], timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stdout, result.stdout
+    errors = [line for line in result.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The objectives are the scripts' own
+# ----------------------------------------------------------------------------------------------
+def playground_sources():
+    return sorted((REPO / "examples" / "toy2d").glob("*.py"))
+
+
+def test_the_playground_defines_no_loss_of_its_own():
+    """A copy of an objective or of CaPO's pipeline in examples/toy2d would drift from the scripts unnoticed."""
+    imported_names = {name for _, name in SCRIPT_FUNCTIONS} | {"log_u_over_expm1", "sigmoid_loss_weight"}
+    for path in playground_sources():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.Lambda, ast.AsyncFunctionDef)):
+                name = getattr(node, "name", "<lambda>")
+                assert name not in imported_names and not name.endswith("_loss"), f"{path.name} defines {name}"
+            if isinstance(node, ast.Attribute) and node.attr in {"logsigmoid", "log_sigmoid", "softplus"}:
+                raise AssertionError(f"{path.name} computes a log-sigmoid itself (line {node.lineno})")
+
+
+def test_a_reduced_run_goes_end_to_end_through_every_script_objective(tmp_path, monkeypatch):
+    import importlib
+
+    from examples.toy2d import playground
+
+    calls = {}
+    for module_name, function_name in SCRIPT_FUNCTIONS:
+        module = importlib.import_module(module_name)
+        original = getattr(module, function_name)
+
+        def counted(*args, _original=original, _name=function_name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, function_name, counted)
+    summary = playground.main(playground.parse_args([*map(str, REDUCED), "--output_dir", str(tmp_path)]))
+    assert sorted(calls) == sorted(name for _, name in SCRIPT_FUNCTIONS), calls
+    for name in ("results.md", "results.json", "modes.png", "mismatch.png", "capo.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    table = (tmp_path / "results.md").read_text()
+    for row in ("| reference |", "| Diffusion-DPO, β = 1000 |", "| DDSPO, β = 100 |", "| MaPO, β = 8 |", "| CaPO,"):
+        assert row in table, row
+    assert all(row["n"] == 5 for row in summary["summary"]["modes"]["mode_acc"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The committed numbers: README quotes them, a default run reproduces them
+# ----------------------------------------------------------------------------------------------
+def table_lines(markdown, heading):
+    section = markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| |")]
+
+
+@pytest.mark.parametrize("heading", ["Class modes (DDSPO Fig. 2)", "Reference mismatch (MaPO §3.1)"])
+def test_the_readme_quotes_the_committed_table(heading):
+    readme = (REPO / "README.md").read_text()
+    lines = table_lines((COMMITTED / "results.md").read_text(), heading)
+    assert lines
+    missing = [line for line in lines if line not in readme]
+    assert not missing, f"README.md's 'See it in 2-D' section lacks {missing}"
+
+
+def committed_means(summary):
+    """{(table, metric, row name, column): (mean, half-width)} of a results.json summary."""
+    means = {}
+    for table in ("modes", "capo"):
+        for metric, rows in summary.get(table, {}).items():
+            for row in rows:
+                means[(table, metric, row["name"], "")] = (row["mean"], row["half_width"])
+    for row in summary.get("mismatch", []):
+        for shift, cell in zip(row["shifts"], row["cells"]):
+            means[("mismatch", "swd", row["name"], f"d = {shift:g}")] = (cell["mean"], cell["half_width"])
+    return means
+
+
+@pytest.mark.slow
+def test_the_default_run_reproduces_the_committed_numbers(tmp_path):
+    """The whole default setting (about 1.5 minutes on one core)."""
+    result = run_python(PLAYGROUND, ["--output_dir", tmp_path], timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    committed = committed_means(json.loads((COMMITTED / "results.json").read_text())["summary"])
+    rerun = committed_means(json.loads((tmp_path / "results.json").read_text())["summary"])
+    assert rerun.keys() == committed.keys()
+    off = []
+    for key, (mean, half_width) in committed.items():
+        tolerance = max(ABSOLUTE_TOLERANCE, 0.5 * half_width if math.isfinite(half_width) else 0.0)
+        if not abs(rerun[key][0] - mean) <= tolerance:
+            off.append(f"{key}: committed {mean:.4f}, rerun {rerun[key][0]:.4f}, tolerance {tolerance:.4f}")
+    assert not off, "\n".join(off)
+    assert re.search(r"\| reference \|", (tmp_path / "results.md").read_text())
