@@ -648,11 +648,11 @@ def prepare_rows(dataset, args, split):
         ],
         axis=1,
     ).reshape(-1, 2)
-    images = dataset.select_columns([args.image_pos_column, args.image_neg_column])
-    for row, (reward, pair) in enumerate(zip(rewards, images)):
+    identical = identical_image_rows(dataset, args.image_pos_column, args.image_neg_column)
+    for row, reward in enumerate(rewards):
         if not np.isfinite(reward).all():
             skipped["non_finite_reward"] += 1
-        elif same_image(pair[args.image_pos_column], pair[args.image_neg_column]):
+        elif row in identical:
             skipped["identical_images"] += 1
         else:
             if ((reward < 0) | (reward > 1)).any():
@@ -676,17 +676,38 @@ def prepare_rows(dataset, args, split):
     return dataset, skipped
 
 
-def same_image(first, second):
-    """Whether two image cells (bytes, datasets Image dicts or paths) hold the same file: equal bytes, or the same
-    path when no bytes are stored."""
+def identical_image_rows(dataset, first_column, second_column):
+    """Rows whose two image cells (encoded bytes, or datasets Image structs of bytes and path) hold the same file:
+    equal bytes, or the same path where no bytes are stored.
 
-    def key(value):
-        if isinstance(value, dict):
-            return value.get("bytes") or value.get("path")
-        return value
+    Reads the Arrow columns, not the rows: only pairs of equal byte length are compared byte for byte, so a large
+    dataset's images are not read at all before training.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    first, second = key(first), key(second)
-    return first is not None and first == second
+    table = dataset.with_format("arrow")[:]  # honours an indices mapping; memory-mapped otherwise
+    cells = []
+    for column in (first_column, second_column):
+        values = table.column(column)
+        if pa.types.is_struct(values.type):
+            cells.append((pc.struct_field(values, "bytes"), pc.struct_field(values, "path")))
+        else:
+            cells.append((values, None))
+    (bytes_a, paths_a), (bytes_b, paths_b) = cells
+    lengths_a = pc.binary_length(bytes_a).to_numpy(zero_copy_only=False)
+    lengths_b = pc.binary_length(bytes_b).to_numpy(zero_copy_only=False)
+    rows = set()
+    for row in np.flatnonzero(lengths_a == lengths_b):  # NaN (no bytes) never equals
+        if bytes_a[int(row)].as_py() == bytes_b[int(row)].as_py():
+            rows.add(int(row))
+    if paths_a is not None and paths_b is not None:
+        no_bytes = np.isnan(lengths_a.astype(float)) & np.isnan(lengths_b.astype(float))
+        for row in np.flatnonzero(no_bytes):
+            path = paths_a[int(row)].as_py()
+            if path is not None and path == paths_b[int(row)].as_py():
+                rows.add(int(row))
+    return rows
 
 
 def decode_image(value):

@@ -335,3 +335,19 @@ def test_pairs_selected_from_generated_and_scored_images_train_with_each_objecti
     metrics = summary_of(tmp_path)["last_step_metrics"]
     expected_gap = sum(pair["reward_pos"] - pair["reward_neg"] for pair in pairs) / 3
     assert metrics["target_margin"] == pytest.approx(expected_gap, abs=1e-6)
+
+
+def test_identical_images_are_found_by_bytes_or_by_path_without_decoding():
+    import datasets
+
+    encoded = datasets.Dataset.from_dict({"pos": [b"xx", b"yy", b"zz", None], "neg": [b"xx", b"yz", b"zzz", None]})
+    assert train_capo.identical_image_rows(encoded, "pos", "neg") == {0}  # equal length alone is not enough
+    assert train_capo.identical_image_rows(encoded.select([2, 0]), "pos", "neg") == {1}  # rows after a select
+    cells = {
+        "pos": [{"bytes": None, "path": "a.png"}, {"bytes": b"q", "path": None}, {"bytes": None, "path": "b.png"}],
+        "neg": [{"bytes": None, "path": "a.png"}, {"bytes": b"q", "path": None}, {"bytes": None, "path": "c.png"}],
+    }
+    images = datasets.Dataset.from_dict(cells)
+    for column in cells:
+        images = images.cast_column(column, datasets.Image(decode=False))
+    assert train_capo.identical_image_rows(images, "pos", "neg") == {0, 1}
