@@ -242,3 +242,23 @@ def test_a_rewritten_dataset_folder_whose_card_declares_its_files_loads_its_new_
         pq.write_table(pa.table({"caption": [f"prompt {i}" for i in range(rows)]}), folder / "train.parquet")
         os.utime(folder / "train.parquet", (rows, rows))  # distinct modification times, however fast the rewrite
         assert len(script.load_split(str(folder), "train", cache_dir=cache)) == rows
+
+
+@pytest.mark.parametrize("script_name", ["train_diffusion_dpo_sdxl", "train_mapo_sdxl", "train_ddspo", "train_capo"])
+def test_two_dataset_folders_of_one_name_and_card_each_load_their_own_rows(script_name, tmp_path):
+    # A plain load_dataset(folder) keys such a folder's cache on its name and its card's patterns: the second folder
+    # would read the first's rows.
+    import importlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    script = importlib.import_module(script_name)
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: train.parquet\n---\n"
+    cache = str(tmp_path / "cache")
+    for parent, rows in (("first", 1), ("second", 2)):
+        folder = tmp_path / parent / "pairs"
+        folder.mkdir(parents=True)
+        (folder / "README.md").write_text(card)
+        pq.write_table(pa.table({"caption": [parent] * rows}), folder / "train.parquet")
+        assert script.load_split(str(folder), "train", cache_dir=cache)["caption"] == [parent] * rows
