@@ -284,3 +284,36 @@ def test_bad_target_data_stops_with_one_line(tiny_assets, tmp_path, case, flags,
     line = one_line_error(result)
     assert message in line, line
     assert not list((tmp_path / "out").glob("rejected_samples/*/*.png"))  # stopped before drawing anything
+
+
+def test_generate_py_loads_the_new_token_beside_the_lora_weights(tiny_assets, personal_run, tmp_path):
+    """examples/eval/generate.py --lora_path on a personalization output also loads its token, so "<sks>" in an
+    evaluation prompt reads the trained embeddings, not four unknown characters."""
+    from examples.eval.generate import load_pipeline, textual_inversion_file
+
+    output_dir, _, _ = personal_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(CAPTION + "\n")
+    args = ["--pretrained_model_name_or_path", tiny_assets["model"], "--output_dir", tmp_path / "generated"]
+    args += ["--prompts", prompts, "--images_per_prompt", 1, "--resolution", RESOLUTION, "--num_inference_steps", 2]
+    result = run_python("examples/eval/generate.py", [*args, "--model_name", "personal", "--lora_path", output_dir])
+    assert result.returncode == 0, result.stdout[-3000:]
+    config = json.loads((tmp_path / "generated" / "personal" / "generation_config.json").read_text())
+    saved = output_dir / "textual_inversion.safetensors"
+    assert config["textual_inversion_path"] == str(saved.resolve())
+    assert (tmp_path / "generated" / "personal" / "00000_00.png").exists()
+
+    path = textual_inversion_file(None, str(output_dir))
+    pipeline = load_pipeline(
+        tiny_assets["model"], torch.float32, "cpu", lora_path=str(output_dir), textual_inversion_path=path
+    )
+    embeddings = load_file(saved)
+    for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
+        tokenizer, encoder = getattr(pipeline, f"tokenizer{suffix}"), getattr(pipeline, f"text_encoder{suffix}")
+        assert tokenizer.tokenize(CAPTION).count("<sks>") == 1
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<sks>")]
+        assert torch.equal(row, embeddings[key][0]), key
+    missing = run_python(
+        "examples/eval/generate.py", [*args, "--model_name", "x", "--textual_inversion_path", tmp_path]
+    )
+    assert "--textual_inversion_path" in one_line_error(missing) and "no such file" in missing.stdout

@@ -11,7 +11,8 @@ prompt_index, k, seed, image), `prompts.json` and `generation_config.json`.
   an SD folder without a safety checker is loaded without one.
 - Trained weights: `--lora_path` (a training output folder with `pytorch_lora_weights.safetensors`,
   or the file) or `--unet_path` (a folder with `unet/`, the `unet/` folder itself, or a hub repository
-  such as mhdang/dpo-sdxl-text2image-v1); neither for the base model.
+  such as mhdang/dpo-sdxl-text2image-v1); neither for the base model. A personalization run's new token
+  (`textual_inversion.safetensors`) loads from the --lora_path folder, or from --textual_inversion_path.
 - Same seeds for every model: image k of prompt i is drawn from its own generator seeded with
   SeedSequence((--seed, i, k)), so models compared with the same --seed and prompt set start from
   the same noise, whatever the batch size or number of processes. (Runs with the same batching give
@@ -46,6 +47,7 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
 }
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TEXTUAL_INVERSION_NAME = "textual_inversion.safetensors"  # train_mapo_sdxl.py --placeholder_token: clip_l, clip_g
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -86,6 +88,13 @@ def parse_args(input_args=None):
     )
     parser.add_argument(
         "--lora_scale", type=float, default=1.0, help="Scale of the LoRA update when it is fused into the weights."
+    )
+    parser.add_argument(
+        "--textual_inversion_path",
+        type=str,
+        default=None,
+        help=f"A new token's embeddings (train_mapo_sdxl.py --placeholder_token): a folder holding "
+        f"{TEXTUAL_INVERSION_NAME} or the file. Default: the --lora_path folder's, when it holds one.",
     )
     parser.add_argument(
         "--unet_path",
@@ -201,6 +210,7 @@ def check_args(args):
             )
         if not lora.exists():
             raise InputError(f"--lora_path {args.lora_path!r} does not exist.")
+    args.textual_inversion_path = textual_inversion_file(args.textual_inversion_path, args.lora_path)
     if args.unet_path is not None and Path(args.unet_path).exists():
         unet_subfolder(args.unet_path)  # a hub id is checked when the model loads
     if (
@@ -209,6 +219,44 @@ def check_args(args):
         or args.model_name.startswith(".")
     ):
         raise InputError(f"--model_name must be a plain folder name (no slashes), got {args.model_name!r}.")
+
+
+def textual_inversion_file(path, lora_path):
+    """The embeddings file to load: `path` (a folder holding TEXTUAL_INVERSION_NAME, or the file), else the one
+    beside the LoRA weights of a training output folder, else None."""
+    if path is None:
+        beside_lora = Path(lora_path) / TEXTUAL_INVERSION_NAME if lora_path is not None else None
+        return str(beside_lora) if beside_lora is not None and beside_lora.is_file() else None
+    candidate = Path(path) / TEXTUAL_INVERSION_NAME if Path(path).is_dir() else Path(path)
+    if not candidate.is_file():
+        raise InputError(
+            f"--textual_inversion_path {path!r}: no such file; expected a training output folder holding "
+            f"{TEXTUAL_INVERSION_NAME} or the file."
+        )
+    return str(candidate)
+
+
+def load_textual_inversion(pipeline, path):
+    """Add the token saved in `path` (its metadata names it) to the SDXL pipeline's two tokenizers and encoders."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as saved:
+        token = (saved.metadata() or {}).get("token")
+    embeddings = load_file(path)
+    if not token or set(embeddings) != {"clip_l", "clip_g"} or not hasattr(pipeline, "text_encoder_2"):
+        raise InputError(
+            f"{path} is not an SDXL textual-inversion file of train_mapo_sdxl.py (clip_l and clip_g embeddings, the "
+            f"token in its metadata) for this {type(pipeline).__name__}; found keys {sorted(embeddings)}."
+        )
+    for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
+        pipeline.load_textual_inversion(
+            embeddings[key],
+            token=token,
+            text_encoder=getattr(pipeline, f"text_encoder{suffix}"),
+            tokenizer=getattr(pipeline, f"tokenizer{suffix}"),
+        )
+    return token
 
 
 def unet_subfolder(unet_path):
@@ -269,6 +317,7 @@ def generation_settings(args, weight_dtype):
         "variant": args.variant,
         "lora_path": resolved_path(args.lora_path),
         "lora_scale": args.lora_scale if args.lora_path else None,
+        "textual_inversion_path": resolved_path(args.textual_inversion_path),
         "unet_path": resolved_path(args.unet_path),
         "scheduler": args.scheduler,
         "num_inference_steps": args.num_inference_steps,
@@ -335,6 +384,7 @@ def load_pipeline(
     unet_path=None,
     lora_path=None,
     lora_scale=1.0,
+    textual_inversion_path=None,
     revision=None,
     variant=None,
     cache_dir=None,
@@ -342,7 +392,8 @@ def load_pipeline(
     """The text-to-image pipeline of the family model_index.json names (SDXL, SD1.x, SD2.x), on `device`.
 
     `vae_path` and `unet_path` replace those components; `lora_path` (a folder with LORA_WEIGHT_NAME, or the file)
-    is fused into the weights at `lora_scale`; `scheduler` is a key of SCHEDULERS. A local SD folder whose
+    is fused into the weights at `lora_scale`; `textual_inversion_path` adds a trained token (SDXL);
+    `scheduler` is a key of SCHEDULERS. A local SD folder whose
     model_index.json names a safety checker that is not in the folder is loaded without one.
     """
     import diffusers
@@ -389,6 +440,8 @@ def load_pipeline(
     )
     if SCHEDULERS[scheduler] is not None:
         pipeline.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipeline.scheduler.config)
+    if textual_inversion_path is not None:
+        load_textual_inversion(pipeline, textual_inversion_path)
     if lora_path is not None:
         lora = Path(lora_path)
         folder, weight_name = (lora, LORA_WEIGHT_NAME) if lora.is_dir() else (lora.parent, lora.name)
@@ -464,6 +517,7 @@ def main(args):
             unet_path=args.unet_path,
             lora_path=args.lora_path,
             lora_scale=args.lora_scale,
+            textual_inversion_path=args.textual_inversion_path,
             revision=args.revision,
             variant=args.variant,
             cache_dir=args.cache_dir,
