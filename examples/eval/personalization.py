@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
 from examples.eval.generate import HelpFormatter  # noqa: E402
-from examples.eval.score import InputError, Run, describe_source  # noqa: E402
+from examples.eval.score import InputError, describe_source, open_runs  # noqa: E402
 
 
 METRICS = ("dinov2", "siglip")
@@ -301,14 +301,7 @@ def main(args):
     from PIL import Image
     from tqdm.auto import tqdm
 
-    runs = [Run(run_dir, args.scores_filename) for run_dir in args.run_dirs]
-    for run in runs:
-        if run.missing_images and not args.skip_missing_images:
-            raise InputError(
-                f"{len(run.missing_images)} images listed in {run.dir / 'manifest.jsonl'} are missing "
-                f"(first: {run.missing_images[:3]}). Rerun generate.py with the same flags to make them, "
-                "or pass --skip_missing_images to leave them unscored."
-            )
+    runs = open_runs(args)
     target_images, target_digest = [], None
     if "dinov2" in args.metrics:
         target_names, target_images, target_digest, skipped = read_target_images(args.target_dir)

@@ -257,12 +257,9 @@ class Run:
         write_scores(self.scores_path, self.manifest, self.scores, self.reward_columns)
 
 
-def main(args):
-    import torch
-    from tqdm.auto import tqdm
-
-    from examples.rewards import RewardInputError, load_reward_model, reward_weights_source
-
+def open_runs(args):
+    """The --run_dirs as Runs; images their manifest lists but that are missing stop the run, unless
+    --skip_missing_images leaves them unscored."""
     runs = [Run(run_dir, args.scores_filename) for run_dir in args.run_dirs]
     for run in runs:
         if run.missing_images and not args.skip_missing_images:
@@ -271,6 +268,16 @@ def main(args):
                 f"(first: {run.missing_images[:3]}). Rerun generate.py with the same flags to make them, "
                 "or pass --skip_missing_images to leave them unscored."
             )
+    return runs
+
+
+def main(args):
+    import torch
+    from tqdm.auto import tqdm
+
+    from examples.rewards import RewardInputError, load_reward_model, reward_weights_source
+
+    runs = open_runs(args)
     # Which weights each model would load (hashes, hub commits), before any is loaded: unreachable weights
     # stop here, and so do weights other than those that made the scores already in a table.
     sources = {}
