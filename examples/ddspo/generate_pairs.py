@@ -340,32 +340,20 @@ def make_shard(pipeline, rows, captions, negative_captions, args, progress):
     return pa.Table.from_pydict(columns, schema=schema), flagged
 
 
-def main(args):
+def write_pending_shards(accelerator, args, shards, config, on_disk, weight_dtype, make_table):
+    """Draw and write the shards not yet on disk, split over the processes (a collective: every process calls it).
+
+    Shared with examples/mapo_tasks/build_pairs.py. Removes the temporary files a killed run left, writes the
+    settings file `config`, then each process loads the pipeline once, draws its shards with
+    `make_table(pipeline, rows, progress)` -> (pyarrow table, images the safety checker blacked out) and writes
+    each atomically. Returns the pairs drawn by this run and the blacked-out images (summed over the processes),
+    the shard files now on disk and the pairs they hold.
+    """
     import pyarrow.parquet as pq
-    from accelerate import Accelerator
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
-    log = accelerator.print
-
-    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
-        captions, negative_captions = read_prompt_pairs(args)
-    shards, skipped, skip_examples = plan_shards(captions, negative_captions, args.shard_size)
-    skip_report = ", ".join(f"{skipped[reason]} {label}" for reason, label in SKIP_REASONS.items())
-    log(f"rows: {len(captions)} in {args.dataset}; skipped {sum(skipped.values())} ({skip_report})")
-    for example in skip_examples:
-        log(f"  skipped {example}")
-    if not shards:
-        raise InputError(
-            f"None of the {len(captions)} rows of {args.dataset} can make a pair (skipped: {skip_report}); "
-            "check the dataset and --caption_column / --negative_caption_column."
-        )
-
     output_dir = Path(args.output_dir)
-    settings = pair_settings(args, weight_dtype)
-    on_disk = check_output_folder(output_dir, settings, shards, captions, negative_captions)  # every process stops
     pending = [shard for shard in sorted(shards) if not shard_path(output_dir, shard).is_file()]
     if accelerator.is_main_process:
         for stale in (output_dir / "shards").glob(".shard-*.tmp"):  # left by a run killed mid-write; none is open
@@ -373,10 +361,8 @@ def main(args):
     accelerator.wait_for_everyone()  # every process has listed the missing shards before any is written
     (output_dir / "shards").mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        config = {**settings, "dataset": resolved_path(args.dataset), "dataset_split_name": args.dataset_split_name}
-        config.update(caption_column=args.caption_column, negative_caption_column=args.negative_caption_column)
         write_atomically(output_dir / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2)))
-    log(
+    accelerator.print(
         f"{len(pending)} shards to generate ({sum(len(shards[shard]) for shard in pending)} pairs), "
         f"{len(shards) - len(pending)} already in {output_dir / 'shards'} ({on_disk} pairs, skipped)"
     )
@@ -401,36 +387,78 @@ def main(args):
             disable=not accelerator.is_local_main_process,
         )
         for shard in my_shards:
-            table, shard_flagged = make_shard(pipeline, shards[shard], captions, negative_captions, args, progress)
+            table, shard_flagged = make_table(pipeline, shards[shard], progress)
             write_atomically(shard_path(output_dir, shard), lambda path: pq.write_table(table, path))
             generated += table.num_rows
             flagged += shard_flagged
         progress.close()
     counts_per_process = gather_object([(generated, flagged)])
     accelerator.wait_for_everyone()
+    generated = sum(count for count, _ in counts_per_process)
+    flagged = sum(count for _, count in counts_per_process)
+    written = [shard_path(output_dir, shard) for shard in sorted(shards) if shard_path(output_dir, shard).is_file()]
+    pairs = sum(pq.ParquetFile(path).metadata.num_rows for path in written)
+    return generated, flagged, written, pairs
 
+
+def report_pairs(log, tool, output_dir, shards, written, pairs, generated, on_disk, flagged, skipped_note):
+    """The pair tools' last words: the safety checker's black images, the finished line, and pairs gone missing."""
+    if flagged:
+        log(
+            f"warning: the pipeline's safety checker blacked out {flagged} images of this run; they are stored "
+            "as generated (black). Filter them out, or load the pipeline without a safety checker."
+        )
+    log(
+        f"== {tool} finished: {pairs} pairs written (this run: {generated}, already on disk: {on_disk}), "
+        f"{len(written)} shards in {output_dir / 'shards'}; {skipped_note}; "
+        f"read with datasets.load_dataset({str(output_dir)!r}, split='train')"
+    )
+    missing = sum(len(shards[shard]) for shard in sorted(shards)) - pairs
+    if missing:
+        raise RuntimeError(f"{missing} pairs are missing from {output_dir} after generation; rerun the command.")
+
+
+def main(args):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+    log = accelerator.print
+
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
+        captions, negative_captions = read_prompt_pairs(args)
+    shards, skipped, skip_examples = plan_shards(captions, negative_captions, args.shard_size)
+    skip_report = ", ".join(f"{skipped[reason]} {label}" for reason, label in SKIP_REASONS.items())
+    log(f"rows: {len(captions)} in {args.dataset}; skipped {sum(skipped.values())} ({skip_report})")
+    for example in skip_examples:
+        log(f"  skipped {example}")
+    if not shards:
+        raise InputError(
+            f"None of the {len(captions)} rows of {args.dataset} can make a pair (skipped: {skip_report}); "
+            "check the dataset and --caption_column / --negative_caption_column."
+        )
+
+    output_dir = Path(args.output_dir)
+    settings = pair_settings(args, weight_dtype)
+    on_disk = check_output_folder(output_dir, settings, shards, captions, negative_captions)  # every process stops
+    config = {**settings, "dataset": resolved_path(args.dataset), "dataset_split_name": args.dataset_split_name}
+    config.update(caption_column=args.caption_column, negative_caption_column=args.negative_caption_column)
+    generated, flagged, written, pairs = write_pending_shards(
+        accelerator,
+        args,
+        shards,
+        config,
+        on_disk,
+        weight_dtype,
+        lambda pipeline, rows, progress: make_shard(pipeline, rows, captions, negative_captions, args, progress),
+    )
     if accelerator.is_main_process:
-        generated = sum(count for count, _ in counts_per_process)
-        flagged = sum(count for _, count in counts_per_process)
-        written = [
-            shard_path(output_dir, shard) for shard in sorted(shards) if shard_path(output_dir, shard).is_file()
-        ]
-        pairs = sum(pq.ParquetFile(path).metadata.num_rows for path in written)
         card = DATASET_CARD.format(dataset=args.dataset, pairs=pairs, shards=len(written), output_dir=output_dir)
         write_atomically(output_dir / "README.md", lambda path: path.write_text(card))
-        if flagged:
-            log(
-                f"warning: the pipeline's safety checker blacked out {flagged} images of this run; they are stored "
-                "as generated (black). Filter them out, or load the pipeline without a safety checker."
-            )
-        log(
-            f"== generate_pairs finished: {pairs} pairs written (this run: {generated}, already on disk: {on_disk}), "
-            f"{len(written)} shards in {output_dir / 'shards'}; skipped {sum(skipped.values())} rows ({skip_report}); "
-            f"read with datasets.load_dataset({str(output_dir)!r}, split='train')"
+        skipped_note = f"skipped {sum(skipped.values())} rows ({skip_report})"
+        report_pairs(
+            log, "generate_pairs", output_dir, shards, written, pairs, generated, on_disk, flagged, skipped_note
         )
-        missing = sum(len(shards[shard]) for shard in sorted(shards)) - pairs
-        if missing:
-            raise RuntimeError(f"{missing} pairs are missing from {output_dir} after generation; rerun the command.")
     accelerator.end_training()
 
 

@@ -32,14 +32,19 @@ reads every shard.
 """
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
-from examples.ddspo.generate_pairs import draw, pair_settings, png_bytes, shard_path  # noqa: E402
+from examples.ddspo.generate_pairs import (  # noqa: E402
+    draw,
+    pair_settings,
+    png_bytes,
+    report_pairs,
+    write_pending_shards,
+)
 from examples.eval.generate import (  # noqa: E402
     HelpFormatter,
     InputError,
@@ -47,9 +52,7 @@ from examples.eval.generate import (  # noqa: E402
     changed_settings,
     check_sampling_args,
     image_seed,
-    load_pipeline,
     resolved_path,
-    share_of_this_process,
     weight_dtype_for,
     write_atomically,
 )
@@ -384,10 +387,7 @@ def make_shard(pipeline, rows, context_prompts, args, progress):
 
 
 def main(args):
-    import pyarrow.parquet as pq
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     weight_dtype = weight_dtype_for(accelerator.mixed_precision)
@@ -414,56 +414,18 @@ def main(args):
     output_dir = Path(args.output_dir)
     settings = task_settings(args, weight_dtype)
     on_disk = check_output_folder(output_dir, settings, shards, context_prompts)  # every process stops
-    pending = [shard for shard in sorted(shards) if not shard_path(output_dir, shard).is_file()]
-    if accelerator.is_main_process:
-        for stale in (output_dir / "shards").glob(".shard-*.tmp"):  # left by a run killed mid-write; none is open
-            stale.unlink()
-    accelerator.wait_for_everyone()  # every process has listed the missing shards before any is written
-    (output_dir / "shards").mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        config = {**settings, "prompts": resolved_path(args.prompts), "prompt_column": args.prompt_column}
-        config.update(prompt_split=args.prompt_split, preset=args.preset)
-        write_atomically(output_dir / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2)))
-    log(
-        f"{len(pending)} shards to generate ({sum(len(shards[shard]) for shard in pending)} pairs), "
-        f"{len(shards) - len(pending)} already in {output_dir / 'shards'} ({on_disk} pairs, skipped)"
+    config = {**settings, "prompts": resolved_path(args.prompts), "prompt_column": args.prompt_column}
+    config.update(prompt_split=args.prompt_split, preset=args.preset)
+    generated, flagged, written, pairs = write_pending_shards(
+        accelerator,
+        args,
+        shards,
+        config,
+        on_disk,
+        weight_dtype,
+        lambda pipeline, rows, progress: make_shard(pipeline, rows, context_prompts, args, progress),
     )
-
-    generated, flagged = 0, 0
-    my_shards = share_of_this_process(accelerator, pending)
-    if my_shards:
-        pipeline = load_pipeline(
-            args.pretrained_model_name_or_path,
-            weight_dtype,
-            accelerator.device,
-            scheduler=args.scheduler,
-            vae_path=args.pretrained_vae_model_name_or_path,
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-        )
-        progress = tqdm(
-            total=sum(len(shards[shard]) for shard in my_shards),
-            desc="generating pairs (this process's share)",
-            unit="pair",
-            disable=not accelerator.is_local_main_process,
-        )
-        for shard in my_shards:
-            table, shard_flagged = make_shard(pipeline, shards[shard], context_prompts, args, progress)
-            write_atomically(shard_path(output_dir, shard), lambda path: pq.write_table(table, path))
-            generated += table.num_rows
-            flagged += shard_flagged
-        progress.close()
-    counts_per_process = gather_object([(generated, flagged)])
-    accelerator.wait_for_everyone()
-
     if accelerator.is_main_process:
-        generated = sum(count for count, _ in counts_per_process)
-        flagged = sum(count for _, count in counts_per_process)
-        written = [
-            shard_path(output_dir, shard) for shard in sorted(shards) if shard_path(output_dir, shard).is_file()
-        ]
-        pairs = sum(pq.ParquetFile(path).metadata.num_rows for path in written)
         card = DATASET_CARD.format(
             prompts=args.prompts,
             chosen_prefix=repr(args.chosen_prefix),
@@ -473,19 +435,8 @@ def main(args):
             output_dir=output_dir,
         )
         write_atomically(output_dir / "README.md", lambda path: path.write_text(card))
-        if flagged:
-            log(
-                f"warning: the pipeline's safety checker blacked out {flagged} images of this run; they are stored "
-                "as generated (black). Filter them out, or load the pipeline without a safety checker."
-            )
-        log(
-            f"== build_pairs finished: {pairs} pairs written (this run: {generated}, already on disk: {on_disk}), "
-            f"{len(written)} shards in {output_dir / 'shards'}; skipped {sum(skipped.values())} rows ({skip_report}); "
-            f"read with datasets.load_dataset({str(output_dir)!r}, split='train')"
-        )
-        missing = sum(len(shards[shard]) for shard in sorted(shards)) - pairs
-        if missing:
-            raise RuntimeError(f"{missing} pairs are missing from {output_dir} after generation; rerun the command.")
+        skipped_note = f"skipped {sum(skipped.values())} rows ({skip_report})"
+        report_pairs(log, "build_pairs", output_dir, shards, written, pairs, generated, on_disk, flagged, skipped_note)
     accelerator.end_training()
 
 
