@@ -319,15 +319,22 @@ def degrade_by_removal(args, prompts):
     return variants, skipped
 
 
-def load_llm(args):
+def device_and_dtype(args):
+    """--device (default: cuda if available) and --dtype (auto: bfloat16 on a GPU, float32 on the CPU)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
+    return device, dtype
+
+
+def load_llm(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, dtype = device_and_dtype(args)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.llm_model_name_or_path, cache_dir=args.cache_dir)
         model = AutoModelForCausalLM.from_pretrained(
@@ -453,7 +460,8 @@ def write_rows(output_dir, prompts, variants):
     return len(rows["caption"])
 
 
-def main(args):
+def read_prompts(args):
+    """--prompts as a list of distinct prompts, and the counts of what was read and dropped (printed)."""
     try:
         prompts, counts = load_prompts(
             args.prompts,
@@ -470,6 +478,11 @@ def main(args):
         f"{counts['duplicates']} duplicates, {counts['beyond_max_prompts']} beyond --max_prompts)",
         flush=True,
     )
+    return prompts, counts
+
+
+def main(args):
+    prompts, counts = read_prompts(args)
 
     if args.mode == "rand_removal":
         variants, skipped = degrade_by_removal(args, prompts)
