@@ -759,16 +759,15 @@ def read_instance_folder(path, caption_column):
         if child.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append((child.name, f"not an image file ({', '.join(IMAGE_SUFFIXES)})"))
             continue
-        data = child.read_bytes()
         try:
-            decode_image(data)
+            decode_image(str(child))  # from the path, so that the decoder's message names the file
         except Exception as error:  # any decoder error: skip and count, say why
             skipped.append((child.name, f"unreadable image ({type(error).__name__}: {error})"))
             continue
         sidecar = child.with_suffix(".txt")
         caption = sidecar.read_text().strip() if sidecar.exists() else captions.get(child.name)
         rows["caption"].append((caption or "").strip())
-        rows["image"].append(data)
+        rows["image"].append(child.read_bytes())
         rows["name"].append(child.name)
     return rows, skipped
 
