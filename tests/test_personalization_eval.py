@@ -299,7 +299,7 @@ def test_scores_join_score_pys_columns_and_compare_tables_them(assets, tmp_path)
     )
     assert compared.returncode == 0, compared.stdout[-3000:]
     table = Path(f"{prefix}.md").read_text()
-    assert "| Model | Aesthetic | siglip | dinov2 |" in table and "| tuned | 6.000 [" in table
+    assert "| Model | Aesthetic | SigLIP | DINOv2 |" in table and "| tuned | 6.000 [" in table
     summary = json.loads(Path(f"{prefix}.json").read_text())
     assert summary["results"]["tuned"]["dinov2"]["mean"] == pytest.approx(column(runs[1], "dinov2").mean(), rel=1e-6)
 

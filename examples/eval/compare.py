@@ -193,7 +193,13 @@ def summarize(tables, metrics, baseline, num_bootstrap=10000, confidence=0.95, s
     return summary
 
 
+# The columns examples/eval/personalization.py writes (not reward models of the registry), as MaPO Table 2 names them
+SCORE_NAMES = {"dinov2": "DINOv2", "siglip": "SigLIP"}
+
+
 def display_name(metric):
+    if metric in SCORE_NAMES:
+        return SCORE_NAMES[metric]
     try:
         from examples.rewards import REWARD_MODELS
     except ImportError:  # the reward library (and torch) are not needed to compare tables
