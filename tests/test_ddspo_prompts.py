@@ -261,23 +261,20 @@ NEXT_WORD = {"ball": "small", "small": "cube", "->": "a", "a": "green", "green":
 CHAT_TEMPLATE = "{{ messages[0]['content'] }}{% if add_generation_prompt %} ->{% endif %}"
 
 
-@pytest.fixture(scope="module")
-def bigram_lm(tmp_path_factory):
-    """A GPT-2 that answers "small cube" after "ball", nothing after "cube", "a green cone" after "->".
+def bigram_gpt2(vocab, next_token):
+    """A GPT-2 over `vocab` whose next token is next_token[last token] (<eos> for any other), greedy or not.
 
-    Its blocks and position embeddings are zero, so the last hidden state is layer_norm(one_hot(last word)); the
-    LM head maps it to the next word of NEXT_WORD (its rows sum to zero, which cancels layer norm's offset). Saved
-    twice: with a word-level tokenizer, and with the same tokenizer plus a chat template that appends " ->".
+    Its blocks and position embeddings are zero, so the last hidden state is layer_norm(one_hot(last token)); the
+    LM head maps it to the next token (its rows sum to zero, which cancels layer norm's offset).
     """
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    word_ids = {word: index for index, word in enumerate(VOCAB)}
+    ids = {token: index for index, token in enumerate(vocab)}
     config = GPT2Config(
-        vocab_size=len(VOCAB),
+        vocab_size=len(vocab),
         n_positions=64,
-        n_embd=len(VOCAB),
+        n_embd=len(vocab),
         n_layer=1,
         n_head=1,
         bos_token_id=0,
@@ -285,15 +282,29 @@ def bigram_lm(tmp_path_factory):
         tie_word_embeddings=False,
     )
     model = GPT2LMHeadModel(config)
-    next_word = torch.zeros(len(VOCAB), len(VOCAB))
-    for word, index in word_ids.items():
-        next_word[word_ids[NEXT_WORD.get(word, "<eos>")], index] = 1
+    following = torch.zeros(len(vocab), len(vocab))
+    for token, index in ids.items():
+        following[ids[next_token.get(token, "<eos>")], index] = 1
     with torch.no_grad():
         for parameter in model.transformer.h.parameters():
             parameter.zero_()
         model.transformer.wpe.weight.zero_()
-        model.transformer.wte.weight.copy_(torch.eye(len(VOCAB)))
-        model.lm_head.weight.copy_(10 * (next_word - next_word.mean(dim=1, keepdim=True)))
+        model.transformer.wte.weight.copy_(torch.eye(len(vocab)))
+        model.lm_head.weight.copy_(10 * (following - following.mean(dim=1, keepdim=True)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def bigram_lm(tmp_path_factory):
+    """A bigram GPT-2 (bigram_gpt2) that answers "small cube" after "ball", nothing after "cube", "a green cone"
+    after "->". Saved twice: with a word-level tokenizer, and with the same tokenizer plus a chat template that
+    appends " ->".
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    word_ids = {word: index for index, word in enumerate(VOCAB)}
+    model = bigram_gpt2(VOCAB, NEXT_WORD)
     backend = Tokenizer(models.WordLevel(word_ids, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     folders = {}

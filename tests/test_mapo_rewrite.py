@@ -10,6 +10,7 @@ import json
 
 import pytest
 from conftest import run_python
+from test_ddspo_prompts import bigram_gpt2
 
 from examples.ddspo.degrade_prompts import read_instruction_template
 from examples.eval.prompts import read_prompt_set
@@ -140,32 +141,12 @@ CONTEXTS = {0: "kitten napping", 2: "puppy", 4: "kitten napping"}
 
 @pytest.fixture(scope="module")
 def bigram_lm(tmp_path_factory):
-    """A GPT-2 whose next token is NEXT_TOKEN[last token] (tests/test_ddspo_prompts.py says how its weights do it)."""
-    import torch
+    """A bigram GPT-2 (test_ddspo_prompts.bigram_gpt2) whose next token is NEXT_TOKEN[last token]."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     token_ids = {token: index for index, token in enumerate(VOCAB)}
-    config = GPT2Config(
-        vocab_size=len(VOCAB),
-        n_positions=64,
-        n_embd=len(VOCAB),
-        n_layer=1,
-        n_head=1,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=False,
-    )
-    model = GPT2LMHeadModel(config)
-    next_token = torch.zeros(len(VOCAB), len(VOCAB))
-    for token, index in token_ids.items():
-        next_token[token_ids[NEXT_TOKEN.get(token, "<eos>")], index] = 1
-    with torch.no_grad():
-        for parameter in model.transformer.h.parameters():
-            parameter.zero_()
-        model.transformer.wpe.weight.zero_()
-        model.transformer.wte.weight.copy_(torch.eye(len(VOCAB)))
-        model.lm_head.weight.copy_(10 * (next_token - next_token.mean(dim=1, keepdim=True)))
+    model = bigram_gpt2(VOCAB, NEXT_TOKEN)
     backend = Tokenizer(models.WordLevel(token_ids, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")

@@ -35,7 +35,6 @@ other ones stops before loading anything.
 import argparse
 import hashlib
 import io
-import math
 import sys
 from pathlib import Path
 
@@ -352,14 +351,7 @@ def main(args):
                     with Image.open(run.dir / row["image"]) as opened:
                         images.append(opened.convert("RGB"))
                 values = scorer.score_batch(images, [row["prompt"] for row in batch])
-                for row, value in zip(batch, values.tolist()):
-                    if not math.isfinite(value):
-                        raise RuntimeError(
-                            f"{metric} gave a non-finite score ({value}) for {run.dir / row['image']}; "
-                            "check the model and the image."
-                        )
-                    run.scores.setdefault(row["image"], {})[metric] = value
-                run.save()  # after every batch: an interrupted run loses at most one batch
+                run.store(metric, batch, values.tolist())
                 progress.update(len(batch))
         progress.close()
         del scorer

@@ -251,6 +251,18 @@ class Run:
             if reward_name not in self.scores.get(row["image"], {}) and row["image"] not in missing
         ]
 
+    def store(self, metric, rows, values):
+        """One batch's scores of `metric` (a non-finite one stops the run), saved at once: an interrupted run
+        loses at most one batch."""
+        for row, value in zip(rows, values):
+            if not math.isfinite(value):
+                raise RuntimeError(
+                    f"{metric} gave a non-finite score ({value}) for {self.dir / row['image']}; "
+                    "check the model and the image."
+                )
+            self.scores.setdefault(row["image"], {})[metric] = value
+        self.save()
+
     def save(self):
         # the record first: a column never holds scores its record does not cover
         write_atomically(self.sources_path, json.dumps(self.sources, indent=2) + "\n")
@@ -328,14 +340,7 @@ def main(args):
             for start in range(0, len(rows), args.batch_size):
                 batch = rows[start : start + args.batch_size]
                 values = reward.score([run.dir / row["image"] for row in batch], [row["prompt"] for row in batch])
-                for row, value in zip(batch, values.tolist()):
-                    if not math.isfinite(value):
-                        raise RuntimeError(
-                            f"{name} gave a non-finite score ({value}) for {run.dir / row['image']}; "
-                            "check the model and the image."
-                        )
-                    run.scores.setdefault(row["image"], {})[name] = value
-                run.save()  # after every batch: an interrupted run loses at most one batch
+                run.store(name, batch, values.tolist())
                 progress.update(len(batch))
         progress.close()
         del reward
