@@ -12,7 +12,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "examples" / "tiny_assets"))
 
 # Every Hugging Face cache (datasets' Arrow files, the latents cache under it, hub downloads) goes to a
 # folder of this test session, never the user's ~/.cache. Set before anything imports datasets, and
@@ -24,8 +23,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": 
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
-    """The default tiny SDXL pipeline and tiny Pick-a-Pic dataset (examples/tiny_assets/make_tiny_assets.py)."""
-    import make_tiny_assets
+    """The default tiny SDXL pipeline and tiny Pick-a-Pic dataset (examples/tiny_world/make_tiny_assets.py)."""
+    from examples.tiny_world import make_tiny_assets
 
     root = tmp_path_factory.mktemp("tiny")
     make_tiny_assets.main(["--output_dir", str(root)])
@@ -34,12 +33,12 @@ def tiny_assets(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_world(tiny_assets):
-    """The tiny pipeline pre-trained to draw the tiny world's balls (examples/tiny_assets/pretrain_tiny_world.py).
+    """The tiny pipeline pre-trained to draw the tiny world's balls (examples/tiny_world/pretrain_tiny_world.py).
 
     Built once and kept on disk under TINY_WORLD_CACHE (default ~/.cache/preference-alignment/tiny-world): a
     build whose fingerprint (settings, recipe source, torch and diffusers versions) matches is reused, anything
     else is rebuilt (about 3 minutes on 2 cores)."""
-    import pretrain_tiny_world
+    from examples.tiny_world import pretrain_tiny_world
 
     path, _ = pretrain_tiny_world.build(pretrain_tiny_world.parse_args(["--output_dir", tiny_world_cache()]))
     return {"model": str(path), "dataset": tiny_assets["dataset"]}
@@ -75,10 +74,18 @@ def launch(script, args, num_processes=1, timeout=600, check=True):
     return result
 
 
+def python_command(script):
+    """How a user runs `script`: a training script as a file, a tool under examples/ as a module
+    (`python -m examples.eval.generate`, from the repository root)."""
+    if script.startswith("examples/") and script.endswith(".py"):
+        return [sys.executable, "-m", script[: -len(".py")].replace("/", ".")]
+    return [sys.executable, str(REPO / script)]
+
+
 def run_python(script, args, timeout=300):
     """Run a script with plain `python` (for argument errors that must stop before any model loads)."""
     return subprocess.run(
-        [sys.executable, str(REPO / script), *[str(a) for a in args]],
+        [*python_command(script), *[str(a) for a in args]],
         cwd=REPO,
         env={**os.environ, **OFFLINE_ENV},
         stdout=subprocess.PIPE,

@@ -5,7 +5,6 @@ import json
 import math
 from pathlib import Path
 
-import make_tiny_assets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 from test_scaling import launch_with_config, max_abs_diff, unet_weights
 
 import train_capo
+from examples.tiny_world import make_tiny_assets
 from train_capo import beta_range_warning, capo_loss
 
 

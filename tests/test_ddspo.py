@@ -4,7 +4,6 @@ import json
 import math
 from pathlib import Path
 
-import make_tiny_assets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +11,7 @@ import pytest
 import torch
 from conftest import launch, run_python, tiny_args
 
+from examples.tiny_world import make_tiny_assets
 from train_ddspo import ddspo_loss, rand_removal
 
 

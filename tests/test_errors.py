@@ -11,6 +11,7 @@ from conftest import OFFLINE_ENV, REPO, run_python
 
 
 SCRIPTS = ["train_diffusion_dpo_sdxl.py", "train_mapo_sdxl.py", "train_ddspo.py", "train_capo.py"]
+ALL_SCRIPTS = [*SCRIPTS, "train_mapo_personalization_sdxl.py"]  # the last needs --instance_data_dir to get further
 HUB_ID_NOT_HERE = "no-such-org/no-such-model"  # looks like a hub id: it can only fail when the models load
 
 
@@ -39,7 +40,7 @@ def test_non_positive_resolution_is_refused_and_leaves_no_output_folder(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
 def test_flags_are_checked_before_torch_is_imported(script):
     code = (
         "import runpy, sys\n"
@@ -114,7 +115,7 @@ def test_resuming_a_checkpoint_of_the_other_kind_of_training_is_refused(tmp_path
     assert "holds a full UNet" in line
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
 def test_help_shows_groups_in_the_order_of_main_defaults_and_an_example(script):
     result = run_python(script, ["--help"])
     assert result.returncode == 0

@@ -135,7 +135,7 @@ def write_run(run_dir, seed=0):
 @pytest.fixture(scope="module")
 def tiny_rewards(tmp_path_factory):
     """Every tiny reward stand-in, and a second pickscore stand-in with other random weights."""
-    from examples.rewards.tiny import STAND_INS, write_tiny_reward_models
+    from examples.tiny_world.tiny_rewards import STAND_INS, write_tiny_reward_models
 
     root = tmp_path_factory.mktemp("tiny_rewards")
     rewards = write_tiny_reward_models(root / "main")
@@ -599,12 +599,13 @@ def test_generate_score_compare_end_to_end(eval_assets, tiny_assets, tiny_reward
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     """A tiny SD1.x-style pipeline (one text encoder, no safety checker) and a LoRA of its UNet."""
-    import make_tiny_assets
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+
+    from examples.tiny_world import make_tiny_assets
 
     root = tmp_path_factory.mktemp("tiny_sd")
     make_tiny_assets.build_tiny_sd_pipeline(root / "tiny-sd", vae_fit_steps=0)

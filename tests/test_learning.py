@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import launch, run_python
 
-from examples.demo.tiny_world_report import judge_run
+from examples.tiny_world.report import judge_run
 
 
 PROMPTS = [f"a photo of a {color} ball" for color in ("red", "green", "blue", "yellow", "purple", "cyan")]

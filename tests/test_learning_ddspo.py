@@ -2,7 +2,7 @@
 
 DDSPO needs no labelled pairs: the preference is carried by a word of the caption c that the degraded caption c⁻
 lacks, and the reference model must already follow that word a little. Here the word is the ball's position. The
-positional base (fixture `positional_world`, examples/tiny_assets/pretrain_tiny_world.py with
+positional base (fixture `positional_world`, examples/tiny_world/pretrain_tiny_world.py with
 --position_caption_share) is pre-trained on captions that name the ball's half ("a photo of a red ball at the
 top" / "... at the bottom"), 30 % of them naming the wrong half, so its samples follow the word only partly.
 examples/ddspo/generate_pairs.py draws the pairs from that base (x0_w from c = "... at the top", x0_l from
@@ -55,7 +55,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def positional_world():
     """The tiny pipeline pre-trained on positional captions; built once and cached as conftest's `tiny_world`."""
-    import pretrain_tiny_world
+    from examples.tiny_world import pretrain_tiny_world
 
     args = pretrain_tiny_world.parse_args(["--output_dir", tiny_world_cache(), *map(str, POSITIONAL_BASE)])
     path, _ = pretrain_tiny_world.build(args)

@@ -26,7 +26,7 @@ from conftest import launch
 from PIL import Image
 from test_learning import generate_and_judge
 
-from examples.tiny_assets.make_tiny_assets import make_image
+from examples.tiny_world.make_tiny_assets import make_image
 
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""MaPO's VLM-as-a-judge filter (examples/mapo_tasks/judge_pairs.py), run with plain `python` as a user would.
+"""MaPO's VLM-as-a-judge filter (examples/mapo/judge_pairs.py), run with plain `python` as a user would.
 
 The judge is a tiny random Qwen2-VL built here from configs (one layer each, a byte-level tokenizer that writes
 digits one by one as Qwen2's does, a chat template in Qwen2-VL's form), saved with save_pretrained and loaded by the
@@ -21,8 +21,8 @@ from conftest import run_python
 from PIL import Image
 
 from examples.ddspo.degrade_prompts import fill_template, read_instruction_template
-from examples.mapo_tasks.build_pairs import CONFIG_NAME, DATASET_CARD, PRESETS, SHARD_COLUMNS, with_prefix
-from examples.mapo_tasks.judge_pairs import (
+from examples.mapo.build_pairs import CONFIG_NAME, DATASET_CARD, PRESETS, SHARD_COLUMNS, with_prefix
+from examples.mapo.judge_pairs import (
     DEFAULT_INSTRUCTION_TEMPLATE,
     QWEN2_VL_CONVERSATION,
     InputError,
@@ -34,7 +34,7 @@ from examples.mapo_tasks.judge_pairs import (
 )
 
 
-SCRIPT = "examples/mapo_tasks/judge_pairs.py"
+SCRIPT = "examples/mapo/judge_pairs.py"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 # Qwen2-VL's chat template for one user message of images and texts, without its default system turn
 CHAT_TEMPLATE = (

@@ -1,4 +1,4 @@
-"""MaPO's context prompts (examples/mapo_tasks/context_prompts.py): the paper's instruction, the [[PROMPT]] tags.
+"""MaPO's context prompts (examples/mapo/context_prompts.py): the paper's instruction, the [[PROMPT]] tags.
 
 The end-to-end tests run the tool with plain `python`, as a user would, on a tiny GPT-2 whose weights make it a
 bigram model (as tests/test_ddspo_prompts.py builds one): its next token depends only on the last one, so its answers
@@ -14,14 +14,14 @@ from test_ddspo_prompts import bigram_gpt2
 
 from examples.ddspo.degrade_prompts import read_instruction_template
 from examples.eval.prompts import read_prompt_set
-from examples.mapo_tasks.context_prompts import (
+from examples.mapo.context_prompts import (
     DEFAULT_INSTRUCTION_TEMPLATE,
     TEMPLATE_SECTION,
     extract_context_prompt,
 )
 
 
-SCRIPT = "examples/mapo_tasks/context_prompts.py"
+SCRIPT = "examples/mapo/context_prompts.py"
 PAPER_INSTRUCTION_END = (
     "Modify the given prompt to the appropriate format to describe the context of an image. Do not use the words "
     "that can specify the style (e.g., animation, 8k, oil painting), and exclude them if it is in the given prompt. "

@@ -1,4 +1,4 @@
-"""MaPO's task pairs (examples/mapo_tasks/build_pairs.py), run with plain `python` as a user would, on a tiny SDXL.
+"""MaPO's task pairs (examples/mapo/build_pairs.py), run with plain `python` as a user would, on a tiny SDXL.
 
 The prompt file below has 8 rows: 2 are empty and, under the safety preset's filter, 3 are not about women; with
 --shard_size 4 the 3 pairs fall in two shards: rows 1, 3 and row 6. One run is made once per module; the tests that
@@ -17,10 +17,10 @@ from conftest import launch, run_python, tiny_args
 from PIL import Image
 
 from examples.eval.generate import image_seed
-from examples.mapo_tasks.build_pairs import PRESETS, SHARD_COLUMNS, is_about_women, plan_shards, with_prefix
+from examples.mapo.build_pairs import PRESETS, SHARD_COLUMNS, is_about_women, plan_shards, with_prefix
 
 
-SCRIPT = "examples/mapo_tasks/build_pairs.py"
+SCRIPT = "examples/mapo/build_pairs.py"
 PROMPTS = [
     "a photo of a red ball",
     "a woman holding a blue ball",
@@ -37,7 +37,7 @@ SAFETY_SKIP_REPORT = "skipped 5 rows (2 with a missing or empty context prompt, 
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory):
-    import make_tiny_assets
+    from examples.tiny_world import make_tiny_assets
 
     path = tmp_path_factory.mktemp("tiny_pipeline") / "tiny-sdxl"
     make_tiny_assets.build_tiny_sdxl_pipeline(path, vae_fit_steps=0)

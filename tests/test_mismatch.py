@@ -1,4 +1,4 @@
-"""Reference mismatch (examples/mismatch/measure_mismatch.py), run with plain `python` as a user would, on a tiny SDXL
+"""Reference mismatch (examples/mapo/measure_mismatch.py), run with plain `python` as a user would, on a tiny SDXL
 and a tiny, randomly initialised DINOv2 stand-in.
 
 The dataset is build_pairs.py's output with an empty chosen prefix: jpg_0 is the tiny SDXL's own draw from the
@@ -11,10 +11,10 @@ import json
 import pytest
 from conftest import run_python
 
-from examples.mismatch.measure_mismatch import TABLE_3_BETAS, suggest_beta
+from examples.mapo.measure_mismatch import TABLE_3_BETAS, suggest_beta
 
 
-SCRIPT = "examples/mismatch/measure_mismatch.py"
+SCRIPT = "examples/mapo/measure_mismatch.py"
 PROMPTS = ["a photo of a red ball", "a blue cube on a table", "", "a green cone in the grass"]
 
 
@@ -48,7 +48,7 @@ def write_tiny_dinov2(folder, seed=0):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny SDXL, a tiny DINOv2 and a pairs dataset drawn by that SDXL (build_pairs.py, chosen prefix empty)."""
-    import make_tiny_assets
+    from examples.tiny_world import make_tiny_assets
 
     root = tmp_path_factory.mktemp("mismatch")
     make_tiny_assets.build_tiny_sdxl_pipeline(root / "tiny-sdxl", vae_fit_steps=0)
@@ -56,7 +56,7 @@ def assets(tmp_path_factory):
     pair_args = ["--pretrained_model_name_or_path", root / "tiny-sdxl", "--prompts", root / "prompts.txt"]
     pair_args += ["--chosen_prefix", "", "--rejected_prefix", "Realistic 8k image.", "--seed", 3]
     pair_args += ["--num_inference_steps", 2, "--resolution", 64, "--batch_size", 1, "--output_dir", root / "pairs"]
-    result = run_python("examples/mapo_tasks/build_pairs.py", pair_args)
+    result = run_python("examples/mapo/build_pairs.py", pair_args)
     assert result.returncode == 0, result.stdout[-3000:]
     return {"model": root / "tiny-sdxl", "dinov2": write_tiny_dinov2(root / "dinov2"), "dataset": root / "pairs"}
 

@@ -16,7 +16,7 @@ from conftest import OFFLINE_ENV, REPO, run_python
 from PIL import Image
 
 from examples.rewards import RewardInputError, load_reward_model, mps, reward_weights_source
-from examples.rewards.tiny import write_tiny_mps
+from examples.tiny_world.tiny_rewards import write_tiny_mps
 
 
 PROMPTS = ["a photo of a red ball", "a blue cat", "the dog of a photo", "a yellow ball"]

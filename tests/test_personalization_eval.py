@@ -265,7 +265,7 @@ def test_scores_join_score_pys_columns_and_compare_tables_them(assets, tmp_path)
         assert set(json.loads((run_dir / "scores.csv.sources.json").read_text())) == {"aesthetic", "dinov2", "siglip"}
     personal_scores = [read_csv(run_dir / "scores.csv") for run_dir in runs]
     # and score.py, run afterwards with a tiny reward, keeps them
-    from examples.rewards.tiny import STAND_INS
+    from examples.tiny_world.tiny_rewards import STAND_INS
 
     clipscore = STAND_INS["clipscore"](tmp_path / "clipscore", 0)
     scored = run_python(

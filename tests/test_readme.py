@@ -71,10 +71,10 @@ def test_flags_used_in_training_commands_exist(readme):
 
 def test_files_named_in_the_two_commands_exist():
     for path in (
-        "examples/demo/run_demo.sh",
+        "examples/tiny_world/run_demo.sh",
         "tests/run_tests.sh",
         "examples/setup_env.sh",
-        "examples/tiny_assets/make_tiny_assets.py",
+        "examples/tiny_world/make_tiny_assets.py",
     ):
         assert (REPO / path).exists() and path in README
 
@@ -82,7 +82,7 @@ def test_files_named_in_the_two_commands_exist():
 DOCUMENTS = ["README.md", "requirements.txt", "examples/eval/README.md", "train_diffusion_dpo_sdxl.py"]
 DOCUMENTS += ["train_mapo_sdxl.py", "utils/diffusion.py", "tests/run_tests.sh", "examples/setup_env.sh"]
 DOCUMENTS += ["train_ddspo.py", "examples/ddspo/README.md", "examples/capo/README.md", "train_capo.py"]
-DOCUMENTS += ["examples/mapo_tasks/README.md", "examples/mismatch/README.md"]
+DOCUMENTS += ["examples/mapo/README.md", "examples/mapo/MISMATCH.md"]
 
 
 def test_every_repository_file_the_docs_point_to_exists():

@@ -22,7 +22,7 @@ from examples.rewards import (
     reward_weights_source,
 )
 from examples.rewards.image_reward import IMAGE_REWARD_FILENAME, REWARD_STD
-from examples.rewards.tiny import STAND_INS, reward_models_without_stand_in, write_tiny_reward_models
+from examples.tiny_world.tiny_rewards import STAND_INS, reward_models_without_stand_in, write_tiny_reward_models
 
 
 PROMPTS = ["a photo of a red ball", "a blue cat", "the dog of a photo"]

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 
 CONFIGS = REPO / "examples" / "accelerate_configs"
-sys.path.insert(0, str(REPO / "examples"))
 
 
 def unet_weights(output_dir):
@@ -171,7 +170,7 @@ def test_deepspeed_zero2_config_trains_one_cpu_process(tiny_assets, tmp_path):
 # Efficiency benchmark
 # ----------------------------------------------------------------------------------------------
 def test_max_batch_estimate_is_intercept_plus_slope():
-    from benchmark_efficiency import estimate_max_batch_cpu
+    from examples.benchmark.benchmark_efficiency import estimate_max_batch_cpu
 
     # 1000 bytes at 2 pairs, 1600 at 8: 100 per pair on top of 800; a 2050-byte budget holds 12 pairs.
     assert estimate_max_batch_cpu(1000, 2, 1600, 8, 2050) == (12, 100.0, 800.0)
@@ -179,7 +178,7 @@ def test_max_batch_estimate_is_intercept_plus_slope():
 
 
 def test_max_batch_search_finds_the_largest_fitting_batch_and_stops_at_the_dataset_size():
-    from benchmark_efficiency import fmt_max_batch, search_max_batch
+    from examples.benchmark.benchmark_efficiency import fmt_max_batch, search_max_batch
 
     def counted(limit, cap):
         """A stand-in for a short training run: batches up to `limit` fit. It fails the test (instead of letting a
@@ -220,7 +219,8 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(ti
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO / "examples" / "benchmark_efficiency.py"),
+            "-m",
+            "examples.benchmark.benchmark_efficiency",
             "--quick",
             "--output_dir",
             str(tmp_path),
@@ -273,7 +273,7 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(ti
     assert not [p for p in written if "checkpoint-" not in str(p)], written
     # DDSPO trained on rows derived from the Pick-a-Pic dataset, in their own folder: the pairs Diffusion-DPO
     # trained on (ties dropped), each with a rand-removal of its caption as negative caption.
-    from benchmark_efficiency import train_pairs_in_log
+    from examples.benchmark.benchmark_efficiency import train_pairs_in_log
 
     ddspo_dataset = Path(report["setting"]["ddspo_dataset"])
     assert ddspo_dataset.parent == tmp_path / "assets" and ddspo_dataset != Path(tiny_assets["dataset"])

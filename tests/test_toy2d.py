@@ -1,5 +1,5 @@
-"""examples/toy2d: the metrics on hand-made point sets, bad input, the objectives imported from the scripts (never
-a copy), a reduced run end to end, and the default run against the committed numbers the README quotes."""
+"""examples/playground_2d: the metrics on hand-made point sets, bad input, the objectives imported from the scripts
+(never a copy), a reduced run end to end, and the default run against the committed numbers the README quotes."""
 
 import ast
 import json
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import REPO, run_python
 
-from examples.toy2d import metrics
+from examples.playground_2d import metrics
 
 
-PLAYGROUND = "examples/toy2d/playground.py"
+PLAYGROUND = "examples/playground_2d/playground.py"
 COMMITTED = REPO / "docs" / "toy2d"
 # A rerun of the default setting must give every committed mean to within this much, or half its interval's
 # half-width where that is wider (docs/toy2d/results.md, README "See it in 2-D").
@@ -78,7 +78,7 @@ def test_interval_is_the_student_t_interval_and_leaves_out_diverged_seeds():
 
 
 def test_a_diverged_seed_is_named_in_the_table_not_dropped():
-    from examples.toy2d import report
+    from examples.playground_2d import report
 
     run = {"members": [{"seed": s} for s in range(5)], "swd": np.array([[0.1], [0.2], [np.nan], [0.3], [0.2]])}
     row = report.summary_row("Diffusion-DPO, β = 100", run, "swd")
@@ -110,11 +110,11 @@ def test_a_setting_that_cannot_run_stops_with_one_line(tmp_path, flags, message)
 # The objectives are the scripts' own
 # ----------------------------------------------------------------------------------------------
 def playground_sources():
-    return sorted((REPO / "examples" / "toy2d").glob("*.py"))
+    return sorted((REPO / "examples" / "playground_2d").glob("*.py"))
 
 
 def test_the_playground_defines_no_loss_of_its_own():
-    """A copy of an objective or of CaPO's pipeline in examples/toy2d would drift from the scripts unnoticed."""
+    """A copy of an objective or of CaPO's pipeline in the playground would drift from the scripts unnoticed."""
     imported_names = {name for _, name in SCRIPT_FUNCTIONS} | {"log_u_over_expm1", "sigmoid_loss_weight"}
     for path in playground_sources():
         tree = ast.parse(path.read_text())
@@ -129,7 +129,7 @@ def test_the_playground_defines_no_loss_of_its_own():
 def test_a_reduced_run_goes_end_to_end_through_every_script_objective(tmp_path, monkeypatch):
     import importlib
 
-    from examples.toy2d import playground
+    from examples.playground_2d import playground
 
     calls = {}
     for module_name, function_name in SCRIPT_FUNCTIONS:

@@ -3,7 +3,6 @@
 import io
 import json
 
-import make_tiny_assets
 import numpy as np
 import pytest
 from conftest import run_python
@@ -11,6 +10,7 @@ from PIL import Image
 
 from examples.rewards import REWARD_MODELS, RewardInputError, load_reward_model, reward_weights_source
 from examples.rewards.toy_ball import COLOR_NAMES, caption_color
+from examples.tiny_world import make_tiny_assets
 
 
 @pytest.fixture(scope="module")

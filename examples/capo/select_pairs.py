@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""CaPO's training pairs from scored generate.py runs: calibrated rewards (Eq. 7) and pair selection (§4.3).
 
-    python examples/capo/select_pairs.py --run_dirs generated/sdxl_diffusiondb \
+    python -m examples.capo.select_pairs --run_dirs generated/sdxl_diffusiondb \
         --reward_models pickscore hpsv21 aesthetic --selection frontier --output_dir capo-pairs
 
 reads each run folder's manifest.jsonl (generate.py) and scores.csv (score.py) and writes
@@ -38,9 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.rewards`
-from examples.eval.score import ID_COLUMNS, SOURCES_SUFFIX, source_identity  # noqa: E402
+from examples.eval.score import ID_COLUMNS, SOURCES_SUFFIX, source_identity
 
 
 SELECTIONS = ("best_worst", "sum", "frontier")
@@ -305,7 +303,7 @@ def check_args(args):
         if not scores.is_file():
             raise InputError(
                 f"No {args.scores_filename} in {run_dir!r}; score the run first: "
-                f"python examples/eval/score.py --run_dirs {run_dir} --reward_models {' '.join(args.reward_models)}."
+                f"python -m examples.eval.score --run_dirs {run_dir} --reward_models {' '.join(args.reward_models)}."
             )
         missing = [name for name in args.reward_models if name not in score_columns(scores)]
         if missing:

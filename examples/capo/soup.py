@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Model soup baseline of CaPO (Table 2 "SOUP", Appendix B.2 Eq. 29): SLERP of task vectors over a base UNet.
 
-    python examples/capo/soup.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+    python -m examples.capo.soup --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
         --models capo-mps capo-vqascore capo-aesthetic --output_dir capo-soup
 
 writes `capo-soup/unet/` (a full UNet: `UNet2DConditionModel.from_pretrained("capo-soup", subfolder="unet")`,
@@ -32,8 +32,6 @@ import math
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"

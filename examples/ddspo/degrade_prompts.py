@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Degraded ("negative") prompts c⁻ for DDSPO, without labels: random word removal or an LLM rewrite.
 
-    python examples/ddspo/degrade_prompts.py --prompts diffusiondb --shuffle_prompts_seed 0 \
+    python -m examples.ddspo.degrade_prompts --prompts diffusiondb --shuffle_prompts_seed 0 \
         --max_prompts 200000 --output_dir diffusiondb-negatives
 
 writes `OUTPUT_DIR/train.parquet` (columns caption, negative_caption, prompt_index, variant; one row
@@ -29,11 +29,9 @@ import re
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.eval.prompts`
-from examples.eval.generate import HelpFormatter  # noqa: E402
-from examples.eval.prompts import PROMPT_SET_NAMES, PromptSetError, load_prompts  # noqa: E402
-from train_ddspo import rand_removal  # noqa: E402  the training script's not_paired mode draws the same way
+from examples.eval.generate import HelpFormatter
+from examples.eval.prompts import PROMPT_SET_NAMES, PromptSetError, load_prompts
+from train_ddspo import rand_removal  # the training script's not_paired mode draws the same way
 
 
 MODES = ("rand_removal", "llm")

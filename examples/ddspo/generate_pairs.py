@@ -30,9 +30,7 @@ import json
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
-from examples.eval.generate import (  # noqa: E402
+from examples.eval.generate import (
     HelpFormatter,
     InputError,
     add_sampling_arguments,
@@ -343,7 +341,7 @@ def make_shard(pipeline, rows, captions, negative_captions, args, progress):
 def write_pending_shards(accelerator, args, shards, config, on_disk, weight_dtype, make_table):
     """Draw and write the shards not yet on disk, split over the processes (a collective: every process calls it).
 
-    Shared with examples/mapo_tasks/build_pairs.py. Removes the temporary files a killed run left, writes the
+    Shared with examples/mapo/build_pairs.py. Removes the temporary files a killed run left, writes the
     settings file `config`, then each process loads the pipeline once, draws its shards with
     `make_table(pipeline, rows, progress)` -> (pyarrow table, images the safety checker blacked out) and writes
     each atomically. Returns the pairs drawn by this run and the blacked-out images (summed over the processes),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Compare scored runs: mean per metric with a bootstrap interval, and the win-rate against a baseline.
 
-    python examples/eval/compare.py --runs generated/sdxl generated/sft generated/dpo generated/mapo \
+    python -m examples.eval.compare --runs generated/sdxl generated/sft generated/dpo generated/mapo \
         --baseline sdxl --output_prefix results/mapo_table1
 
 writes results/mapo_table1.md (tables to paste), .json (every number) and .png (bar chart of the
@@ -25,8 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.rewards`
 
 ID_COLUMNS = ["prompt_index", "k", "seed", "prompt", "image"]
 

@@ -33,9 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.eval.prompts`
-from examples.eval.prompts import PROMPT_SET_NAMES, PromptSetError, load_prompts  # noqa: E402
+from examples.eval.prompts import PROMPT_SET_NAMES, PromptSetError, load_prompts
 
 
 SCHEDULERS = {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Personalization scores of generate.py runs (MaPO Table 2): DINOv2 similarity to the target images, SigLIP score.
 
-    python examples/eval/personalization.py --run_dirs generated_dog/dreambooth generated_dog/mapo \
+    python -m examples.eval.personalization --run_dirs generated_dog/dreambooth generated_dog/mapo \
         --target_dir dog --prompt_replace "sks dog=dog"
 
 adds two columns to each run's `scores.csv` (the table score.py writes, one row per image), so that
@@ -10,7 +10,7 @@ compare.py reports them beside score.py's columns (Table 2's other metric, Aesth
 
 - `dinov2`: 100 x the mean, over the target images, of the cosine similarity between the DINOv2
   embedding of the generated image and that of each target image (embeddings as
-  examples/mismatch/measure_mismatch.py makes them: Dinov2Model's pooled output, the layer-normed CLS
+  examples/mapo/measure_mismatch.py makes them: Dinov2Model's pooled output, the layer-normed CLS
   token, L2-normalised). One value per generated image, that is per seed; compare.py then averages
   over each prompt's seeds and over prompts. A target image scored against itself alone gives 100.
 - `siglip`: 100 x sigmoid(exp(logit_scale) x cos(image, text) + logit_bias), the probability SigLIP's
@@ -38,10 +38,8 @@ import io
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
-from examples.eval.generate import HelpFormatter  # noqa: E402
-from examples.eval.score import InputError, describe_source, open_runs  # noqa: E402
+from examples.eval.generate import HelpFormatter
+from examples.eval.score import InputError, describe_source, open_runs
 
 
 METRICS = ("dinov2", "siglip")
@@ -272,7 +270,7 @@ class Scorer:
             self.model, self.tokenizer, self.processor = load_siglip(self.args.siglip_model_name_or_path, self.device)
 
     def embed(self, images):
-        from examples.mismatch.measure_mismatch import embed
+        from examples.mapo.measure_mismatch import embed
 
         return embed(self.model, self.processor, images, self.args.batch_size, self.device)
 

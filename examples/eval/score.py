@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Score every image of one or more generate.py runs with reward models: one row per image.
 
-    python examples/eval/score.py --run_dirs generated/sdxl generated/mapo \
+    python -m examples.eval.score --run_dirs generated/sdxl generated/mapo \
         --reward_models aesthetic hpsv21 pickscore
 
 reads each folder's manifest.jsonl and writes `scores.csv` beside it (columns prompt_index, k, seed,
@@ -28,8 +28,6 @@ import os
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.rewards`
 
 DEFAULT_REWARD_MODELS = ["aesthetic", "hpsv21", "pickscore"]  # MaPO Table 1
 ID_COLUMNS = ["prompt_index", "k", "seed", "prompt", "image"]

@@ -6,7 +6,7 @@
     reward.kind                                   # "bradley_terry" or "probability"
 
 Each model loads its published weights by default and any local copy by path;
-`examples/rewards/tiny.py` writes tiny random stand-ins for offline smoke tests.
+`examples/tiny_world/tiny_rewards.py` writes tiny random stand-ins for offline smoke tests.
 """
 
 from .base import KINDS, RewardInputError, RewardModel, preference_probability, resolve_torch_dtype

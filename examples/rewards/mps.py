@@ -37,7 +37,7 @@ https://github.com/Kwai-Kolors/MPS), not on the hub. It is a whole pickled model
 state dicts only (safetensors, or `torch.load(..., weights_only=True)`). Convert the file once:
 
     python -m examples.rewards.mps --checkpoint MPS_overall_checkpoint.pth --output_dir models/mps
-    python examples/eval/score.py --run_dirs generated/sdxl --reward_models mps --reward_model_paths mps=models/mps
+    python -m examples.eval.score --run_dirs generated/sdxl --reward_models mps --reward_model_paths mps=models/mps
 
 The conversion (`convert_checkpoint`) is the one place that unpickles with weights_only=False. The authors'
 classes (`trainer.*`) and those of the transformers version they pickled with stand in as empty modules, so

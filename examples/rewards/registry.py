@@ -1,7 +1,7 @@
 """Reward models by name: the names are the score-table columns of examples/eval/score.py.
 
 REWARD_MODELS is the one list of reward models: score.py's choices and help, the tiny stand-ins
-(examples/rewards/tiny.py checks it has one for each) and the tests all read it.
+(examples/tiny_world/tiny_rewards.py checks it has one for each) and the tests all read it.
 """
 
 import importlib.util

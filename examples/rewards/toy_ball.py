@@ -1,6 +1,6 @@
 """toy_ball: the tiny world's judge, a reward that looks at generated images (no weights, plain numpy).
 
-The tiny world (examples/tiny_assets) draws one soft ball of a caption's colour ("a photo of a red
+The tiny world (examples/tiny_world) draws one soft ball of a caption's colour ("a photo of a red
 ball") on a dark background, in the top or bottom half of the picture, and its raters prefer the
 ball in the top half. This reward finds the ball in an image, measures how high it sits and
 whether its colour is the caption's, and turns both into a Bradley-Terry score
@@ -16,7 +16,7 @@ from +height_weight (top) to -height_weight (bottom); an image with no ball gets
 import numpy as np
 import torch
 
-from examples.tiny_assets.make_tiny_assets import COLORS
+from examples.tiny_world.make_tiny_assets import COLORS
 
 from .base import RewardInputError, RewardModel
 
@@ -87,7 +87,7 @@ class ToyBall(RewardModel):
     name = "toy_ball"
     display_name = "Toy ball"
     kind = "bradley_terry"
-    needs_weights = False  # examples/rewards/tiny.py needs no stand-in for it
+    needs_weights = False  # examples/tiny_world/tiny_rewards.py needs no stand-in for it
 
     @classmethod
     def weights_source(cls, path=None):

@@ -12,9 +12,9 @@ picture (a property horizontal flips keep). Winners are vertical mirror images o
 distribution, so an untrained model prefers neither (held-out preference accuracy near 50 %);
 a model that learns the preference does.
 
-    python examples/tiny_assets/make_tiny_assets.py --output_dir tiny
+    python -m examples.tiny_world.make_tiny_assets --output_dir tiny
     # -> tiny/tiny-sdxl (pipeline), tiny/tiny-pickapic/{train,test}.parquet
-    python examples/tiny_assets/make_tiny_assets.py --output_dir tiny --family sd --skip_dataset
+    python -m examples.tiny_world.make_tiny_assets --output_dir tiny --family sd --skip_dataset
     # -> tiny/tiny-sd: an SD1.x-style pipeline (one text encoder; --family sd_v: v-prediction -> tiny/tiny-sd-v)
 
 `--unet_preset bench` builds the efficiency benchmark's model instead: a ~24 M-parameter UNet
@@ -22,7 +22,7 @@ a model that learns the preference does.
 encoders and VAE, and the dataset at 256 px. Its VAE fit is shorter (`--vae_fit_steps`): the
 benchmark measures speed and memory, not whether a preference is learnt.
 
-    python examples/tiny_assets/make_tiny_assets.py --unet_preset bench --output_dir bench
+    python -m examples.tiny_world.make_tiny_assets --unet_preset bench --output_dir bench
     # -> bench/bench-sdxl, bench/bench-pickapic/{train,test}.parquet
 """
 
@@ -82,7 +82,7 @@ def parse_args(argv=None):
         choices=sorted(UNET_PRESETS),
         help=(
             "tiny: ~1 M-parameter UNet for tests and the demo; "
-            "bench: ~24 M-parameter UNet for examples/benchmark_efficiency.py."
+            "bench: ~24 M-parameter UNet for examples/benchmark/benchmark_efficiency.py."
         ),
     )
     parser.add_argument(

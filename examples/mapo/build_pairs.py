@@ -2,7 +2,7 @@
 r"""MaPO's task-specific pairs (Pick-Style, Pick-Safety, Pick-Culture): one pipeline draws the chosen image from a
 context prompt with one prefix and the rejected image from the same context prompt with another, same seed.
 
-    accelerate launch examples/mapo_tasks/build_pairs.py --preset cartoon \
+    accelerate launch examples/mapo/build_pairs.py --preset cartoon \
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-schnell --num_inference_steps 4 \
         --guidance_scale 0.0 --resolution 1024 --prompts context_prompts.txt --output_dir pick-cartoon
 
@@ -36,16 +36,14 @@ import re
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
-from examples.ddspo.generate_pairs import (  # noqa: E402
+from examples.ddspo.generate_pairs import (
     draw,
     pair_settings,
     png_bytes,
     report_pairs,
     write_pending_shards,
 )
-from examples.eval.generate import (  # noqa: E402
+from examples.eval.generate import (
     HelpFormatter,
     InputError,
     add_sampling_arguments,
@@ -56,7 +54,7 @@ from examples.eval.generate import (  # noqa: E402
     weight_dtype_for,
     write_atomically,
 )
-from examples.eval.prompts import PromptSetError, read_prompt_set  # noqa: E402
+from examples.eval.prompts import PromptSetError, read_prompt_set
 
 
 PRESETS = {  # name: (chosen prefix, rejected prefix, prompt filter)
@@ -123,7 +121,7 @@ configs:
 ---
 # MaPO task pairs
 
-Made by `examples/mapo_tasks/build_pairs.py` from `{prompts}`: for each context prompt `caption`, `jpg_0` was
+Made by `examples/mapo/build_pairs.py` from `{prompts}`: for each context prompt `caption`, `jpg_0` was
 drawn from `chosen_prompt` (prefix {chosen_prefix}) and `jpg_1` from `rejected_prompt` (prefix {rejected_prefix})
 by the same pipeline from the same `seed`; `label_0` is 1.0 (Pick-a-Pic schema). {pairs} pairs in {shards} shards.
 Settings: `pairs_config.json`. Read with `datasets.load_dataset("{output_dir}", split="train")`.

@@ -2,7 +2,7 @@
 r"""VLM-as-a-judge filter for MaPO's task pairs (paper Appendix C): Qwen2-VL rates the chosen image of every pair of a
 build_pairs.py folder on a 10-point scale for the task's aspect, and the pairs rated above --threshold are kept.
 
-    python examples/mapo_tasks/judge_pairs.py --pairs_dir pick-safety --output_dir pick-safety-judged
+    python -m examples.mapo.judge_pairs --pairs_dir pick-safety --output_dir pick-safety-judged
 
 reads `PAIRS_DIR/shards/shard-*.parquet` (the Pick-a-Pic schema build_pairs.py writes) and writes, in the same
 schema plus a `judge_score` column, the kept pairs to `OUTPUT_DIR/shards/shard-*.parquet` with a `README.md` dataset
@@ -34,15 +34,13 @@ import re
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
-from examples.ddspo.degrade_prompts import (  # noqa: E402
+from examples.ddspo.degrade_prompts import (
     InputError,
     device_and_dtype,
     fill_template,
     read_instruction_template,
 )
-from examples.eval.generate import HelpFormatter, changed_settings, resolved_path, write_atomically  # noqa: E402
+from examples.eval.generate import HelpFormatter, changed_settings, resolved_path, write_atomically
 
 
 DEFAULT_INSTRUCTION_TEMPLATE = Path(__file__).resolve().parent / "judge_templates.txt"
@@ -73,7 +71,7 @@ configs:
 # MaPO task pairs, judged
 
 The pairs of `{pairs_dir}` whose chosen image (`jpg_0`) `{model}` rated above {threshold} for the aspect `{aspect}`
-on a 10-point scale (`judge_score`, the expected rating), made by `examples/mapo_tasks/judge_pairs.py`: {kept} of
+on a 10-point scale (`judge_score`, the expected rating), made by `examples/mapo/judge_pairs.py`: {kept} of
 {scored} pairs. Every pair's score: `scores.csv`; settings: `judge_config.json`. Read with
 `datasets.load_dataset("{output_dir}", split="train")`.
 """
@@ -294,7 +292,7 @@ def input_shards(pairs_dir):
     if not shards:
         raise InputError(
             f"--pairs_dir {str(pairs_dir)!r} has no shards/shard-*.parquet; expected an output folder of "
-            "examples/mapo_tasks/build_pairs.py."
+            "examples/mapo/build_pairs.py."
         )
     for path in shards:
         try:

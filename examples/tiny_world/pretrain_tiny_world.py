@@ -9,7 +9,7 @@ dropout for classifier-free guidance. Its samples show one ball of the caption's
 half about half of the time: the raters' preference (top half) is not in the base model, so an
 objective that learns it moves the share, and examples/rewards/toy_ball.py can see it.
 
-    python examples/tiny_assets/pretrain_tiny_world.py --output_dir tiny_assets
+    python -m examples.tiny_world.pretrain_tiny_world --output_dir tiny_assets
     # -> tiny_assets/tiny-world-sdxl (pipeline) with tiny_world.json (fingerprint, settings, timings)
 
 Built once: a folder whose tiny_world.json carries the fingerprint of the current settings (and of
@@ -39,15 +39,12 @@ import inspect
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_tiny_assets  # noqa: E402
+from examples.tiny_world import make_tiny_assets
 
 
 COLOR_NAMES = list(make_tiny_assets.COLORS)

@@ -3,7 +3,7 @@
 #   set up .venv -> tiny Pick-a-Pic world (raters prefer the ball in the top half) -> a tiny SDXL base model
 #   pre-trained to draw its balls (built once, cached) -> MaPO (--beta_mapo 8) -> the same seeds sampled from
 #   base and trained model (examples/eval/generate.py) -> judged by the toy_ball reward (score.py, compare.py)
-#   -> top-half share with its interval and a labelled before/after grid (examples/demo/tiny_world_report.py).
+#   -> top-half share with its interval and a labelled before/after grid (examples/tiny_world/report.py).
 # demo_output/ (or DEMO_OUTPUT_DIR) is rewritten on every run. Extra arguments go to train_mapo_sdxl.py.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -13,9 +13,9 @@ assets=${TINY_ASSETS_DIR:-tiny_assets}
 out=${DEMO_OUTPUT_DIR:-demo_output}
 python=.venv/bin/python
 if [ ! -f "$assets/tiny-pickapic/test.parquet" ]; then
-  $python examples/tiny_assets/make_tiny_assets.py --output_dir "$assets" --skip_model
+  $python -m examples.tiny_world.make_tiny_assets --output_dir "$assets" --skip_model
 fi
-$python examples/tiny_assets/pretrain_tiny_world.py --output_dir "$assets"
+$python -m examples.tiny_world.pretrain_tiny_world --output_dir "$assets"
 base="$assets/tiny-world-sdxl"
 rm -rf "$out"
 mkdir -p "$out"
@@ -35,12 +35,12 @@ printf '%s\n' "a photo of a red ball" "a photo of a green ball" "a photo of a bl
   "a photo of a yellow ball" "a photo of a purple ball" "a photo of a cyan ball" > "$out/prompts.txt"
 sampling=(--pretrained_model_name_or_path "$base" --prompts "$out/prompts.txt" --images_per_prompt 16 --seed 0
   --resolution 64 --num_inference_steps 20 --guidance_scale 5 --batch_size 48 --output_dir "$out/generated")
-$python examples/eval/generate.py "${sampling[@]}" --model_name base
-$python examples/eval/generate.py "${sampling[@]}" --model_name mapo --unet_path "$out/mapo"
-$python examples/eval/score.py --run_dirs "$out/generated/base" "$out/generated/mapo" --reward_models toy_ball
-$python examples/eval/compare.py --runs "$out/generated/base" "$out/generated/mapo" --baseline base \
+$python -m examples.eval.generate "${sampling[@]}" --model_name base
+$python -m examples.eval.generate "${sampling[@]}" --model_name mapo --unet_path "$out/mapo"
+$python -m examples.eval.score --run_dirs "$out/generated/base" "$out/generated/mapo" --reward_models toy_ball
+$python -m examples.eval.compare --runs "$out/generated/base" "$out/generated/mapo" --baseline base \
   --num_bootstrap 2000 --output_prefix "$out/comparison"
-$python examples/demo/tiny_world_report.py --runs "$out/generated/base" "$out/generated/mapo" \
+$python -m examples.tiny_world.report --runs "$out/generated/base" "$out/generated/mapo" \
   --names base "MaPO (beta 8)" --grid "$out/tiny_world_grid.png" --output_json "$out/tiny_world_report.json" \
   --training_summary "$out/mapo/training_summary.json"
 echo "== demo finished in $(( $(date +%s) - start )) s after set-up: grid in $out/tiny_world_grid.png"

@@ -2,7 +2,7 @@
 r"""Context prompts for MaPO's task pairs (paper Appendix E): a local instruction-tuned LM rewrites each prompt into
 one ~25-word sentence about what the image shows, without style words, answered between "[[PROMPT]]" tags.
 
-    python examples/mapo_tasks/context_prompts.py --prompts pickapic_v2_test --shuffle_prompts_seed 0 \
+    python -m examples.mapo.context_prompts --prompts pickapic_v2_test --shuffle_prompts_seed 0 \
         --max_prompts 20000 --llm_model_name_or_path Qwen/Qwen2.5-7B-Instruct --output_dir pick-context
 
 writes `OUTPUT_DIR/context_prompts.parquet` (columns prompt (the original), context, prompt_index) and
@@ -30,9 +30,7 @@ import re
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
-from examples.ddspo.degrade_prompts import (  # noqa: E402
+from examples.ddspo.degrade_prompts import (
     InputError,
     clean_rewrite,
     fill_template,
@@ -41,8 +39,8 @@ from examples.ddspo.degrade_prompts import (  # noqa: E402
     read_instruction_template,
     read_prompts,
 )
-from examples.eval.generate import HelpFormatter, write_atomically  # noqa: E402
-from examples.eval.prompts import PROMPT_SET_NAMES  # noqa: E402
+from examples.eval.generate import HelpFormatter, write_atomically
+from examples.eval.prompts import PROMPT_SET_NAMES
 
 
 DEFAULT_INSTRUCTION_TEMPLATE = Path(__file__).resolve().parent / "context_instruction.txt"

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from examples.toy2d import metrics
+from examples.playground_2d import metrics
 
 
 METHOD_NAMES = {
@@ -110,8 +110,8 @@ def markdown(summary, settings):
     lines = [
         "# 2-D playground: measured numbers",
         "",
-        "Written by `python examples/toy2d/playground.py` (settings at the end). Every cell: mean over seeds ± the",
-        "half-width of the 95 % Student-t interval; each seed's number is the mean over the classes.",
+        "Written by `python -m examples.playground_2d.playground` (settings at the end). Every cell: mean over seeds",
+        "± the half-width of the 95 % Student-t interval; each seed's number is the mean over the classes.",
         "",
     ]
     if "modes" in summary:

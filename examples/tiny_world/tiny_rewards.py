@@ -4,8 +4,8 @@ r"""Write tiny, randomly initialised stand-ins of every registered reward model,
 Nothing is downloaded. Each folder loads through the same code as the published weights, so the
 loaders, the converters and the eval tools can be tested offline; the scores mean nothing.
 
-    python examples/rewards/tiny.py --output_dir tiny_rewards
-    python examples/eval/score.py --run_dirs generated/base --reward_models pickscore hpsv21 \
+    python -m examples.tiny_world.tiny_rewards --output_dir tiny_rewards
+    python -m examples.eval.score --run_dirs generated/base --reward_models pickscore hpsv21 \
         --reward_model_paths pickscore=tiny_rewards/pickscore hpsv21=tiny_rewards/hpsv21
 
 - pickscore, clipscore: a transformers CLIP folder (model, tokenizer, image processor);
@@ -26,12 +26,7 @@ below, except those that need an optional package (vqascore) or no weights (toy_
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
-
-
-if __package__ in (None, ""):  # run as a script: make `examples.rewards` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
@@ -39,7 +34,7 @@ from examples.rewards.clip_rewards import AESTHETIC_HEAD_FILENAME, aesthetic_mlp
 from examples.rewards.hps import HPS_V21_FILENAME, OPEN_CLIP_CONFIG_NAME
 from examples.rewards.image_reward import IMAGE_REWARD_FILENAME, MED_CONFIG_FILENAME, VISION_CONFIG_FILENAME
 from examples.rewards.mps import MPS_STATE_DICT_FILENAME, MPSNetwork
-from examples.tiny_assets.make_tiny_assets import bytes_to_unicode
+from examples.tiny_world.make_tiny_assets import bytes_to_unicode
 
 
 TINY_IMAGE_SIZE, TINY_PATCH_SIZE, TINY_WIDTH, TINY_LAYERS, TINY_HEADS, TINY_EMBED_DIM = 32, 8, 32, 2, 4, 16
@@ -402,7 +397,7 @@ def write_tiny_reward_models(output_dir, seed=0):
     if missing:
         raise RuntimeError(
             f"Reward models {missing} are registered in examples/rewards/registry.py but have no tiny stand-in; "
-            "add a writer for each to STAND_INS in examples/rewards/tiny.py."
+            "add a writer for each to STAND_INS in examples/tiny_world/tiny_rewards.py."
         )
     output_dir = Path(output_dir)
     return {

@@ -3,7 +3,7 @@ r"""Reference mismatch of a preference dataset against a model (MaPO §3.1, Fig.
 each sampled row's caption, DINOv2 embeds it and the row's image, and the mean cosine similarity is reported (higher:
 less mismatch), with the β of MaPO's Table 3 for the tasks of similar mismatch.
 
-    accelerate launch examples/mismatch/measure_mismatch.py \
+    accelerate launch examples/mapo/measure_mismatch.py \
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
         --dataset mapo-t2i/pick-style-cartoon --max_samples 256 --output_dir mismatch-cartoon
 
@@ -33,9 +33,7 @@ import json
 import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.*`
-from examples.eval.generate import (  # noqa: E402
+from examples.eval.generate import (
     HelpFormatter,
     InputError,
     add_sampling_arguments,

@@ -1,4 +1,4 @@
-"""The 2-D world, the denoiser, the three experiments and their report (examples/toy2d/README.md).
+"""The 2-D world, the denoiser, the three experiments and their report (examples/playground_2d/README.md).
 
 Every objective is the training scripts' own function, called through its module (`train_ddspo.ddspo_loss`, ...)
 so that a change to a script's loss changes the playground; noise, targets and weights come from `utils/`, the
@@ -23,7 +23,7 @@ import train_ddspo
 import train_diffusion_dpo_sdxl
 import train_mapo_sdxl
 from examples.capo import select_pairs
-from examples.toy2d import metrics
+from examples.playground_2d import metrics
 from utils import log_snr, noisy_latents_and_target, per_sample_mse, sigmoid_loss_weight
 
 

@@ -12,17 +12,14 @@ A small MLP denoiser with a class embedding is trained as the reference on a noi
 
 Writes results.md (the table), results.json (every seed's numbers), modes.png, mismatch.png and capo.png:
 
-    python examples/toy2d/playground.py --output_dir docs/toy2d
+    python -m examples.playground_2d.playground --output_dir docs/toy2d
 """
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: train_*.py, utils, examples
 
 EXPERIMENTS = ("modes", "mismatch", "capo")
 MIN_SEEDS = 5
@@ -127,7 +124,10 @@ def main(args):
     start = time.time()
     import torch
 
-    from examples.toy2d import report, toy  # torch, diffusers and the training scripts: after the flags are checked
+    from examples.playground_2d import (  # torch, diffusers and the training scripts: after the flags are checked
+        report,
+        toy,
+    )
 
     torch.set_num_threads(1)  # the tensors are tiny: a second thread costs more than it brings, on 2 cores many times
     results = toy.run_all(args)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""What the tiny world's generated images show: where the balls sit, before and after alignment.
 
-    python examples/demo/tiny_world_report.py --runs demo_output/generated/base demo_output/generated/mapo \
+    python -m examples.tiny_world.report --runs demo_output/generated/base demo_output/generated/mapo \
         --grid demo_output/tiny_world_grid.png
 
 Each run is an examples/eval/generate.py folder made with the same --seed and prompts, so image k of
@@ -22,9 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `examples.rewards`
 
 
 class InputError(ValueError):
