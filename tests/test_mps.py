@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -246,6 +247,64 @@ def save_as_the_authors_pickled_model(network, path, monkeypatch):
     assert "trainer" not in sys.modules
 
 
+def run_conversion(checkpoint, output_dir):
+    """`python -m examples.rewards.mps`, as the module docstring says to run it, in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "examples.rewards.mps", "--checkpoint", checkpoint, "--output_dir", output_dir],
+        cwd=REPO,
+        env={**os.environ, **OFFLINE_ENV},
+        capture_output=True,
+        text=True,
+    )
+
+
+def save_a_checkpoint_whose_pickle_calls(function, args, path):
+    """torch.save of what looks like a state dict, one of whose values unpickles as function(*args)."""
+
+    class Payload:
+        def __reduce__(self):
+            return function, args
+
+    torch.save({"model.logit_scale": torch.ones(()), "cross_model.payload": Payload()}, path)
+
+
+PAYLOADS = {  # what a malicious pickle would run: each creates the file it is given
+    "open": lambda path: (open, (str(path), "w")),
+    "os.system": lambda path: (os.system, (f"touch {path}",)),
+}
+
+
+@pytest.mark.parametrize("payload", sorted(PAYLOADS))
+def test_a_checkpoint_that_names_any_other_global_is_refused_in_one_line_before_it_runs(payload, tmp_path):
+    written_by_the_payload = tmp_path / "written_by_the_payload"
+    function, args = PAYLOADS[payload](written_by_the_payload)
+    checkpoint = tmp_path / mps.MPS_CHECKPOINT_FILENAME
+    save_a_checkpoint_whose_pickle_calls(function, args, checkpoint)
+
+    result = run_conversion(checkpoint, tmp_path / "converted")
+    assert not written_by_the_payload.exists()  # the payload did not run
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    error_lines = [line for line in result.stderr.splitlines() if "RuntimeWarning" not in line]  # runpy's, not ours
+    assert len(error_lines) == 1, result.stderr
+    assert f"names {function.__module__}.{function.__name__}," in error_lines[0]  # io.open, posix.system
+    assert "is not a checkpoint this converter accepts" in error_lines[0]
+    assert not (tmp_path / "converted").exists()
+
+
+def test_the_conversion_refuses_a_global_in_process_too(tmp_path):
+    written_by_the_payload = tmp_path / "written_by_the_payload"
+    checkpoint = tmp_path / mps.MPS_CHECKPOINT_FILENAME
+    save_a_checkpoint_whose_pickle_calls(open, (str(written_by_the_payload), "w"), checkpoint)
+    with pytest.raises(RewardInputError) as error:
+        mps.convert_checkpoint(checkpoint, tmp_path / "converted")
+    assert not written_by_the_payload.exists()
+    assert re.search(r"names io\.open, .*not a checkpoint this converter accepts", str(error.value))
+    assert "\n" not in str(error.value)
+    with pytest.raises(SystemExit, match=r"names io\.open, "):
+        mps.main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "converted")])
+    assert not written_by_the_payload.exists()
+
+
 def test_the_authors_pickled_checkpoint_converts_to_their_state_dict_without_their_code(
     tiny_mps, images, tmp_path, monkeypatch
 ):
@@ -258,21 +317,7 @@ def test_the_authors_pickled_checkpoint_converts_to_their_state_dict_without_the
     checkpoint = tmp_path / mps.MPS_CHECKPOINT_FILENAME
     save_as_the_authors_pickled_model(network, checkpoint, monkeypatch)
 
-    result = subprocess.run(  # as the module docstring says to run it, in a fresh process
-        [
-            sys.executable,
-            "-m",
-            "examples.rewards.mps",
-            "--checkpoint",
-            checkpoint,
-            "--output_dir",
-            tmp_path / "converted",
-        ],
-        cwd=REPO,
-        env={**os.environ, **OFFLINE_ENV},
-        capture_output=True,
-        text=True,
-    )
+    result = run_conversion(checkpoint, tmp_path / "converted")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert mps.MPS_STATE_DICT_FILENAME in result.stdout
     converted = tiny_state_dict(tmp_path / "converted")

@@ -33,16 +33,18 @@ overall score the condition is OVERALL_CONDITION below. For one image and its pr
 
 Weights: the authors publish one file, `MPS_overall_checkpoint.pth`, on Google Drive (linked from the README of
 https://github.com/Kwai-Kolors/MPS), not on the hub. It is a whole pickled model (their scorer calls
-`torch.load(path)` and gets their module back), which only an unrestricted unpickler reads; this loader reads
-state dicts only (safetensors, or `torch.load(..., weights_only=True)`). Convert the file once:
+`torch.load(path)` and gets their module back), which `weights_only=True` refuses; this loader reads state dicts
+only (safetensors, or `torch.load(..., weights_only=True)`). Convert the file once:
 
     python -m examples.rewards.mps --checkpoint MPS_overall_checkpoint.pth --output_dir models/mps
     python -m examples.eval.score --run_dirs generated/sdxl --reward_models mps --reward_model_paths mps=models/mps
 
-The conversion (`convert_checkpoint`) is the one place that unpickles with weights_only=False. The authors'
-classes (`trainer.*`) and those of the transformers version they pickled with stand in as empty modules, so
-neither their repository nor its pinned versions are needed; anything else the file names is built as pickle
-builds it, so convert only a file you trust, such as the one from the authors' link. It writes
+The conversion (`convert_checkpoint`) is the one place that reads a pickled model, and it runs nothing the file
+names: its unpickler resolves only torch's `weights_only` allow-list (tensor and parameter rebuild functions,
+storages, dtypes, OrderedDict) and inert empty modules standing in for the classes that hold the weights (the
+authors' `trainer.*`, those of the transformers version they pickled with, torch.nn's), so neither their
+repository nor its pinned versions are needed. Any other global (`os.system`, `builtins.eval`, ...) stops the
+conversion with one line that names it, before it is built. It writes
 `MPS_overall_state_dict.safetensors`: the tensors of their module, `model.*` (the CLIP model) and
 `cross_model.*`, under their own names, which this module's classes keep. The CLIP config, tokenizer and image
 processor come from `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`, or from the folder when it holds them (the tiny
@@ -54,11 +56,13 @@ import argparse
 import pickle
 import re
 import types
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._weights_only_unpickler import _get_allowed_globals
 
 from .base import RewardInputError, RewardModel
 from .clip_rewards import LAION_CLIP_H_14, has_processor_files
@@ -281,34 +285,58 @@ def load_mps_state_dict(path):
 
 
 class _AbsentClass(nn.Module):
-    """Stands in for a class the pickle names but this environment lacks or has in another version (the authors'
-    `trainer.*`, transformers'): it takes the pickled attributes (parameters, buffers, submodules), all that
-    `state_dict()` reads."""
+    """Stands in for a class that holds weights (the authors' `trainer.*`, which this environment lacks, and
+    transformers' and torch.nn's, which it may have in another version): it takes the pickled attributes
+    (parameters, buffers, submodules), all that `state_dict()` reads, and none of the real class's code runs."""
 
     def __init__(self, *args, **kwargs):
         super().__init__()
 
 
-class _StandInUnpickler(pickle.Unpickler):
-    STAND_IN_PACKAGES = ("trainer", "transformers")
+class _AllowListUnpickler(pickle.Unpickler):
+    """Resolves only what a pickled model's weights need; any other global is refused before it is built.
+
+    find_class is the one door through which a pickle reaches code (GLOBAL, STACK_GLOBAL and the EXT codes all
+    pass it), so what it returns is all the file can call or build: torch's own `weights_only` allow-list, or an
+    inert stand-in. Names are mapped from Python 2 first, as pickle does, since torch.save writes protocol 2.
+    """
+
+    # the authors' classes, transformers', torch.nn's, and the activation functions modules keep (F.gelu is
+    # torch._C._nn.gelu): kept as attributes, never called
+    STAND_IN_PREFIXES = ("trainer.", "transformers.", "torch.nn.", "torch._C._nn.")
 
     def find_class(self, module, name):
-        if module.split(".")[0] in self.STAND_IN_PACKAGES:
+        if (module, name) in NAME_MAPPING:
+            module, name = NAME_MAPPING[(module, name)]
+        elif module in IMPORT_MAPPING:
+            module = IMPORT_MAPPING[module]
+        full_name = f"{module}.{name}"
+        if full_name in _get_allowed_globals():
+            return _get_allowed_globals()[full_name]
+        if full_name.startswith(self.STAND_IN_PREFIXES):
             return type(name, (_AbsentClass,), {"__module__": module})
-        return super().find_class(module, name)
+        raise RewardInputError(
+            f"names {full_name}, which is neither a tensor, a storage nor a class that holds weights; it is not a "
+            f"checkpoint this converter accepts (the authors' pickled {MPS_CHECKPOINT_FILENAME}) and was not "
+            "unpickled further."
+        )
 
 
 def convert_checkpoint(checkpoint, output_dir):
     """The authors' pickled MPS_overall_checkpoint.pth -> output_dir/MPS_overall_state_dict.safetensors.
 
-    The only place that unpickles (weights_only=False): run it on a file you trust (see the module docstring).
+    weights_only=True would refuse the stand-ins, and takes no pickle_module, so this loads with weights_only=False
+    and an Unpickler that allows less than weights_only=True does: a file naming anything else is refused.
     """
     from safetensors.torch import save_file
 
-    stand_in_pickle = types.ModuleType("stand_in_pickle")  # torch.load's pickle_module: our Unpickler
-    stand_in_pickle.Unpickler = _StandInUnpickler
-    stand_in_pickle.load = lambda file, **kwargs: _StandInUnpickler(file, **kwargs).load()
-    loaded = torch.load(checkpoint, map_location="cpu", weights_only=False, pickle_module=stand_in_pickle)
+    allow_list_pickle = types.ModuleType("allow_list_pickle")  # torch.load's pickle_module: our Unpickler
+    allow_list_pickle.Unpickler = _AllowListUnpickler
+    allow_list_pickle.load = lambda file, **kwargs: _AllowListUnpickler(file, **kwargs).load()
+    try:
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=False, pickle_module=allow_list_pickle)
+    except RewardInputError as refused:
+        raise RewardInputError(f"--checkpoint {str(checkpoint)!r} {refused}") from None
     state_dict = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
@@ -419,8 +447,9 @@ class MPS(RewardModel):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=(
-            "Convert the authors' pickled MPS checkpoint into the state dict the mps reward reads; this step "
-            "unpickles the file, so run it only on a file you trust (see examples/rewards/mps.py's docstring).\n\n"
+            "Convert the authors' pickled MPS checkpoint into the state dict the mps reward reads. Only tensors and "
+            "inert stand-ins for the classes that hold them are unpickled; a file that names anything else is "
+            "refused (see examples/rewards/mps.py's docstring).\n\n"
             "    python -m examples.rewards.mps --checkpoint MPS_overall_checkpoint.pth --output_dir models/mps"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -440,7 +469,10 @@ def main(argv=None):
         raise SystemExit(
             f"--checkpoint {args.checkpoint!r} does not exist; expected the authors' {MPS_CHECKPOINT_FILENAME}."
         )
-    print(f"wrote {convert_checkpoint(args.checkpoint, args.output_dir)}")
+    try:
+        print(f"wrote {convert_checkpoint(args.checkpoint, args.output_dir)}")
+    except RewardInputError as error:
+        raise SystemExit(str(error)) from None
 
 
 if __name__ == "__main__":
