@@ -11,7 +11,8 @@ import torch
 from conftest import run_python
 from PIL import Image
 
-from examples.capo.select_pairs import (
+from examples.capo.soup import default_lambdas, merge_task_vectors, slerp, slerp_coefficients
+from examples.lib.calibration import (
     best_worst_pair,
     calibrate,
     dominating_none,
@@ -20,7 +21,6 @@ from examples.capo.select_pairs import (
     non_dominated,
     select_pairs,
 )
-from examples.capo.soup import default_lambdas, merge_task_vectors, slerp, slerp_coefficients
 
 
 def sigmoid(x):

@@ -17,7 +17,7 @@ from conftest import launch, run_python
 from PIL import Image
 
 from examples.ddspo.generate_pairs import SHARD_COLUMNS, plan_shards
-from examples.eval.generate import image_seed
+from examples.lib.sampling import image_seed
 
 
 SCRIPT = "examples/ddspo/generate_pairs.py"
@@ -195,7 +195,7 @@ def test_pairs_are_written_in_shards_with_the_promised_columns_and_png_images_of
 def test_both_images_of_a_pair_are_the_reference_models_draws_from_the_stored_seed(sdxl_run, tiny_pipelines):
     import torch
 
-    from examples.eval.generate import generator_for, load_pipeline
+    from examples.lib.sampling import generator_for, load_pipeline
 
     pipeline = load_pipeline(str(tiny_pipelines["sdxl"]), torch.float32, "cpu")
     pair = read_pairs(sdxl_run["output_dir"])[2]  # row 3

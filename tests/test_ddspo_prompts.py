@@ -12,16 +12,9 @@ import numpy as np
 import pytest
 from conftest import run_python
 
-from examples.ddspo.degrade_prompts import (
-    DEFAULT_INSTRUCTION_TEMPLATE,
-    LLM_TARGETS,
-    InputError,
-    clean_rewrite,
-    fill_template,
-    rand_removal,
-    read_instruction_template,
-    removal_variants,
-)
+from examples.ddspo.degrade_prompts import DEFAULT_INSTRUCTION_TEMPLATE, LLM_TARGETS, rand_removal, removal_variants
+from examples.lib.cli import InputError
+from examples.lib.lm import clean_rewrite, fill_template, read_instruction_template
 
 
 SCRIPT = "examples/ddspo/degrade_prompts.py"

@@ -15,8 +15,9 @@ from conftest import launch, run_python
 from PIL import Image
 
 from examples.eval import compare
-from examples.eval.generate import image_filename, image_seed
-from examples.eval.prompts import PromptSetError, load_prompts
+from examples.eval.generate import image_filename
+from examples.lib.prompts import PromptSetError, load_prompts
+from examples.lib.sampling import image_seed
 
 
 PROMPTS = ["a photo of a red ball", "a photo of a blue ball", "a photo of a green ball"]

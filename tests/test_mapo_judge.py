@@ -20,12 +20,13 @@ import torch
 from conftest import run_python
 from PIL import Image
 
-from examples.ddspo.degrade_prompts import fill_template, read_instruction_template
-from examples.mapo.build_pairs import CONFIG_NAME, DATASET_CARD, PRESETS, SHARD_COLUMNS, with_prefix
+from examples.lib.cli import InputError
+from examples.lib.lm import fill_template, read_instruction_template
+from examples.lib.pair_shards import CONFIG_NAME
+from examples.mapo.build_pairs import DATASET_CARD, PRESETS, SHARD_COLUMNS, with_prefix
 from examples.mapo.judge_pairs import (
     DEFAULT_INSTRUCTION_TEMPLATE,
     QWEN2_VL_CONVERSATION,
-    InputError,
     expected_rating,
     judge_texts,
     rating_probabilities,

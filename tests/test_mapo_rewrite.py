@@ -12,8 +12,8 @@ import pytest
 from conftest import run_python
 from test_ddspo_prompts import bigram_gpt2
 
-from examples.ddspo.degrade_prompts import read_instruction_template
-from examples.eval.prompts import read_prompt_set
+from examples.lib.lm import read_instruction_template
+from examples.lib.prompts import read_prompt_set
 from examples.mapo.context_prompts import (
     DEFAULT_INSTRUCTION_TEMPLATE,
     TEMPLATE_SECTION,

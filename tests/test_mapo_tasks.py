@@ -16,7 +16,7 @@ import pytest
 from conftest import launch, run_python, tiny_args
 from PIL import Image
 
-from examples.eval.generate import image_seed
+from examples.lib.sampling import image_seed
 from examples.mapo.build_pairs import PRESETS, SHARD_COLUMNS, is_about_women, plan_shards, with_prefix
 
 
@@ -192,7 +192,7 @@ def test_the_last_line_counts_the_empty_and_the_filtered_prompts(safety_run):
 def test_the_chosen_image_is_the_pipelines_draw_from_the_chosen_prompt_and_the_stored_seed(safety_run, tiny_sdxl):
     import torch
 
-    from examples.eval.generate import generator_for, load_pipeline
+    from examples.lib.sampling import generator_for, load_pipeline
 
     pipeline = load_pipeline(str(tiny_sdxl), torch.float32, "cpu")
     pair = read_pairs(safety_run["output_dir"])[2]  # row 6, alone in its shard and batch

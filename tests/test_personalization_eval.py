@@ -20,8 +20,9 @@ from PIL import Image
 from test_mismatch import write_tiny_dinov2
 
 from examples.eval import personalization
-from examples.eval.generate import image_filename, image_seed
-from examples.eval.score import InputError
+from examples.eval.generate import image_filename
+from examples.lib.cli import InputError
+from examples.lib.sampling import image_seed
 
 
 PROMPTS = ["a photo of <sks> dog", "a photo of <sks> dog on the beach", "a red ball"]

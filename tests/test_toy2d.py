@@ -1,5 +1,5 @@
 """examples/playground_2d: the metrics on hand-made point sets, bad input, the objectives imported from the scripts
-(never a copy), a reduced run end to end, and the default run against the committed numbers the README quotes."""
+(never a copy), a reduced run end to end, and the default run against the committed numbers its README quotes."""
 
 import ast
 import json
@@ -16,7 +16,7 @@ from examples.playground_2d import metrics
 PLAYGROUND = "examples/playground_2d/playground.py"
 COMMITTED = REPO / "docs" / "toy2d"
 # A rerun of the default setting must give every committed mean to within this much, or half its interval's
-# half-width where that is wider (docs/toy2d/results.md, README "See it in 2-D").
+# half-width where that is wider (docs/toy2d/results.md, examples/playground_2d/README.md).
 ABSOLUTE_TOLERANCE = 0.01
 REDUCED = [
     "--reference_steps", 30, "--finetune_steps", 4, "--samples_per_class", 16, "--sampling_steps", 4,
@@ -29,8 +29,8 @@ SCRIPT_FUNCTIONS = [
     ("train_mapo_sdxl", "mapo_loss"),
     ("train_ddspo", "ddspo_loss"),
     ("train_capo", "capo_loss"),
-    ("examples.capo.select_pairs", "calibrate"),
-    ("examples.capo.select_pairs", "select_pairs"),
+    ("examples.lib.calibration", "calibrate"),
+    ("examples.lib.calibration", "select_pairs"),
 ]
 
 
@@ -152,7 +152,7 @@ def test_a_reduced_run_goes_end_to_end_through_every_script_objective(tmp_path, 
 
 
 # ----------------------------------------------------------------------------------------------
-# The committed numbers: README quotes them, a default run reproduces them
+# The committed numbers: the playground README quotes them, a default run reproduces them
 # ----------------------------------------------------------------------------------------------
 def table_lines(markdown, heading):
     section = markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
@@ -161,11 +161,11 @@ def table_lines(markdown, heading):
 
 @pytest.mark.parametrize("heading", ["Class modes (DDSPO Fig. 2)", "Reference mismatch (MaPO §3.1)"])
 def test_the_readme_quotes_the_committed_table(heading):
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "examples" / "playground_2d" / "README.md").read_text()
     lines = table_lines((COMMITTED / "results.md").read_text(), heading)
     assert lines
     missing = [line for line in lines if line not in readme]
-    assert not missing, f"README.md's 'See it in 2-D' section lacks {missing}"
+    assert not missing, f"examples/playground_2d/README.md lacks {missing}"
 
 
 def committed_means(summary):

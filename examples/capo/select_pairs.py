@@ -32,17 +32,16 @@ import argparse
 import csv
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from examples.eval.score import ID_COLUMNS, SOURCES_SUFFIX, source_identity
+from examples.lib.calibration import KINDS, SELECTIONS, calibrate, prompt_rng, select_pairs
+from examples.lib.cli import InputError, parse_checked_args, run_tool
+from examples.lib.files import temporary_path
+from examples.lib.runs import ID_COLUMNS, SOURCES_SUFFIX, check_run_dirs, read_sources, source_identity
 
 
-SELECTIONS = ("best_worst", "sum", "frontier")
-KINDS = ("bradley_terry", "probability")  # examples.rewards.KINDS, repeated so that --help needs no torch
 # The units each reward's score is written in by examples/rewards (score.py's columns). The Bradley-Terry
 # calibration sigmoid((R_i - R_k) / T) depends on them (docs/METHODS.md, CaPO); the card records them.
 REWARD_UNITS = {
@@ -54,7 +53,6 @@ REWARD_UNITS = {
     "clipscore": "100 * max(cos(image, text), 0)",
     "vqascore": "P('Yes' | image, question), a probability in [0, 1]",
 }
-TIE_TOLERANCE = 1e-9  # calibrated values closer than this are equal (sums in another order differ by ~1e-16)
 PROMPT_SKIPS = {
     "few_images": "fewer than 2 images",
     "tied": "all scores tied",
@@ -67,123 +65,6 @@ IMAGE_SKIPS = {
     "listed_twice": "listed twice in a group",
 }
 WRITE_BATCH = 64  # pairs per Parquet row group: the image bytes of a large dataset never sit in memory at once
-
-
-class InputError(ValueError):
-    """Bad flags or data: the message says what was expected, what was found and what to do."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The math: pure functions (the training script and tests import them)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def calibrate(scores, kind, temperature=1.0, alpha=1.0):
-    """Calibrated rewards of one prompt's N images (CaPO Eq. 7): the mean win-rate against the other N-1.
-
-    `scores`: (N,) raw scores of one reward. `kind`: "bradley_terry" (Eq. 2, with sigmoid((R_i - R_k) /
-    temperature)) or "probability" (Eq. 28, exponent `alpha`). Returns a float64 array (N,) in [0, 1].
-    """
-    from examples.rewards import preference_probability
-
-    scores = np.asarray(scores, dtype=np.float64)  # (N,)
-    if scores.ndim != 1 or len(scores) < 2:
-        raise ValueError(f"Calibration needs a 1-D array of at least 2 scores, got shape {scores.shape}.")
-    if not np.isfinite(scores).all():
-        raise ValueError("Calibration needs finite scores.")
-    if kind == "bradley_terry":
-        if not temperature > 0:
-            raise ValueError(f"The Bradley-Terry temperature must be positive, got {temperature}.")
-        scaled = scores / temperature
-        win = preference_probability(scaled[:, None], scaled[None, :], kind).numpy()  # (N, N): P(x_i > x_k)
-    elif kind == "probability":
-        if temperature != 1.0:
-            raise ValueError("A temperature applies to Bradley-Terry rewards; probability-like ones take alpha.")
-        win = preference_probability(scores[:, None], scores[None, :], kind, alpha=alpha).numpy()  # (N, N)
-    else:
-        raise ValueError(f"Unknown reward kind {kind!r}; expected one of {KINDS}.")
-    np.fill_diagonal(win, 0.0)  # Eq. 7 sums over k != i
-    return win.sum(axis=1) / (len(scores) - 1)  # (N,)
-
-
-def domination_matrix(points):
-    """points (N, L) -> bool (N, N), [i, k] true iff point i dominates point k: >= in every coordinate, > in one."""
-    points = np.asarray(points, dtype=np.float64)
-    if points.ndim == 1:
-        points = points[:, None]
-    difference = points[:, None, :] - points[None, :, :]  # (N, N, L): point i minus point k
-    at_least = (difference >= -TIE_TOLERANCE).all(axis=-1)
-    better_somewhere = (difference > TIE_TOLERANCE).any(axis=-1)
-    return at_least & better_somewhere
-
-
-def non_dominated(points):
-    """Indices of the upper frontier (the Pareto set): the points that no other point dominates."""
-    return np.flatnonzero(~domination_matrix(points).any(axis=0))
-
-
-def dominating_none(points):
-    """Indices of the lower frontier: the points that dominate no other point."""
-    return np.flatnonzero(~domination_matrix(points).any(axis=1))
-
-
-def frontier_sets(points):
-    """(X+, X-) of §4.3: upper and lower frontiers with the points on both removed. Both are empty exactly when
-    no point dominates another (the frontiers coincide); otherwise neither is."""
-    upper, lower = set(non_dominated(points).tolist()), set(dominating_none(points).tolist())
-    return sorted(upper - lower), sorted(lower - upper)
-
-
-def frontier_pairs(points, num_pairs, rng):
-    """Up to `num_pairs` distinct (x+, x-) index pairs drawn uniformly from X+ x X- (§4.3); [] when the frontiers
-    coincide. Uniform over the product is the same as drawing x+ from X+ and x- from X- independently."""
-    positives, negatives = frontier_sets(points)
-    if not positives or not negatives:
-        return []
-    num_pairs = min(num_pairs, len(positives) * len(negatives))
-    drawn = rng.choice(len(positives) * len(negatives), size=num_pairs, replace=False)
-    return [(positives[i // len(negatives)], negatives[i % len(negatives)]) for i in sorted(drawn.tolist())]
-
-
-def best_worst_pair(values):
-    """(argmax, argmin) of one value per image (best-of-N and worst-of-N, §4.3); None when all values tie.
-    Ties for the best or the worst go to the first image listed."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.max() - values.min() <= TIE_TOLERANCE:
-        return None
-    return int(np.argmax(values)), int(np.argmin(values))
-
-
-def select_pairs(calibrated, selection, num_pairs=1, rng=None):
-    """One prompt's pairs from its calibrated rewards (N, L) -> (list of (pos, neg) indices, skip reason or None).
-
-    Skip reasons are keys of PROMPT_SKIPS: "few_images", "tied" (every image has the same calibrated values),
-    "coincident_frontiers" (frontier selection: no image dominates another).
-    """
-    calibrated = np.asarray(calibrated, dtype=np.float64)
-    if calibrated.ndim == 1:
-        calibrated = calibrated[:, None]
-    if len(calibrated) < 2:
-        return [], "few_images"
-    if (calibrated.max(axis=0) - calibrated.min(axis=0) <= TIE_TOLERANCE).all():
-        return [], "tied"
-    if selection == "best_worst":
-        if calibrated.shape[1] != 1:
-            raise ValueError("best_worst selects with one reward; use sum or frontier for several.")
-        pair = best_worst_pair(calibrated[:, 0])
-    elif selection == "sum":
-        pair = best_worst_pair(calibrated.sum(axis=1))
-    elif selection == "frontier":
-        pairs = frontier_pairs(calibrated, num_pairs, rng if rng is not None else np.random.default_rng(0))
-        return pairs, None if pairs else "coincident_frontiers"
-    else:
-        raise ValueError(f"Unknown selection {selection!r}; expected one of {SELECTIONS}.")
-    return ([pair], None) if pair is not None else ([], "tied")  # sum: rewards can cancel out exactly
-
-
-def prompt_rng(seed, prompt_index):
-    """The random draws of one prompt: independent of the other prompts and of the order they are read in."""
-    return np.random.default_rng(np.random.SeedSequence((seed, prompt_index)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,12 +142,7 @@ def parse_args(input_args=None):
     output.add_argument(
         "--output_dir", type=str, required=True, help="Receives train.parquet and the dataset card README.md."
     )
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def parse_assignments(entries, flag):
@@ -294,12 +170,9 @@ def check_args(args):
 
     if len(set(args.reward_models)) != len(args.reward_models):
         raise InputError(f"--reward_models lists a reward twice: {args.reward_models}.")
+    check_run_dirs(args.run_dirs)
     for run_dir in args.run_dirs:
-        manifest, scores = Path(run_dir) / "manifest.jsonl", Path(run_dir) / args.scores_filename
-        if not manifest.is_file():
-            raise InputError(
-                f"No manifest.jsonl in {run_dir!r}; expected a folder written by examples/eval/generate.py."
-            )
+        scores = Path(run_dir) / args.scores_filename
         if not scores.is_file():
             raise InputError(
                 f"No {args.scores_filename} in {run_dir!r}; score the run first: "
@@ -370,14 +243,10 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_sources(run_dir, scores_filename):
+def recorded_sources(run_dir, scores_filename):
+    """The weights record of a run's score table (score.py's), or None when it has none."""
     path = Path(run_dir) / (scores_filename + SOURCES_SUFFIX)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path} is not valid JSON ({error}); expected the weights record score.py writes.") from None
+    return read_sources(path) if path.is_file() else None
 
 
 def check_sources_agree(runs, reward_models):
@@ -481,7 +350,7 @@ class PairWriter:
         import pyarrow.parquet as pq
 
         self.path, self.reward_models = Path(path), reward_models
-        self.temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.temporary = temporary_path(self.path)
         self.schema = pair_schema(reward_models)
         self.writer = pq.ParquetWriter(self.temporary, self.schema)
         self.rows, self.count = [], 0
@@ -503,7 +372,7 @@ class PairWriter:
     def close(self):
         self.flush()
         self.writer.close()
-        os.replace(self.temporary, self.path)
+        self.temporary.replace(self.path)
 
     def abort(self):
         self.writer.close()
@@ -624,7 +493,8 @@ def main(args):
     runs, image_skips = [], {key: [] for key in IMAGE_SKIPS}
     for run_dir in args.run_dirs:
         groups = read_run(run_dir, args.scores_filename, args.reward_models, image_skips)
-        runs.append({"dir": str(run_dir), "groups": groups, "sources": read_sources(run_dir, args.scores_filename)})
+        sources = recorded_sources(run_dir, args.scores_filename)
+        runs.append({"dir": str(run_dir), "groups": groups, "sources": sources})
     check_sources_agree(runs, args.reward_models)
 
     output_dir = Path(args.output_dir)
@@ -685,8 +555,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, parse_args)

@@ -29,18 +29,15 @@ or `examples/eval/generate.py --unet_path capo-soup`) and `capo-soup/soup_config
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
+
+from examples.lib.cli import InputError, parse_checked_args, run_tool
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"
 PARALLEL_SIN = 1e-6  # below this sin(Omega), SLERP's coefficients are 0/0: use their limit, lerp
 SAVE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-class InputError(ValueError):
-    """Bad flags or model folders: the message says what was expected, what was found and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,12 +123,7 @@ def parse_args(input_args=None):
         help="Precision of the saved UNet (default: fp32).",
     )
     parser.add_argument("--output_dir", type=str, required=True, help="Receives unet/ and soup_config.json.")
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def check_args(args):
@@ -349,8 +341,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, parse_args)

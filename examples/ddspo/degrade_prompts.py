@@ -24,22 +24,19 @@ per negative prompt, so `datasets.load_dataset(OUTPUT_DIR)` reads it) and `degra
 
 import argparse
 import json
-import os
-import re
-import sys
 from pathlib import Path
 
-from examples.eval.generate import HelpFormatter
-from examples.eval.prompts import PROMPT_SET_NAMES, PromptSetError, load_prompts
+from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
+from examples.lib.files import write_atomically
+from examples.lib.lm import PLACEHOLDER, check_llm_args, clean_rewrite, read_instruction_template, rewritten_batches
+from examples.lib.prompts import PROMPT_SET_NAMES, prompt_settings, read_prompts
 from train_ddspo import rand_removal  # the training script's not_paired mode draws the same way
 
 
 MODES = ("rand_removal", "llm")
 LLM_TARGETS = ("alignment", "aesthetics")  # the paper's TA and AQ rewrites (Table 3a)
 DEFAULT_INSTRUCTION_TEMPLATE = Path(__file__).resolve().parent / "llm_instruction.txt"
-PLACEHOLDER = "{prompt}"
 TRIES_PER_VARIANT = 10  # rand_removal draws at most K * 10 times per prompt to find K distinct variants
-QUOTES = "\"'`“”‘’«»"
 SKIP_REASONS = {
     "rand_removal": {
         "too_short": "prompts too short to degrade (fewer than 2 words)",
@@ -54,10 +51,6 @@ SKIP_REASONS = {
 EXAMPLES_SHOWN = 3
 
 
-class InputError(ValueError):
-    """Bad flags or data: the message says what was expected, what was found and what to do."""
-
-
 def removal_variants(prompt, rng, count, min_ratio, max_ratio):
     """Up to `count` distinct `rand_removal` variants of `prompt`, in the order drawn (fewer if it has fewer)."""
     variants = []
@@ -68,76 +61,6 @@ def removal_variants(prompt, rng, count, min_ratio, max_ratio):
         if variant not in variants:
             variants.append(variant)
     return variants
-
-
-def read_instruction_template(path, target):
-    """The instruction for `target` from a template file: its `[target]` section, or the whole file if it has none.
-
-    Lines starting with `#` are comments. Raises InputError when the section is missing or lacks `{prompt}`.
-    """
-    sections, current = {}, None
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            continue
-        header = re.fullmatch(r"\[(\w+)\]\s*", line)
-        if header:
-            current = header.group(1)
-            sections[current] = []
-        else:
-            sections.setdefault(current, []).append(line)
-    named = [name for name in sections if name is not None]
-    if named:
-        if target not in sections:
-            raise InputError(
-                f"--instruction_template {str(path)!r} has the sections {named} but no [{target}]; "
-                f"add a section [{target}] or choose --llm_target among them."
-            )
-        template = "\n".join(sections[target]).strip()
-    else:
-        template = "\n".join(sections.get(None, [])).strip()
-    if PLACEHOLDER not in template:
-        where = f"section [{target}]" if named else "file"
-        raise InputError(
-            f"The {where} of --instruction_template {str(path)!r} has no {PLACEHOLDER} placeholder; "
-            f"put {PLACEHOLDER} where the original prompt goes."
-        )
-    return template
-
-
-def fill_template(template, prompt):
-    """The instruction for one prompt; `str.replace`, not `str.format`, so that other braces stay as typed."""
-    return template.replace(PLACEHOLDER, prompt)
-
-
-def normalized(text):
-    return " ".join(text.split()).casefold()
-
-
-def clean_rewrite(generated, prompt):
-    """(negative prompt, None) from a model's answer, or (None, skip reason) when it is empty or equals the prompt.
-
-    The negative prompt is the first non-empty line, stripped of surrounding quotes; "equal" ignores case and spacing.
-    """
-    lines = [line.strip().strip(QUOTES).strip() for line in generated.splitlines()]
-    rewrite = next((line for line in lines if line), "")
-    if not rewrite:
-        return None, "empty"
-    if normalized(rewrite) == normalized(prompt):
-        return None, "same_as_prompt"
-    return rewrite, None
-
-
-def llm_input_texts(tokenizer, instructions):
-    """(texts, add_special_tokens): the instructions in the tokenizer's chat template if it has one, else as is."""
-    if getattr(tokenizer, "chat_template", None):
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
-            )
-            for instruction in instructions
-        ]
-        return texts, False  # the chat template writes its own special tokens
-    return list(instructions), True
 
 
 def parse_args(input_args=None):
@@ -242,12 +165,7 @@ def parse_args(input_args=None):
     output.add_argument(
         "--output_dir", type=str, required=True, help="Folder for train.parquet and degrade_config.json."
     )
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def check_args(args):
@@ -278,17 +196,7 @@ def check_args(args):
                 "--mode llm needs --llm_model_name_or_path, a transformers causal LM (folder or hub id), "
                 "e.g. meta-llama/Meta-Llama-3-8B-Instruct."
             )
-        model_path = Path(args.llm_model_name_or_path)
-        if model_path.exists() and not (model_path / "config.json").is_file():
-            raise InputError(
-                f"--llm_model_name_or_path {args.llm_model_name_or_path!r} has no config.json; "
-                "expected a folder saved with save_pretrained (model and tokenizer) or a hub id."
-            )
-        if not Path(args.instruction_template).is_file():
-            raise InputError(f"--instruction_template {args.instruction_template!r}: no such file.")
-        read_instruction_template(args.instruction_template, args.llm_target)
-        if args.temperature < 0:
-            raise InputError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}.")
+        check_llm_args(args, args.llm_target)
         if args.variants_per_prompt > 1 and args.temperature == 0:
             raise InputError(
                 f"--variants_per_prompt {args.variants_per_prompt} needs --temperature above 0: greedy decoding "
@@ -317,73 +225,11 @@ def degrade_by_removal(args, prompts):
     return variants, skipped
 
 
-def device_and_dtype(args):
-    """--device (default: cuda if available) and --dtype (auto: bfloat16 on a GPU, float32 on the CPU)."""
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
-    return device, dtype
-
-
-def load_llm(args):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device, dtype = device_and_dtype(args)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.llm_model_name_or_path, cache_dir=args.cache_dir)
-        model = AutoModelForCausalLM.from_pretrained(
-            args.llm_model_name_or_path, dtype=dtype, cache_dir=args.cache_dir
-        )
-    except (OSError, ValueError) as error:
-        raise InputError(
-            f"--llm_model_name_or_path {args.llm_model_name_or_path!r} could not be loaded as a causal LM with its "
-            f"tokenizer ({' '.join(str(error).split())[:300]}); expected a folder or hub id of such a model."
-        ) from error
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise InputError(
-                f"The tokenizer of {args.llm_model_name_or_path!r} has neither a pad nor an eos token; "
-                "batched generation needs one of them."
-            )
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # a decoder-only model continues from the last position of every row
-    return tokenizer, model.to(device).eval()
-
-
 def degrade_by_llm(args, prompts):
     """{prompt_index: [negative prompts]} and the skip counts, from K answers of the LLM per prompt."""
-    import torch
-    from tqdm.auto import tqdm
-
-    template = read_instruction_template(args.instruction_template, args.llm_target)
-    tokenizer, model = load_llm(args)
-    texts, add_special_tokens = llm_input_texts(tokenizer, [fill_template(template, prompt) for prompt in prompts])
-    print(f"first model input:\n{texts[0]}", flush=True)
-    decoding = {
-        "do_sample": args.temperature > 0,
-        "num_return_sequences": args.variants_per_prompt,
-        "max_new_tokens": args.max_new_tokens,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    if args.temperature > 0:  # plain temperature sampling, whatever top-p or top-k the model's generation_config sets
-        decoding.update(temperature=args.temperature, top_p=1.0, top_k=0)
-    if model.generation_config.eos_token_id is None:
-        decoding["eos_token_id"] = tokenizer.eos_token_id
-    torch.manual_seed(args.seed)
-
     variants, skipped, skip_examples = {}, {"empty": 0, "same_as_prompt": 0, "repeated": 0}, []
-    for start in tqdm(range(0, len(prompts), args.llm_batch_size), desc="rewriting", unit="batch"):
-        batch = texts[start : start + args.llm_batch_size]
-        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-        encoded.pop("token_type_ids", None)  # some tokenizers return them; most causal LMs do not take them
-        encoded = encoded.to(model.device)
-        with torch.no_grad():
-            generated = model.generate(**encoded, **decoding)
-        answers = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+    batches = rewritten_batches(args, args.llm_target, prompts, num_return_sequences=args.variants_per_prompt)
+    for start, answers, _ in batches:
         for offset, answer in enumerate(answers):
             prompt_index = start + offset // args.variants_per_prompt  # generate returns K answers per prompt in a row
             rewrite, reason = clean_rewrite(answer, prompts[prompt_index])
@@ -404,12 +250,7 @@ def degrade_by_llm(args, prompts):
 def degrade_settings(args, prompt_counts):
     """What made the rows, for degrade_config.json."""
     settings = {
-        "prompts": args.prompts,
-        "prompt_column": args.prompt_column,
-        "prompt_split": args.prompt_split,
-        "max_prompts": args.max_prompts,
-        "shuffle_prompts_seed": args.shuffle_prompts_seed,
-        "prompt_counts": prompt_counts,
+        **prompt_settings(args, prompt_counts),
         "mode": args.mode,
         "variants_per_prompt": args.variants_per_prompt,
         "seed": args.seed,
@@ -452,31 +293,9 @@ def write_rows(output_dir, prompts, variants):
         ]
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    temporary = output_dir / f".train.parquet.{os.getpid()}.tmp"
-    pq.write_table(pa.Table.from_pydict(rows, schema=schema), temporary)
-    os.replace(temporary, output_dir / "train.parquet")
+    table = pa.Table.from_pydict(rows, schema=schema)
+    write_atomically(output_dir / "train.parquet", lambda path: pq.write_table(table, path))
     return len(rows["caption"])
-
-
-def read_prompts(args):
-    """--prompts as a list of distinct prompts, and the counts of what was read and dropped (printed)."""
-    try:
-        prompts, counts = load_prompts(
-            args.prompts,
-            column=args.prompt_column,
-            split=args.prompt_split,
-            cache_dir=args.cache_dir,
-            shuffle_seed=args.shuffle_prompts_seed,
-            max_prompts=args.max_prompts,
-        )
-    except PromptSetError as error:
-        raise InputError(str(error)) from error
-    print(
-        f"prompts: {len(prompts)} from {args.prompts} (read {counts['read']}; dropped {counts['empty']} empty, "
-        f"{counts['duplicates']} duplicates, {counts['beyond_max_prompts']} beyond --max_prompts)",
-        flush=True,
-    )
-    return prompts, counts
 
 
 def main(args):
@@ -511,8 +330,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, parse_args)

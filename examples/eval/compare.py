@@ -20,17 +20,12 @@ CSV itself; its name is the folder's (or --names).
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-
-ID_COLUMNS = ["prompt_index", "k", "seed", "prompt", "image"]
-
-
-class InputError(ValueError):
-    """Bad flags or data: the message says what was expected, what was found and what to do."""
+from examples.lib.cli import InputError, parse_checked_args, run_tool
+from examples.lib.runs import ID_COLUMNS
 
 
 def parse_args(input_args=None):
@@ -67,12 +62,7 @@ def parse_args(input_args=None):
         "--output_prefix", type=str, default="comparison", help="Writes PREFIX.md, PREFIX.json and PREFIX.png."
     )
     parser.add_argument("--title", type=str, default=None, help="Title of the chart.")
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def check_args(args):
@@ -320,8 +310,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, parse_args)

@@ -20,7 +20,7 @@ compare.py reports them beside score.py's columns (Table 2's other metric, Aesth
   position). Table 2's 61.6-73.6 is most likely this probability (the paper does not define its
   score); 100 x cos of matching SigLIP pairs sits near 10-20.
 
-The target folder is a DreamBooth-style folder (what train_mapo_sdxl.py --instance_data_dir reads):
+The target folder is a DreamBooth-style folder (what train_mapo_personalization_sdxl.py --instance_data_dir reads):
 its png/jpg/jpeg/webp/bmp files are the targets; other files (captions, metadata.jsonl) are ignored,
 image files that do not decode are skipped with a warning that counts them, and a folder without a
 readable image stops the run.
@@ -35,15 +35,16 @@ other ones stops before loading anything.
 import argparse
 import hashlib
 import io
-import sys
+from functools import partial
 from pathlib import Path
 
-from examples.eval.generate import HelpFormatter
-from examples.eval.score import InputError, describe_source, open_runs
+from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
+from examples.lib.embeddings import embed, load_dinov2
+from examples.lib.runs import check_run_dirs, describe_source, fill_column, open_runs, summary_lines
 
 
 METRICS = ("dinov2", "siglip")
-# the image files train_mapo_sdxl.py reads from an --instance_data_dir
+# the image files train_mapo_personalization_sdxl.py reads from an --instance_data_dir
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -99,12 +100,7 @@ def parse_args(input_args=None):
     compute.add_argument(
         "--device", type=str, default=None, help="Device of the models (default: cuda if available, else cpu)."
     )
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def check_args(args):
@@ -120,11 +116,7 @@ def check_args(args):
             f"--target_dir {args.target_dir!r} is not a folder; expected a folder of the subject's target images."
         )
     args.prompt_replace = parse_prompt_replace(args.prompt_replace)
-    for run_dir in args.run_dirs:
-        if not (Path(run_dir) / "manifest.jsonl").is_file():
-            raise InputError(
-                f"No manifest.jsonl in {run_dir!r}; expected a folder written by examples/eval/generate.py."
-            )
+    check_run_dirs(args.run_dirs)
 
 
 def parse_prompt_replace(items):
@@ -223,13 +215,6 @@ def siglip_scores(model, tokenizer, image_processor, images, prompts, device):
     return 100 * torch.sigmoid(logits)
 
 
-def load_dinov2(path, device):
-    from transformers import AutoImageProcessor, Dinov2Model
-
-    processor = AutoImageProcessor.from_pretrained(path)
-    return Dinov2Model.from_pretrained(path).to(device).eval(), processor
-
-
 def first_line(error):
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
@@ -254,7 +239,20 @@ def load_siglip(path, device):
 
 
 class Scorer:
-    """One metric's model, loaded on first use: score_batch(PIL images, prompts) -> tensor (B,)."""
+    """One metric's model: score(image paths, prompts) and score_batch(PIL images, prompts) -> tensor (B,)."""
+
+    @classmethod
+    def loaded(cls, metric, args, target_images, source):
+        """A Scorer with its model loaded; InputError when the model cannot load."""
+        scorer = cls(metric, args, target_images)
+        try:
+            scorer.load()
+        except OSError as error:  # e.g. a tokenizer or processor file missing from a local copy
+            raise InputError(
+                f"Could not load {metric} from {describe_source(source)}: {first_line(error)} "
+                f"Expected a complete model; pass --{metric}_model_name_or_path with a local copy."
+            ) from error
+        return scorer
 
     def __init__(self, metric, args, target_images):
         from examples.rewards.base import resolve_device
@@ -270,9 +268,16 @@ class Scorer:
             self.model, self.tokenizer, self.processor = load_siglip(self.args.siglip_model_name_or_path, self.device)
 
     def embed(self, images):
-        from examples.mapo.measure_mismatch import embed
-
         return embed(self.model, self.processor, images, self.args.batch_size, self.device)
+
+    def score(self, paths, prompts):
+        from PIL import Image
+
+        images = []
+        for path in paths:
+            with Image.open(path) as opened:
+                images.append(opened.convert("RGB"))
+        return self.score_batch(images, prompts)
 
     def score_batch(self, images, prompts):
         if self.metric == "dinov2":
@@ -295,9 +300,6 @@ def metric_sources(args, target_digest):
 
 
 def main(args):
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     runs = open_runs(args)
     target_images, target_digest = [], None
     if "dinov2" in args.metrics:
@@ -324,42 +326,13 @@ def main(args):
 
     summary = {}
     for metric in args.metrics:
-        pending = {run.dir: run.pending(metric) for run in runs}
-        total_pending = sum(len(rows) for rows in pending.values())
-        already = sum(len(run.manifest) - len(run.missing_images) for run in runs) - total_pending
-        summary[metric] = {"computed": total_pending, "already_present": already}
-        if total_pending == 0:
-            print(f"{metric}: all {already} scores already present, model not loaded")
-            continue
-        scorer = Scorer(metric, args, target_images)
-        try:
-            scorer.load()
-        except OSError as error:  # e.g. a tokenizer or processor file missing from a local copy
-            raise InputError(
-                f"Could not load {metric} from {describe_source(sources[metric][:1])}: {first_line(error)} "
-                f"Expected a complete model; pass --{metric}_model_name_or_path with a local copy."
-            ) from error
-        progress = tqdm(total=total_pending, desc=f"scoring {metric}")
-        for run in runs:
-            rows = pending[run.dir]
-            for start in range(0, len(rows), args.batch_size):
-                batch = rows[start : start + args.batch_size]
-                images = []
-                for row in batch:
-                    with Image.open(run.dir / row["image"]) as opened:
-                        images.append(opened.convert("RGB"))
-                values = scorer.score_batch(images, [row["prompt"] for row in batch])
-                run.store(metric, batch, values.tolist())
-                progress.update(len(batch))
-        progress.close()
-        del scorer
+        model_source = sources[metric][:1]  # the weights, without the targets or --prompt_replace
+        load_scorer = partial(Scorer.loaded, metric, args, target_images, model_source)
+        summary[metric] = fill_column(runs, metric, load_scorer, args.batch_size)
 
     for run in runs:
         run.save()
-    skipped_images = sum(len(run.missing_images) for run in runs)
-    lines = [f"== personalization finished: {len(runs)} run(s), {skipped_images} missing images skipped"]
-    for metric, counts in summary.items():
-        lines.append(f"   {metric}: {counts['computed']} computed, {counts['already_present']} already present")
+    lines = summary_lines("personalization", runs, summary)
     for run in runs:
         means = []
         for metric in args.metrics:
@@ -371,8 +344,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, parse_args)

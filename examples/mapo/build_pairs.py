@@ -2,7 +2,7 @@
 r"""MaPO's task-specific pairs (Pick-Style, Pick-Safety, Pick-Culture): one pipeline draws the chosen image from a
 context prompt with one prefix and the rejected image from the same context prompt with another, same seed.
 
-    accelerate launch examples/mapo/build_pairs.py --preset cartoon \
+    accelerate launch -m examples.mapo.build_pairs --preset cartoon \
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-schnell --num_inference_steps 4 \
         --guidance_scale 0.0 --resolution 1024 --prompts context_prompts.txt --output_dir pick-cartoon
 
@@ -33,28 +33,28 @@ reads every shard.
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-from examples.ddspo.generate_pairs import (
-    draw,
+from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
+from examples.lib.files import resolved_path, write_atomically
+from examples.lib.pair_shards import (
+    SHARDS_CARD_HEADER,
+    draw_pairs,
+    finished_pairs,
     pair_settings,
-    png_bytes,
     report_pairs,
+    shard_table,
+    shards_of_usable_rows,
     write_pending_shards,
 )
-from examples.eval.generate import (
-    HelpFormatter,
-    InputError,
+from examples.lib.prompts import read_prompt_set
+from examples.lib.sampling import (
+    add_pipeline_arguments,
     add_sampling_arguments,
-    changed_settings,
+    check_pipeline_path,
     check_sampling_args,
-    image_seed,
-    resolved_path,
     weight_dtype_for,
-    write_atomically,
 )
-from examples.eval.prompts import PromptSetError, read_prompt_set
 
 
 PRESETS = {  # name: (chosen prefix, rejected prefix, prompt filter)
@@ -110,43 +110,26 @@ SKIP_REASONS = {
     "no_prompt": "with a missing or empty context prompt",
     "filtered_out": "dropped by the prompt filter",
 }
-EXAMPLES_SHOWN = 3
-CONFIG_NAME = "pairs_config.json"
-DATASET_CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: shards/shard-*.parquet
----
-# MaPO task pairs
+DATASET_CARD = (
+    SHARDS_CARD_HEADER
+    + """# MaPO task pairs
 
 Made by `examples/mapo/build_pairs.py` from `{prompts}`: for each context prompt `caption`, `jpg_0` was
 drawn from `chosen_prompt` (prefix {chosen_prefix}) and `jpg_1` from `rejected_prompt` (prefix {rejected_prefix})
 by the same pipeline from the same `seed`; `label_0` is 1.0 (Pick-a-Pic schema). {pairs} pairs in {shards} shards.
 Settings: `pairs_config.json`. Read with `datasets.load_dataset("{output_dir}", split="train")`.
 """
+)
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     model = parser.add_argument_group("pipeline")
-    model.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        default="stabilityai/stable-diffusion-xl-base-1.0",
-        help="The pipeline that draws both images (hub id or folder): any AutoPipelineForText2Image pipeline, e.g. "
+    add_pipeline_arguments(
+        model,
+        "The pipeline that draws both images (hub id or folder): any AutoPipelineForText2Image pipeline, e.g. "
         "black-forest-labs/FLUX.1-schnell (the paper's) or SDXL (the published pick-style sets').",
     )
-    model.add_argument(
-        "--pretrained_vae_model_name_or_path",
-        type=str,
-        default=None,
-        help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.",
-    )
-    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
-    model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
-    model.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
 
     task = parser.add_argument_group("task: the prefixes of the chosen and the rejected prompts")
     task.add_argument(
@@ -201,12 +184,7 @@ def parse_args(input_args=None):
         default=256,
         help="Input rows per shard: the unit written at once, resumed and split over the processes.",
     )
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def check_args(args):
@@ -233,12 +211,7 @@ def check_args(args):
         raise InputError(f"--shard_size must be positive, got {args.shard_size}.")
     if args.seed < 0:
         raise InputError(f"--seed must be non-negative (it seeds numpy's SeedSequence), got {args.seed}.")
-    model = Path(args.pretrained_model_name_or_path)
-    if model.is_dir() and not (model / "model_index.json").is_file():
-        raise InputError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is a folder without "
-            "model_index.json; expected a diffusers pipeline folder (save_pretrained) or a hub id."
-        )
+    check_pipeline_path(args.pretrained_model_name_or_path)
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         raise InputError(f"--output_dir {args.output_dir!r} is a file; expected a folder (new or of an earlier run).")
@@ -273,28 +246,19 @@ def skip_reason(context_prompt, prompt_filter):
 
 
 def plan_shards(context_prompts, prompt_filter, shard_size):
-    """({shard index: [usable row indices]} for the shards with at least one usable row, skip counts, examples).
-
-    Shard s covers input rows [s * shard_size, (s + 1) * shard_size), so a row's shard does not depend on which
-    other rows are skipped."""
-    shards, skipped, examples = {}, dict.fromkeys(SKIP_REASONS, 0), []
-    for row_index, context_prompt in enumerate(context_prompts):
-        reason = skip_reason(context_prompt, prompt_filter)
-        if reason is not None:
-            skipped[reason] += 1
-            if len(examples) < EXAMPLES_SHOWN:
-                examples.append(f"row {row_index} ({SKIP_REASONS[reason]}): {context_prompt!r}")
-            continue
-        shards.setdefault(row_index // shard_size, []).append(row_index)
-    return shards, skipped, examples
+    """({shard index: [usable row indices]} for the shards with at least one usable row, skip counts, examples)."""
+    rows = [(context_prompt,) for context_prompt in context_prompts]
+    return shards_of_usable_rows(
+        rows, lambda context_prompt: skip_reason(context_prompt, prompt_filter), SKIP_REASONS, shard_size
+    )
 
 
 def read_context_prompts(args):
     """Every row of --prompts, in order (empty ones included: they are skipped and counted later)."""
     try:
         prompts = read_prompt_set(args.prompts, column=args.prompt_column, split=args.prompt_split)
-    except PromptSetError as error:
-        raise InputError(str(error)) from error
+    except InputError:
+        raise
     except Exception as error:  # datasets raises many kinds (missing files, unknown splits, hub offline)
         raise InputError(
             f"--prompts {args.prompts!r} could not be read ({type(error).__name__}: "
@@ -314,74 +278,22 @@ def task_settings(args, weight_dtype):
     }
 
 
-def check_output_folder(output_dir, settings, shards, context_prompts):
-    """A resumed folder must hold pairs of the same settings, and each finished shard the rows the input has now.
-
-    Returns the number of pairs in the finished shards; raises InputError otherwise."""
-    import pyarrow.parquet as pq
-
-    details = changed_settings(output_dir / CONFIG_NAME, settings)
-    if details:
-        raise InputError(
-            f"{output_dir} holds pairs made with other settings ({details}). "
-            "Use another --output_dir, or delete the folder."
-        )
-    finished = 0
-    for path in sorted((output_dir / "shards").glob("shard-*.parquet")):
-        shard_index = int(path.stem.removeprefix("shard-"))
-        try:
-            table = pq.read_table(path, columns=["row_index", "caption"])
-        except Exception as error:
-            raise InputError(f"{path} cannot be read ({error}); delete it and rerun to make it again.") from error
-        on_disk = list(zip(table["row_index"].to_pylist(), table["caption"].to_pylist()))
-        expected = [(row, context_prompts[row]) for row in shards.get(shard_index, [])]
-        if on_disk != expected:
-            raise InputError(
-                f"{path} does not hold the rows the prompts have now ({first_difference(on_disk, expected)}), so its "
-                "images would not match "
-                "their captions. Use the prompts it was made from, another --output_dir, "
-                f"or delete {path.name} to make it again."
-            )
-        finished += len(on_disk)
-    return finished
-
-
-def first_difference(on_disk, expected):
-    """The first row where a shard and the input disagree, in words."""
-    for (row, caption), (expected_row, expected_caption) in zip(on_disk, expected):
-        if row != expected_row:
-            return f"it has row {row} where the input's next usable row is {expected_row}"
-        if caption != expected_caption:
-            return f"row {row}: caption {caption!r} on disk, {expected_caption!r} now"
-    return f"it has {len(on_disk)} pairs where the input now has {len(expected)} usable rows"
-
-
 def make_shard(pipeline, rows, context_prompts, args, progress):
-    """The pairs of `rows` as a pyarrow table, batch by batch (batches never cross shards, so the images do not
-    depend on the number of processes); and the number of images the safety checker blacked out."""
-    import pyarrow as pa
-
-    columns, flagged = {name: [] for name in SHARD_COLUMNS}, 0
-    for start in range(0, len(rows), args.batch_size):
-        batch = rows[start : start + args.batch_size]
-        seeds = [image_seed(args.seed, row) for row in batch]
-        chosen_prompts = [with_prefix(args.chosen_prefix, context_prompts[row]) for row in batch]
-        rejected_prompts = [with_prefix(args.rejected_prefix, context_prompts[row]) for row in batch]
-        images_w, flagged_w = draw(pipeline, chosen_prompts, seeds, args)
-        images_l, flagged_l = draw(pipeline, rejected_prompts, seeds, args)  # same seeds
-        flagged += flagged_w + flagged_l
-        for index, row in enumerate(batch):
-            columns["caption"].append(context_prompts[row])
-            columns["jpg_0"].append(png_bytes(images_w[index]))
-            columns["jpg_1"].append(png_bytes(images_l[index]))
-            columns["label_0"].append(1.0)
-            columns["chosen_prompt"].append(chosen_prompts[index])
-            columns["rejected_prompt"].append(rejected_prompts[index])
-            columns["seed"].append(seeds[index])
-            columns["row_index"].append(row)
-        progress.update(len(batch))
-    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in SHARD_COLUMNS.items()])
-    return pa.Table.from_pydict(columns, schema=schema), flagged
+    """The pairs of `rows` as a pyarrow table, and the number of images the safety checker blacked out."""
+    chosen_prompts = [with_prefix(args.chosen_prefix, context_prompts[row]) for row in rows]
+    rejected_prompts = [with_prefix(args.rejected_prefix, context_prompts[row]) for row in rows]
+    seeds, pngs_w, pngs_l, flagged = draw_pairs(pipeline, rows, chosen_prompts, rejected_prompts, args, progress)
+    columns = {
+        "caption": [context_prompts[row] for row in rows],
+        "jpg_0": pngs_w,
+        "jpg_1": pngs_l,
+        "label_0": [1.0] * len(rows),
+        "chosen_prompt": chosen_prompts,
+        "rejected_prompt": rejected_prompts,
+        "seed": seeds,
+        "row_index": rows,
+    }
+    return shard_table(columns, SHARD_COLUMNS), flagged
 
 
 def main(args):
@@ -411,7 +323,9 @@ def main(args):
 
     output_dir = Path(args.output_dir)
     settings = task_settings(args, weight_dtype)
-    on_disk = check_output_folder(output_dir, settings, shards, context_prompts)  # every process stops
+    on_disk = finished_pairs(  # on every process, so that all of them stop together
+        output_dir, settings, shards, ["caption"], lambda row: (context_prompts[row],), "the input"
+    )
     config = {**settings, "prompts": resolved_path(args.prompts), "prompt_column": args.prompt_column}
     config.update(prompt_split=args.prompt_split, preset=args.preset)
     generated, flagged, written, pairs = write_pending_shards(
@@ -439,8 +353,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, parse_args)

@@ -9,7 +9,7 @@ writes `OUTPUT_DIR/context_prompts.parquet` (columns prompt (the original), cont
 `context_config.json`; `build_pairs.py --prompts OUTPUT_DIR/context_prompts.parquet --prompt_column context` makes
 the pairs from it.
 
-- Prompts: any set examples/eval/prompts.py reads (a named set, a .txt/.csv/.tsv/.json/.jsonl/.parquet file, a
+- Prompts: any set examples/lib/prompts.py reads (a named set, a .txt/.csv/.tsv/.json/.jsonl/.parquet file, a
   dataset folder or hub id); empty and repeated prompts are dropped and counted when read, then
   --shuffle_prompts_seed and --max_prompts draw a sample (the paper used 20,000 Pick-a-Pic v2 prompts).
 - Instruction: the paper's "Context Prompt Extraction Prompt" verbatim (context_instruction.txt, with `{prompt}`
@@ -27,20 +27,12 @@ the pairs from it.
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
-from examples.ddspo.degrade_prompts import (
-    InputError,
-    clean_rewrite,
-    fill_template,
-    llm_input_texts,
-    load_llm,
-    read_instruction_template,
-    read_prompts,
-)
-from examples.eval.generate import HelpFormatter, write_atomically
-from examples.eval.prompts import PROMPT_SET_NAMES
+from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
+from examples.lib.files import write_atomically
+from examples.lib.lm import check_llm_args, clean_rewrite, read_instruction_template, rewritten_batches
+from examples.lib.prompts import PROMPT_SET_NAMES, prompt_settings, read_prompts
 
 
 DEFAULT_INSTRUCTION_TEMPLATE = Path(__file__).resolve().parent / "context_instruction.txt"
@@ -148,12 +140,7 @@ def parse_args(input_args=None):
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", type=str, required=True, help=f"Folder for {OUTPUT_NAME} and {CONFIG_NAME}.")
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def check_args(args):
@@ -163,19 +150,9 @@ def check_args(args):
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.max_prompts is not None and args.max_prompts < 1:
         raise InputError(f"--max_prompts must be at least 1, got {args.max_prompts}.")
-    if args.temperature < 0:
-        raise InputError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}.")
     if args.seed < 0:
         raise InputError(f"--seed must be non-negative, got {args.seed}.")
-    model_path = Path(args.llm_model_name_or_path)
-    if model_path.exists() and not (model_path / "config.json").is_file():
-        raise InputError(
-            f"--llm_model_name_or_path {args.llm_model_name_or_path!r} has no config.json; "
-            "expected a folder saved with save_pretrained (model and tokenizer) or a hub id."
-        )
-    if not Path(args.instruction_template).is_file():
-        raise InputError(f"--instruction_template {args.instruction_template!r}: no such file.")
-    read_instruction_template(args.instruction_template, TEMPLATE_SECTION)
+    check_llm_args(args, TEMPLATE_SECTION)
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         raise InputError(f"--output_dir {args.output_dir!r} is a file; expected a folder.")
@@ -183,43 +160,10 @@ def check_args(args):
         raise InputError(f"{output / OUTPUT_NAME} already exists; choose another --output_dir or delete it.")
 
 
-def end_token_ids(tokenizer, model):
-    """Every id that ends an answer: the generation config's end-of-sequence ids and the tokenizer's."""
-    configured = model.generation_config.eos_token_id
-    ids = set(configured if isinstance(configured, list) else [configured])
-    ids.add(tokenizer.eos_token_id)
-    return ids - {None}
-
-
 def rewrite_prompts(args, prompts):
     """{prompt_index: context prompt}, skip counts by reason, and the number of answers equal to their prompt."""
-    import torch
-    from tqdm.auto import tqdm
-
-    template = read_instruction_template(args.instruction_template, TEMPLATE_SECTION)
-    tokenizer, model = load_llm(args)
-    texts, add_special_tokens = llm_input_texts(tokenizer, [fill_template(template, prompt) for prompt in prompts])
-    print(f"first model input:\n{texts[0]}", flush=True)
-    decoding = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens}
-    decoding["pad_token_id"] = tokenizer.pad_token_id
-    if args.temperature > 0:  # plain temperature sampling, whatever top-p or top-k the model's generation_config sets
-        decoding.update(temperature=args.temperature, top_p=1.0, top_k=0)
-    if model.generation_config.eos_token_id is None:
-        decoding["eos_token_id"] = tokenizer.eos_token_id
-    end_ids = torch.tensor(sorted(end_token_ids(tokenizer, model)))
-    torch.manual_seed(args.seed)
-
     contexts, skipped, unchanged, skip_examples = {}, dict.fromkeys(SKIP_REASONS, 0), 0, []
-    for start in tqdm(range(0, len(prompts), args.llm_batch_size), desc="rewriting", unit="batch"):
-        batch = texts[start : start + args.llm_batch_size]
-        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-        encoded.pop("token_type_ids", None)  # some tokenizers return them; most causal LMs do not take them
-        encoded = encoded.to(model.device)
-        with torch.no_grad():
-            generated = model.generate(**encoded, **decoding)
-        answer_ids = generated[:, encoded["input_ids"].shape[1] :].cpu()
-        finished = torch.isin(answer_ids, end_ids).any(dim=1).tolist()
-        answers = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+    for start, answers, finished in rewritten_batches(args, TEMPLATE_SECTION, prompts):
         for offset, answer in enumerate(answers):
             prompt_index = start + offset
             context, reason = extract_context_prompt(answer, prompts[prompt_index], finished[offset])
@@ -265,12 +209,7 @@ def main(args):
     output_path = Path(args.output_dir) / OUTPUT_NAME
     written = write_contexts(output_path, prompts, contexts)
     settings = {
-        "prompts": args.prompts,
-        "prompt_column": args.prompt_column,
-        "prompt_split": args.prompt_split,
-        "max_prompts": args.max_prompts,
-        "shuffle_prompts_seed": args.shuffle_prompts_seed,
-        "prompt_counts": counts,
+        **prompt_settings(args, counts),
         "llm_model_name_or_path": args.llm_model_name_or_path,
         "instruction_template": args.instruction_template,
         "instruction": read_instruction_template(args.instruction_template, TEMPLATE_SECTION),
@@ -292,8 +231,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, parse_args)

@@ -31,16 +31,13 @@ import csv
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
-from examples.ddspo.degrade_prompts import (
-    InputError,
-    device_and_dtype,
-    fill_template,
-    read_instruction_template,
-)
-from examples.eval.generate import HelpFormatter, changed_settings, resolved_path, write_atomically
+from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
+from examples.lib.files import check_settings_unchanged, resolved_path, write_atomically
+from examples.lib.lm import device_and_dtype, fill_template, read_instruction_template
+from examples.lib.pair_shards import CONFIG_NAME as PAIRS_CONFIG_NAME
+from examples.lib.pair_shards import SHARDS_CARD_HEADER
 
 
 DEFAULT_INSTRUCTION_TEMPLATE = Path(__file__).resolve().parent / "judge_templates.txt"
@@ -57,24 +54,19 @@ QWEN2_VL_CONVERSATION = (
 REQUIRED_COLUMNS = ("caption", "jpg_0", "row_index")
 SKIP_REASONS = {"undecodable": "chosen images that could not be decoded"}
 CONFIG_NAME = "judge_config.json"
-PAIRS_CONFIG_NAME = "pairs_config.json"  # build_pairs.py's settings
 SCORES_NAME = "scores.csv"
 SCORE_FIELDS = ("row_index", "caption", "judge_score", "judge_rating")
 EXAMPLES_SHOWN = 3
-DATASET_CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: shards/shard-*.parquet
----
-# MaPO task pairs, judged
+DATASET_CARD = (
+    SHARDS_CARD_HEADER
+    + """# MaPO task pairs, judged
 
 The pairs of `{pairs_dir}` whose chosen image (`jpg_0`) `{model}` rated above {threshold} for the aspect `{aspect}`
 on a 10-point scale (`judge_score`, the expected rating), made by `examples/mapo/judge_pairs.py`: {kept} of
 {scored} pairs. Every pair's score: `scores.csv`; settings: `judge_config.json`. Read with
 `datasets.load_dataset("{output_dir}", split="train")`.
 """
+)
 
 
 def rating_probabilities(first_logits, after_one_logits, rating_tokens):
@@ -229,12 +221,7 @@ def parse_args(input_args=None):
         required=True,
         help=f"Folder for the kept pairs (shards/, README.md), {SCORES_NAME}, {CONFIG_NAME} and score_cache/.",
     )
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def template_sections(path):
@@ -494,12 +481,7 @@ def main(args):
     pairs_dir, output_dir = Path(args.pairs_dir), Path(args.output_dir)
     shards = input_shards(pairs_dir)
     settings = judge_settings(args)
-    details = changed_settings(output_dir / CONFIG_NAME, settings)
-    if details:
-        raise InputError(
-            f"{output_dir} holds scores made with other judge settings ({details}). "
-            "Use another --output_dir, or delete the folder."
-        )
+    check_settings_unchanged(output_dir / CONFIG_NAME, settings, "scores made with other judge settings")
     cache_dir = output_dir / "score_cache"
     pending = [path for path in shards if not (cache_dir / f"{path.stem}.csv").is_file()]
     total = sum(pq.ParquetFile(path).metadata.num_rows for path in shards)
@@ -567,8 +549,4 @@ def read_pairs_config(pairs_dir):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, parse_args)

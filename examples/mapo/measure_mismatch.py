@@ -3,7 +3,7 @@ r"""Reference mismatch of a preference dataset against a model (MaPO §3.1, Fig.
 each sampled row's caption, DINOv2 embeds it and the row's image, and the mean cosine similarity is reported (higher:
 less mismatch), with the β of MaPO's Table 3 for the tasks of similar mismatch.
 
-    accelerate launch examples/mapo/measure_mismatch.py \
+    accelerate launch -m examples.mapo.measure_mismatch \
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
         --dataset mapo-t2i/pick-style-cartoon --max_samples 256 --output_dir mismatch-cartoon
 
@@ -30,22 +30,28 @@ this tool, or read off Fig. 2), and the tool places the dataset between its two 
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from examples.eval.generate import (
-    HelpFormatter,
-    InputError,
-    add_sampling_arguments,
-    changed_settings,
-    check_sampling_args,
-    generator_for,
-    image_seed,
-    load_pipeline,
+from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
+from examples.lib.embeddings import embed, load_dinov2
+from examples.lib.files import (
+    check_data_file,
+    check_settings_unchanged,
+    load_table,
     resolved_path,
+    write_atomically,
+)
+from examples.lib.sampling import (
+    add_pipeline_arguments,
+    add_sampling_arguments,
+    check_pipeline_path,
+    check_sampling_args,
+    draw,
+    image_seed,
+    load_pipeline_for,
+    sampler_settings,
     share_of_this_process,
     weight_dtype_for,
-    write_atomically,
 )
 
 
@@ -58,7 +64,6 @@ TABLE_3_BETAS = {
     "style_learning": 64,
     "personalization": 1024,
 }
-FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 SKIP_REASONS = {
     "no_caption": "with a missing or empty caption",
     "no_preference": "with a tie or no label (no chosen image)",
@@ -70,21 +75,7 @@ CONFIG_NAME = "generation_config.json"
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model (the reference model to measure against)")
-    model.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        default="stabilityai/stable-diffusion-xl-base-1.0",
-        help="The pipeline (hub id or folder) that DPO or MaPO would start from.",
-    )
-    model.add_argument(
-        "--pretrained_vae_model_name_or_path",
-        type=str,
-        default=None,
-        help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.",
-    )
-    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
-    model.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
-    model.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    add_pipeline_arguments(model, "The pipeline (hub id or folder) that DPO or MaPO would start from.")
 
     data = parser.add_argument_group("dataset")
     data.add_argument(
@@ -135,12 +126,7 @@ def parse_args(input_args=None):
     output.add_argument(
         "--output_dir", type=str, required=True, help="Folder for generated/, the configs and mismatch.json."
     )
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def check_args(args):
@@ -152,24 +138,14 @@ def check_args(args):
     if args.seed < 0:
         raise InputError(f"--seed must be non-negative (it seeds numpy's SeedSequence), got {args.seed}.")
     args.task_similarities = parse_task_similarities(args.task_similarities)
-    model = Path(args.pretrained_model_name_or_path)
-    if model.is_dir() and not (model / "model_index.json").is_file():
-        raise InputError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is a folder without "
-            "model_index.json; expected a diffusers pipeline folder (save_pretrained) or a hub id."
-        )
+    check_pipeline_path(args.pretrained_model_name_or_path)
     dinov2 = Path(args.dinov2_model_name_or_path)
     if dinov2.is_dir() and not (dinov2 / "config.json").is_file():
         raise InputError(
             f"--dinov2_model_name_or_path {args.dinov2_model_name_or_path!r} is a folder without config.json; "
             "expected a Dinov2Model folder (save_pretrained, with its preprocessor_config.json) or a hub id."
         )
-    dataset = Path(args.dataset)
-    if dataset.is_file() and dataset.suffix not in FILE_BUILDERS:
-        raise InputError(
-            f"--dataset {args.dataset!r} is a {dataset.suffix or 'suffix-less'} file; expected a dataset folder, "
-            f"a hub id, or a file ending in one of {sorted(FILE_BUILDERS)}."
-        )
+    check_data_file("--dataset", args.dataset)
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         raise InputError(f"--output_dir {args.output_dir!r} is a file; expected a folder (new or of an earlier run).")
@@ -229,34 +205,15 @@ def suggest_beta(similarity, task_similarities):
     )
 
 
-def load_table(args):
-    import datasets
-
-    path = Path(args.dataset)
-    try:
-        if path.is_file():
-            return datasets.load_dataset(
-                FILE_BUILDERS[path.suffix], data_files=str(path), split="train", cache_dir=args.cache_dir
-            )
-        if path.is_dir():
-            # name the data files, so that the cache is keyed on their modification times (see train_mapo_sdxl.py)
-            builder = datasets.load_dataset_builder(str(path), cache_dir=args.cache_dir)
-            files = {name: list(paths) for name, paths in (builder.config.data_files or {}).items()}
-            return datasets.load_dataset(
-                str(path), data_files=files or None, split=args.dataset_split_name, cache_dir=args.cache_dir
-            )
-        return datasets.load_dataset(args.dataset, split=args.dataset_split_name, cache_dir=args.cache_dir)
-    except Exception as error:  # datasets raises many kinds (missing files, unknown splits, hub offline)
-        raise InputError(
-            f"--dataset {args.dataset!r} (split {args.dataset_split_name!r}) could not be read "
-            f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); expected a dataset folder or hub id, "
-            "or a .parquet/.csv/.json/.jsonl file."
-        ) from error
-
-
 def read_rows(args):
     """([(row index, caption, image value, seed)] for the first --max_samples usable rows, skip counts)."""
-    table = load_table(args)
+    table = load_table(
+        args.dataset,
+        args.dataset_split_name,
+        args.cache_dir,
+        "--dataset",
+        "a dataset folder or hub id, or a .parquet/.csv/.json/.jsonl file",
+    )
     image_columns = [args.image_column] if args.image_column else ["jpg_0", "jpg_1", args.label_column]
     needed = [args.caption_column, *image_columns, *([args.seed_column] if args.seed_column else [])]
     missing = [name for name in needed if name not in table.column_names]
@@ -313,29 +270,9 @@ def generated_path(output_dir, row_index):
     return Path(output_dir) / "generated" / f"{row_index:06d}.png"
 
 
-def sampling_settings(args, weight_dtype):
-    """Everything that changes the pixels of a draw with a given caption and seed."""
-    return {
-        "pretrained_model_name_or_path": resolved_path(args.pretrained_model_name_or_path),
-        "pretrained_vae_model_name_or_path": resolved_path(args.pretrained_vae_model_name_or_path),
-        "revision": args.revision,
-        "variant": args.variant,
-        "scheduler": args.scheduler,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-        "resolution": args.resolution,
-        "dtype": str(weight_dtype).removeprefix("torch."),
-    }
-
-
 def check_output_folder(output_dir, settings, rows):
     """A resumed folder must hold draws of the same settings, and the same caption and seed for every row drawn."""
-    details = changed_settings(output_dir / CONFIG_NAME, settings)
-    if details:
-        raise InputError(
-            f"{output_dir} holds images drawn with other settings ({details}). "
-            "Use another --output_dir, or delete the folder."
-        )
+    check_settings_unchanged(output_dir / CONFIG_NAME, settings, "images drawn with other settings")
     rows_file = output_dir / "rows.json"
     previous = {}
     if rows_file.is_file():
@@ -347,19 +284,6 @@ def check_output_folder(output_dir, settings, rows):
                 f"row {row_index} now has {[caption, seed]}. Use another --output_dir, or delete the folder."
             )
     return previous
-
-
-def embed(model, processor, images, batch_size, device):
-    """L2-normalised DINOv2 embeddings (pooled output: the layer-normed CLS token) of PIL images, (N, D)."""
-    import torch
-
-    embeddings = []
-    for start in range(0, len(images), batch_size):
-        inputs = processor(images=images[start : start + batch_size], return_tensors="pt").to(device)
-        with torch.no_grad():
-            pooled = model(**inputs).pooler_output  # (B, D)
-        embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
-    return torch.cat(embeddings)
 
 
 def main(args):
@@ -382,7 +306,7 @@ def main(args):
         )
 
     output_dir = Path(args.output_dir)
-    settings = sampling_settings(args, weight_dtype)
+    settings = sampler_settings(args, weight_dtype)  # the seed is each row's
     previous = check_output_folder(output_dir, settings, rows)  # every process stops
     pending = [row for row in rows if not generated_path(output_dir, row[0]).is_file()]
     accelerator.wait_for_everyone()  # every process has listed the missing images before any is written
@@ -395,27 +319,11 @@ def main(args):
 
     my_rows = share_of_this_process(accelerator, pending)
     if my_rows:
-        pipeline = load_pipeline(
-            args.pretrained_model_name_or_path,
-            weight_dtype,
-            accelerator.device,
-            scheduler=args.scheduler,
-            vae_path=args.pretrained_vae_model_name_or_path,
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-        )
+        pipeline = load_pipeline_for(args, weight_dtype, accelerator.device)
         progress = tqdm(total=len(my_rows), desc="drawing", disable=not accelerator.is_local_main_process)
         for start in range(0, len(my_rows), args.batch_size):
             batch = my_rows[start : start + args.batch_size]
-            images = pipeline(
-                prompt=[caption for _, caption, _, _ in batch],
-                num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale,
-                height=args.resolution,
-                width=args.resolution,
-                generator=[generator_for(seed) for _, _, _, seed in batch],
-            ).images
+            images, _ = draw(pipeline, [caption for _, caption, _, _ in batch], [seed for *_, seed in batch], args)
             for (row_index, _, _, _), image in zip(batch, images):
                 write_atomically(generated_path(output_dir, row_index), lambda path: image.save(path, format="PNG"))
             progress.update(len(batch))
@@ -424,12 +332,8 @@ def main(args):
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        from transformers import AutoImageProcessor, Dinov2Model
-
         device = accelerator.device
-        processor = AutoImageProcessor.from_pretrained(args.dinov2_model_name_or_path, cache_dir=args.cache_dir)
-        model = Dinov2Model.from_pretrained(args.dinov2_model_name_or_path, cache_dir=args.cache_dir).to(device)
-        model.eval()
+        model, processor = load_dinov2(args.dinov2_model_name_or_path, device, cache_dir=args.cache_dir)
         data_images = [decode_image(image) for _, _, image, _ in rows]
         model_images = [decode_image(str(generated_path(output_dir, row_index))) for row_index, _, _, _ in rows]
         data_embeddings = embed(model, processor, data_images, args.embed_batch_size, device)  # (N, D)
@@ -461,8 +365,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_tool(main, parse_args)

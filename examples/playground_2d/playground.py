@@ -20,17 +20,11 @@ import json
 import time
 from pathlib import Path
 
+from examples.lib.cli import HelpFormatter, InputError, parse_checked_args
+
 
 EXPERIMENTS = ("modes", "mismatch", "capo")
 MIN_SEEDS = 5
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in --help, and the description's example kept as written."""
-
-
-class InputError(ValueError):
-    """A setting that cannot run: the message says what was expected, what was found and what to do."""
 
 
 def parse_args(input_args=None):
@@ -80,12 +74,7 @@ def parse_args(input_args=None):
     evaluation.add_argument("--samples_per_class", type=int, default=200, help="Generated points per class and seed.")
     evaluation.add_argument("--sampling_steps", type=int, default=50, help="DDPM sampling steps.")
     evaluation.add_argument("--output_dir", type=str, default="toy2d-output", help="Receives the table and figures.")
-    args = parser.parse_args(input_args)
-    try:
-        check_args(args)
-    except InputError as error:
-        parser.error(str(error))
-    return args
+    return parse_checked_args(parser, check_args, input_args)
 
 
 def check_args(args):

@@ -2,7 +2,7 @@
 
 Every objective is the training scripts' own function, called through its module (`train_ddspo.ddspo_loss`, ...)
 so that a change to a script's loss changes the playground; noise, targets and weights come from `utils/`, the
-schedule from diffusers, CaPO's calibration and pair selection from examples/capo/select_pairs.py.
+schedule from diffusers, CaPO's calibration and pair selection from examples/lib/calibration.py.
 
 Seeds and β values train side by side: the denoiser is a stack of M independent MLPs ("members", one per
 (setting, seed)), evaluated in one batched call. The objectives are means over pairs, so M times the objective of
@@ -22,7 +22,7 @@ import train_capo
 import train_ddspo
 import train_diffusion_dpo_sdxl
 import train_mapo_sdxl
-from examples.capo import select_pairs
+from examples.lib import calibration
 from examples.playground_2d import metrics
 from utils import log_snr, noisy_latents_and_target, per_sample_mse, sigmoid_loss_weight
 
@@ -421,7 +421,7 @@ def mismatch_experiment(world, reference, seeds, args):
 
 def capo_experiment(world, reference, seeds, args):
     """CaPO: N images per group from the reference, a reward on the plane, Eq. 7 calibration and best-vs-worst
-    selection with examples/capo/select_pairs.py, then CaPO and CaPO's DPO baseline on the same pairs."""
+    selection with examples/lib/calibration.py, then CaPO and CaPO's DPO baseline on the same pairs."""
     groups, images = args.capo_groups_per_class, args.capo_images_per_group
     labels = torch.arange(world.num_classes).repeat_interleave(groups * images)
     drawn = sample(
@@ -434,8 +434,8 @@ def capo_experiment(world, reference, seeds, args):
         row = {key: [] for key in pairs}
         for group, label in enumerate(group_labels):
             scores = reward(drawn[seed_index, group], world.centres[label])
-            calibrated = select_pairs.calibrate(scores, "bradley_terry", temperature=CAPO_TEMPERATURE)
-            chosen, skip = select_pairs.select_pairs(calibrated, "best_worst")
+            calibrated = calibration.calibrate(scores, "bradley_terry", temperature=CAPO_TEMPERATURE)
+            chosen, skip = calibration.select_pairs(calibrated, "best_worst")
             if skip is not None:
                 raise RuntimeError(f"CaPO group {group} of seed {seeds[seed_index]} gave no pair ({skip}).")
             positive, negative = chosen[0]

@@ -23,9 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class InputError(ValueError):
-    """Bad flags or data: the message says what was expected, what was found and what to do."""
+from examples.lib.cli import InputError
 
 
 def parse_args(input_args=None):

@@ -1,4 +1,7 @@
-"""Prompt sets for evaluation: named benchmark sets, text/CSV/JSON/parquet files, and dataset columns.
+"""Prompt sets: named benchmark sets, text/CSV/JSON/parquet files, and dataset columns.
+
+Used by the tools that read prompts: eval/generate.py, ddspo/degrade_prompts.py, mapo/context_prompts.py and
+mapo/build_pairs.py.
 
 Named sets (downloaded on first use, then read from the hub cache):
 
@@ -18,7 +21,10 @@ dataset folder) or a hub dataset id; name the column with `column` and the split
 import csv
 import json
 import random
+from functools import partial
 from pathlib import Path
+
+from examples.lib.cli import InputError
 
 
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -30,7 +36,7 @@ PROMPT_SET_NAMES = sorted([*NAMED_DATASET_SETS, "hpdv2", *(f"hpdv2_{style}" for 
 DEFAULT_COLUMNS = ("prompt", "caption", "Prompt", "text")
 
 
-class PromptSetError(ValueError):
+class PromptSetError(InputError):
     """A prompt set that cannot be read: the message says what was expected, what was found and what to do."""
 
 
@@ -179,3 +185,34 @@ def load_prompts(
 ):
     """`read_prompt_set` then `select_prompts`: (prompts, counts)."""
     return select_prompts(read_prompt_set(spec, column, split, cache_dir), keep_duplicates, shuffle_seed, max_prompts)
+
+
+def read_prompts(args, keep_duplicates=False, log=partial(print, flush=True)):
+    """--prompts read with the prompt flags the tools name alike (--prompt_column, --prompt_split, --cache_dir,
+    --shuffle_prompts_seed, --max_prompts): (prompts, counts), the counts logged in one line."""
+    prompts, counts = load_prompts(
+        args.prompts,
+        column=args.prompt_column,
+        split=args.prompt_split,
+        cache_dir=args.cache_dir,
+        keep_duplicates=keep_duplicates,
+        shuffle_seed=args.shuffle_prompts_seed,
+        max_prompts=args.max_prompts,
+    )
+    log(
+        f"prompts: {len(prompts)} from {args.prompts} (read {counts['read']}; dropped {counts['empty']} empty, "
+        f"{counts['duplicates']} duplicates, {counts['beyond_max_prompts']} beyond --max_prompts)"
+    )
+    return prompts, counts
+
+
+def prompt_settings(args, counts):
+    """What `read_prompts` read, for a tool's config file: the prompt flags and the counts."""
+    return {
+        "prompts": args.prompts,
+        "prompt_column": args.prompt_column,
+        "prompt_split": args.prompt_split,
+        "max_prompts": args.max_prompts,
+        "shuffle_prompts_seed": args.shuffle_prompts_seed,
+        "prompt_counts": counts,
+    }

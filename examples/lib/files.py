@@ -1,0 +1,87 @@
+"""Files of resumable runs: atomic writes, the settings guard of an output folder, data files read as tables.
+
+Used by the tools that write run folders or pair datasets (eval/generate.py, eval/score.py, ddspo/*.py, mapo/*.py,
+capo/select_pairs.py) and by those that read a dataset given as a folder, a hub id or one data file
+(ddspo/generate_pairs.py, mapo/measure_mismatch.py).
+"""
+
+import json
+import os
+from pathlib import Path
+
+from examples.lib.cli import InputError
+
+
+# datasets' builder for each data file a tool reads as a table
+FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+
+
+def temporary_path(path):
+    """Where `path` is written before it is renamed into place: hidden (a leading dot) in the same folder."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_atomically(path, write):
+    """`write(temporary_path)`, then rename it to `path`: a crash leaves the old file or none, never half a file."""
+    temporary = temporary_path(path)
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def resolved_path(path):
+    """A local path made absolute (the same folder named two ways is one setting); a hub id or None unchanged."""
+    return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+
+def changed_settings(config_file, settings):
+    """'key: old on disk, new now; ...' for every setting that differs from those saved in `config_file` (a JSON
+    file of a previous run), or '' when none does or there is no such file."""
+    if not config_file.is_file():
+        return ""
+    previous = json.loads(config_file.read_text())
+    changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
+    return "; ".join(f"{key}: {old!r} on disk, {new!r} now" for key, (old, new) in changed.items())
+
+
+def check_settings_unchanged(
+    config_file, settings, contents, remedy="Use another --output_dir, or delete the folder."
+):
+    """A resumed folder must have been made with `settings`: InputError '<folder> holds <contents> (<what changed>).
+    <remedy>' when the earlier run's `config_file` differs, e.g. contents 'pairs made with other settings'."""
+    details = changed_settings(config_file, settings)
+    if details:
+        raise InputError(f"{config_file.parent} holds {contents} ({details}). {remedy}")
+
+
+def check_data_file(flag, name):
+    """A data file given for `flag` must be one datasets reads (FILE_BUILDERS); folders and hub ids pass."""
+    path = Path(name)
+    if path.is_file() and path.suffix not in FILE_BUILDERS:
+        raise InputError(
+            f"{flag} {name!r} is a {path.suffix or 'suffix-less'} file; expected a dataset folder, "
+            f"a hub id, or a file ending in one of {sorted(FILE_BUILDERS)}."
+        )
+
+
+def load_table(name, split, cache_dir, flag, expected):
+    """A data file (FILE_BUILDERS), dataset folder or hub id as a datasets.Dataset; InputError when it cannot be
+    read, naming `flag` and saying what was `expected` (e.g. 'a dataset folder or hub id, or a .parquet file')."""
+    import datasets
+
+    path = Path(name)
+    try:
+        if path.is_file():
+            return datasets.load_dataset(
+                FILE_BUILDERS[path.suffix], data_files=str(path), split="train", cache_dir=cache_dir
+            )
+        if path.is_dir():
+            # name the data files, so that the cache is keyed on their modification times (see train_mapo_sdxl.py)
+            builder = datasets.load_dataset_builder(str(path), cache_dir=cache_dir)
+            files = {split_name: list(paths) for split_name, paths in (builder.config.data_files or {}).items()}
+            return datasets.load_dataset(str(path), data_files=files or None, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+    except Exception as error:  # datasets raises many kinds (missing files, unknown splits, hub offline)
+        raise InputError(
+            f"{flag} {name!r} (split {split!r}) could not be read "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); expected {expected}."
+        ) from error

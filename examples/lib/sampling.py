@@ -1,0 +1,297 @@
+"""Loading a text-to-image pipeline and drawing seeded images with it, the same way in every tool that does.
+
+Used by eval/generate.py, ddspo/generate_pairs.py, mapo/build_pairs.py and mapo/measure_mismatch.py: the sampler
+flags (named and defaulted alike), the pipeline with its trained weights, the seed of an image and its generator,
+and the split of the work over `accelerate launch`'s processes.
+"""
+
+import io
+from pathlib import Path
+
+from examples.lib.cli import InputError
+from examples.lib.files import resolved_path
+
+
+SCHEDULERS = {
+    "default": None,  # the pipeline's own (Euler discrete for SDXL base 1.0)
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",  # CaPO's data and evaluation sampler for SDXL (Appendix B.1)
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TEXTUAL_INVERSION_NAME = "textual_inversion.safetensors"  # clip_l, clip_g of train_mapo_personalization_sdxl.py
+
+
+def add_pipeline_arguments(parser, model_help):
+    """The flags of the pipeline to draw with (without trained weights), named as in generate.py."""
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default="stabilityai/stable-diffusion-xl-base-1.0",
+        help=model_help,
+    )
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.",
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+
+
+def add_sampling_arguments(parser):
+    """The sampler flags, named and defaulted alike in every tool that generates images."""
+    parser.add_argument("--scheduler", type=str, default="default", choices=list(SCHEDULERS), help="Sampler.")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps.")
+    parser.add_argument("--guidance_scale", type=float, default=5.0, help="Classifier-free guidance scale.")
+    parser.add_argument("--resolution", type=int, default=1024, help="Side of the square images.")
+    parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call on each process.")
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Weights and activations precision (default: the accelerate config's).",
+    )
+
+
+def check_sampling_args(args):
+    """Refuse bad sampler flags (those of `add_sampling_arguments`) before any model is loaded."""
+    for name in ("num_inference_steps", "batch_size", "resolution"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.resolution % 8 != 0:
+        raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}.")
+
+
+def check_pipeline_path(pretrained_model_name_or_path):
+    """A local --pretrained_model_name_or_path must be a pipeline folder; a hub id is checked when it loads."""
+    model = Path(pretrained_model_name_or_path)
+    if model.is_dir() and not (model / "model_index.json").is_file():
+        raise InputError(
+            f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r} is a folder without "
+            "model_index.json; expected a diffusers pipeline folder (save_pretrained) or a hub id."
+        )
+
+
+def sampler_settings(args, weight_dtype):
+    """Everything that changes the pixels of an image drawn with a given prompt and seed by the pipeline the model
+    flags name, without trained weights (each tool adds its own settings)."""
+    return {
+        "pretrained_model_name_or_path": resolved_path(args.pretrained_model_name_or_path),
+        "pretrained_vae_model_name_or_path": resolved_path(args.pretrained_vae_model_name_or_path),
+        "revision": args.revision,
+        "variant": args.variant,
+        "scheduler": args.scheduler,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "resolution": args.resolution,
+        "dtype": str(weight_dtype).removeprefix("torch."),
+    }
+
+
+def textual_inversion_file(path, lora_path):
+    """The embeddings file to load: `path` (a folder holding TEXTUAL_INVERSION_NAME, or the file), else the one
+    beside the LoRA weights of a training output folder, else None."""
+    if path is None:
+        beside_lora = Path(lora_path) / TEXTUAL_INVERSION_NAME if lora_path is not None else None
+        return str(beside_lora) if beside_lora is not None and beside_lora.is_file() else None
+    candidate = Path(path) / TEXTUAL_INVERSION_NAME if Path(path).is_dir() else Path(path)
+    if not candidate.is_file():
+        raise InputError(
+            f"--textual_inversion_path {path!r}: no such file; expected a training output folder holding "
+            f"{TEXTUAL_INVERSION_NAME} or the file."
+        )
+    return str(candidate)
+
+
+def load_textual_inversion(pipeline, path):
+    """Add the token saved in `path` (its metadata names it) to the SDXL pipeline's two tokenizers and encoders."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as saved:
+        token = (saved.metadata() or {}).get("token")
+    embeddings = load_file(path)
+    if not token or set(embeddings) != {"clip_l", "clip_g"} or not hasattr(pipeline, "text_encoder_2"):
+        raise InputError(
+            f"{path} is not an SDXL textual-inversion file of train_mapo_personalization_sdxl.py (clip_l and clip_g "
+            f"embeddings, the token in its metadata) for this {type(pipeline).__name__}; found keys "
+            f"{sorted(embeddings)}."
+        )
+    for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
+        pipeline.load_textual_inversion(
+            embeddings[key],
+            token=token,
+            text_encoder=getattr(pipeline, f"text_encoder{suffix}"),
+            tokenizer=getattr(pipeline, f"tokenizer{suffix}"),
+        )
+    return token
+
+
+def unet_subfolder(unet_path):
+    """The subfolder ("unet", or None: the top) with the UNet config of a training output, unet folder or hub repo."""
+    path = Path(unet_path)
+    if path.exists():
+        has = lambda name: (path / name).is_file()  # noqa: E731
+    else:
+        from huggingface_hub import file_exists
+
+        has = lambda name: file_exists(unet_path, name)  # noqa: E731
+    if has("unet/config.json"):
+        return "unet"
+    if has("config.json"):
+        return None
+    raise InputError(
+        f"--unet_path {unet_path!r} holds neither unet/config.json nor config.json; "
+        "expected a training output folder with unet/, a unet folder, or such a hub repository."
+    )
+
+
+def image_seed(base_seed, *indices):
+    """The seed of one image, from SeedSequence((base_seed, *indices)): (i, k) for image k of prompt i in
+    generate.py, the row index for a pair. Independent of K, of the other prompts and of how the work is split."""
+    import numpy as np
+
+    return int(np.random.SeedSequence((base_seed, *indices)).generate_state(1)[0])
+
+
+def generator_for(seed):
+    """A CPU generator, so that an image's starting noise is the same on every device."""
+    import torch
+
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def weight_dtype_for(mixed_precision):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def share_of_this_process(accelerator, items):
+    """This process's contiguous share of `items` (all of them with one process). Every process must pass the same
+    list, so each one lists the work on disk before any of them writes (`accelerator.wait_for_everyone()`)."""
+    with accelerator.split_between_processes(items) as share:
+        return list(share)
+
+
+def load_pipeline(
+    pretrained_model_name_or_path,
+    weight_dtype,
+    device,
+    scheduler="default",
+    vae_path=None,
+    unet_path=None,
+    lora_path=None,
+    lora_scale=1.0,
+    textual_inversion_path=None,
+    revision=None,
+    variant=None,
+    cache_dir=None,
+):
+    """The text-to-image pipeline of the family model_index.json names (SDXL, SD1.x, SD2.x), on `device`.
+
+    `vae_path` and `unet_path` replace those components; `lora_path` (a folder with LORA_WEIGHT_NAME, or the file)
+    is fused into the weights at `lora_scale`; `textual_inversion_path` adds a trained token (SDXL);
+    `scheduler` is a key of SCHEDULERS. A local SD folder whose
+    model_index.json names a safety checker that is not in the folder is loaded without one.
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, AutoPipelineForText2Image, DiffusionPipeline, UNet2DConditionModel
+
+    try:
+        model_index = DiffusionPipeline.load_config(
+            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir
+        )
+    except OSError as error:  # no model_index.json: a wrong folder, a wrong hub id, or the hub out of reach
+        raise InputError(
+            f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r} could not be loaded "
+            f"({' '.join(str(error).split())[:200]}); expected a diffusers pipeline folder or a hub id reachable "
+            "from here (is HF_HUB_OFFLINE set?)."
+        ) from error
+    components = {}
+    if vae_path is not None:
+        components["vae"] = AutoencoderKL.from_pretrained(vae_path, dtype=weight_dtype, cache_dir=cache_dir)
+    if unet_path is not None:
+        if "unet" not in model_index:
+            raise InputError(
+                f"--unet_path was given, but {pretrained_model_name_or_path!r} is a {model_index['_class_name']} "
+                "without a UNet; use a UNet pipeline (SD1.x, SD2.x, SDXL)."
+            )
+        components["unet"] = UNet2DConditionModel.from_pretrained(
+            unet_path, subfolder=unet_subfolder(unet_path), dtype=weight_dtype, cache_dir=cache_dir
+        )
+    local_folder = Path(pretrained_model_name_or_path)
+    safety_checker = model_index.get("safety_checker")
+    if (
+        local_folder.is_dir()
+        and safety_checker
+        and safety_checker[0]
+        and not (local_folder / "safety_checker").is_dir()
+    ):
+        components.update(safety_checker=None, requires_safety_checker=False)
+    pipeline = AutoPipelineForText2Image.from_pretrained(
+        pretrained_model_name_or_path,
+        revision=revision,
+        variant=variant,
+        dtype=weight_dtype,
+        cache_dir=cache_dir,
+        **components,
+    )
+    if SCHEDULERS[scheduler] is not None:
+        pipeline.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipeline.scheduler.config)
+    if textual_inversion_path is not None:
+        load_textual_inversion(pipeline, textual_inversion_path)
+    if lora_path is not None:
+        lora = Path(lora_path)
+        folder, weight_name = (lora, LORA_WEIGHT_NAME) if lora.is_dir() else (lora.parent, lora.name)
+        pipeline.load_lora_weights(str(folder), weight_name=weight_name)
+        pipeline.fuse_lora(lora_scale=lora_scale)
+        pipeline.unload_lora_weights()  # the update now lives in the fused weights
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def load_pipeline_for(args, weight_dtype, device, **trained_weights):
+    """`load_pipeline` with the model flags the tools name alike (--pretrained_model_name_or_path,
+    --pretrained_vae_model_name_or_path, --scheduler, --revision, --variant, --cache_dir); `trained_weights` are
+    its unet_path, lora_path, lora_scale and textual_inversion_path."""
+    return load_pipeline(
+        args.pretrained_model_name_or_path,
+        weight_dtype,
+        device,
+        scheduler=args.scheduler,
+        vae_path=args.pretrained_vae_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        **trained_weights,
+    )
+
+
+def draw(pipeline, prompts, seeds, args, negative_prompts=None):
+    """One image per prompt, each from a generator of its own seed, with the sampler flags of `args`; and how many
+    the safety checker blacked out."""
+    extra = {"negative_prompt": negative_prompts} if negative_prompts is not None else {}
+    output = pipeline(
+        prompt=prompts,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        height=args.resolution,
+        width=args.resolution,
+        generator=[generator_for(seed) for seed in seeds],
+        **extra,
+    )
+    flagged = sum(bool(flag) for flag in (getattr(output, "nsfw_content_detected", None) or []))
+    return output.images, flagged
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
