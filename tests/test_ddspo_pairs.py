@@ -310,4 +310,11 @@ def test_two_processes_under_accelerate_launch_make_the_same_pairs_as_one(sdxl_r
         SCRIPT, pair_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], tmp_path / "pairs"), num_processes=2
     )
     assert "5 pairs written (this run: 5, already on disk: 0)" in summary_line(result)
-    assert read_pairs(tmp_path / "pairs") == read_pairs(sdxl_run["output_dir"])
+    two, one = read_pairs(tmp_path / "pairs"), read_pairs(sdxl_run["output_dir"])
+    assert [{k: v for k, v in row.items() if k not in ("jpg_w", "jpg_l")} for row in two] == [
+        {k: v for k, v in row.items() if k not in ("jpg_w", "jpg_l")} for row in one
+    ]
+    for row_two, row_one in zip(two, one):
+        for column in ("jpg_w", "jpg_l"):
+            # the same seeds; two processes draw in smaller batches, which a CPU's kernels may round differently
+            assert np.abs(pixels(row_two[column]) - pixels(row_one[column])).max() <= 2, column
