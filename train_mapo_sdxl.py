@@ -196,78 +196,6 @@ def parse_args(input_args=None):
         "lower.",
     )
 
-    personal = parser.add_argument_group(
-        "personalization (MaPO §4.1 and App. C-D: target images as chosen, base-model samples as rejected)"
-    )
-    personal.add_argument(
-        "--instance_data_dir",
-        type=str,
-        default=None,
-        help="A DreamBooth-style folder of target images of one subject, or a dataset (local or hub) with an "
-        "--instance_image_column; replaces --dataset_name. Captions come from a <image>.txt beside each image, a "
-        "metadata.jsonl (file_name and --caption_column or text), the dataset's --caption_column, or "
-        "--instance_prompt. Each image is the chosen side of --num_rejected_per_image pairs whose rejected side "
-        "is a base-model sample for its caption, drawn once before training and cached.",
-    )
-    personal.add_argument(
-        "--instance_prompt",
-        type=str,
-        default=None,
-        help='Caption for every target image that has none of its own, e.g. "a photo of <sks> dog".',
-    )
-    personal.add_argument(
-        "--instance_image_column", type=str, default="image", help="Image column of an --instance_data_dir dataset."
-    )
-    personal.add_argument(
-        "--num_rejected_per_image",
-        type=int,
-        default=1,
-        help="Base-model samples (rejected images) per target image, each from its own seed.",
-    )
-    personal.add_argument(
-        "--rejected_cache_dir",
-        type=str,
-        default=None,
-        help="Where the base-model samples are kept, one folder per setting (default: <output_dir>/"
-        "rejected_samples). A run with the same model, captions, seed, resolution and sampler reuses them.",
-    )
-    personal.add_argument(
-        "--rejected_inference_steps", type=int, default=25, help="Sampling steps of the base-model samples."
-    )
-    personal.add_argument(
-        "--rejected_guidance_scale",
-        type=float,
-        default=5.0,
-        help="Classifier-free guidance of the base-model samples.",
-    )
-    personal.add_argument(
-        "--train_text_encoder",
-        action="store_true",
-        help="Also train LoRA adapters (rank --lora_rank) on both text encoders, at --text_encoder_lr. Needs "
-        "--lora_rank; the text embeddings are then computed in the loop (no --cache_latents).",
-    )
-    personal.add_argument(
-        "--text_encoder_lr",
-        type=float,
-        default=5e-6,
-        help="Learning rate of the text-encoder LoRA and the textual-inversion embeddings (the paper's "
-        "personalization setting, after DCO: 5e-6, with UNet learning rate 5e-5).",
-    )
-    personal.add_argument(
-        "--placeholder_token",
-        type=str,
-        default=None,
-        help="Textual inversion: add this token (e.g. <sks>) to both tokenizers and train its two embeddings, "
-        "initialised from --initializer_token's. The captions must contain it; the base-model samples are drawn "
-        "with --initializer_token in its place. Saved as textual_inversion.safetensors (clip_l, clip_g).",
-    )
-    personal.add_argument(
-        "--initializer_token",
-        type=str,
-        default=None,
-        help="A word that is one token in both tokenizers (e.g. dog): the new token's starting embedding.",
-    )
-
     training = parser.add_argument_group("training")
     training.add_argument(
         "--output_dir", type=str, default="mapo-sdxl", help="Where checkpoints, weights, logs and the model card go."
@@ -387,6 +315,12 @@ def parse_args(input_args=None):
     )
     hub.add_argument("--hub_token", type=str, default=None, help="Token for the hub (default: the logged-in one).")
 
+    argv = sys.argv[1:] if input_args is None else [str(arg) for arg in input_args]
+    if any(arg.split("=")[0] == "--instance_data_dir" for arg in argv):
+        parser.error(
+            "--instance_data_dir is personalization, which train_mapo_personalization_sdxl.py trains (same flags); "
+            "this script trains on a preference dataset (--dataset_name)."
+        )
     args = parser.parse_args(input_args)
     try:
         check_args(args)
@@ -425,54 +359,7 @@ def check_args(args):
             "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, ["config.json"]
         )
     check_local_path("--dataset_name", args.dataset_name, [])
-    check_personalization_args(args)
     args.resume_from_checkpoint = resolve_checkpoint(args)
-
-
-def check_personalization_args(args):
-    """The personalization flags: what they need and what they cannot be combined with."""
-    for name in ("num_rejected_per_image", "rejected_inference_steps"):
-        if getattr(args, name) <= 0:
-            raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
-    if args.text_encoder_lr <= 0:
-        raise InputError(f"--text_encoder_lr must be positive (paper: 5e-6), got {args.text_encoder_lr}.")
-    if args.train_text_encoder and not args.lora_rank:
-        raise InputError("--train_text_encoder trains LoRA adapters on the text encoders; give --lora_rank too.")
-    if (args.placeholder_token is None) != (args.initializer_token is None):
-        raise InputError(
-            "--placeholder_token and --initializer_token go together: the new token's embedding starts from the "
-            "initializer's (e.g. --placeholder_token '<sks>' --initializer_token dog)."
-        )
-    if args.placeholder_token is not None and (not args.placeholder_token.strip() or " " in args.placeholder_token):
-        raise InputError(f"--placeholder_token must be one word without spaces, got {args.placeholder_token!r}.")
-    trains_text = [
-        flag
-        for flag, on in [
-            ("--train_text_encoder", args.train_text_encoder),
-            ("--placeholder_token", args.placeholder_token),
-        ]
-        if on
-    ]
-    if args.cache_latents and trains_text:
-        raise InputError(
-            f"--cache_latents caches the text embeddings, which {trains_text[0]} changes at every step; drop one."
-        )
-    if args.instance_data_dir is None:
-        for flag in ("instance_prompt", "rejected_cache_dir"):
-            if getattr(args, flag) is not None:
-                raise InputError(f"--{flag} belongs to personalization; give --instance_data_dir too.")
-        return
-    check_local_path("--instance_data_dir", args.instance_data_dir, [])
-    if args.chosen_column is not None:
-        raise InputError(
-            "--instance_data_dir builds its own (target, base sample) pairs; --chosen_column/--rejected_column "
-            "name the columns of a preference dataset (--dataset_name)."
-        )
-    if args.preference_eval_split is not None:
-        raise InputError(
-            "--preference_eval_split measures held-out preference pairs of --dataset_name; personalization "
-            "(--instance_data_dir) has none. Use --validation_prompts to watch the subject appear."
-        )
 
 
 def names_local_path(value):
@@ -542,7 +429,6 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import (  # noqa: E402
     DataLoaderConfiguration,
-    DistributedDataParallelKwargs,
     DistributedType,
     ProjectConfiguration,
     broadcast_object_list,
@@ -551,10 +437,9 @@ from accelerate.utils import (  # noqa: E402
 )
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from utils import (  # noqa: E402
@@ -570,7 +455,6 @@ from utils import (  # noqa: E402
 logger = get_logger(__name__)
 
 HELDOUT_EVAL_EPOCH = 2**31  # the held-out accuracy's fixed draws use "epochs" no training run reaches
-TEXTUAL_INVERSION_FILE = "textual_inversion.safetensors"  # the new token's clip_l and clip_g embeddings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,119 +576,6 @@ def prepare_pairs(dataset, args, split):
         if isinstance(dataset.features[column], datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
     return dataset, dropped
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CAPTION_FILES = ("metadata.jsonl",)  # besides the <image>.txt captions
-SHOWN = 3  # examples named in a message about many files
-
-
-def read_instances(args):
-    """The target images of --instance_data_dir with their captions.
-
-    Returns ({"caption": [...], "image": [encoded bytes, ...], "name": [...]}, skipped), where skipped lists
-    (name, reason) for the files that are not readable images. A folder without a single readable image, or
-    images without a caption (and no --instance_prompt), stop the run with one line.
-    """
-    path = Path(args.instance_data_dir).expanduser()
-    if path.is_dir() and any(child.suffix.lower() in IMAGE_SUFFIXES for child in path.iterdir()):
-        rows, skipped = read_instance_folder(path, args.caption_column)
-    else:
-        rows, skipped = read_instance_dataset(args)
-    missing = [name for name, caption in zip(rows["name"], rows["caption"]) if not caption]
-    if missing and args.instance_prompt is None:
-        raise InputError(
-            f"{len(missing)} of {len(rows['name'])} target images in {args.instance_data_dir!r} have no caption "
-            f"({', '.join(missing[:SHOWN])}{', ...' if len(missing) > SHOWN else ''}); expected a <image>.txt beside "
-            f"each image, a metadata.jsonl with file_name and {args.caption_column!r} (or text), a caption column, "
-            "or --instance_prompt for all of them."
-        )
-    rows["caption"] = [caption or args.instance_prompt for caption in rows["caption"]]
-    if not rows["name"]:
-        reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:SHOWN])
-        raise InputError(
-            f"{args.instance_data_dir!r} has no readable target image{f' ({reasons})' if reasons else ''}; expected "
-            f"image files ({', '.join(IMAGE_SUFFIXES)}) or a dataset with an {args.instance_image_column!r} column."
-        )
-    if args.placeholder_token is not None and not any(args.placeholder_token in c for c in rows["caption"]):
-        raise InputError(
-            f"No caption contains --placeholder_token {args.placeholder_token!r} (first: {rows['caption'][0]!r}), so "
-            "its embedding would never train; put it in the captions or --instance_prompt."
-        )
-    return rows, skipped
-
-
-def read_instance_folder(path, caption_column):
-    """Every file of a DreamBooth-style folder: images with their captions; other files skipped with a reason."""
-    captions = {}
-    metadata = path / "metadata.jsonl"
-    if metadata.exists():
-        for number, line in enumerate(metadata.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                captions[entry["file_name"]] = entry.get(caption_column, entry.get("text"))
-            except (ValueError, KeyError, TypeError) as error:
-                raise InputError(
-                    f"{metadata} line {number} is not a JSON object with file_name and {caption_column!r} "
-                    f"({type(error).__name__}: {error})."
-                ) from error
-    rows, skipped = {"caption": [], "image": [], "name": []}, []
-    for child in sorted(path.iterdir()):
-        if child.name in CAPTION_FILES or child.is_dir():
-            continue
-        if child.suffix.lower() == ".txt" and any(child.with_suffix(s).exists() for s in IMAGE_SUFFIXES):
-            continue  # a caption
-        if child.suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append((child.name, f"not an image file ({', '.join(IMAGE_SUFFIXES)})"))
-            continue
-        try:
-            decode_image(str(child))  # from the path, so that the decoder's message names the file
-        except Exception as error:  # any decoder error: skip and count, say why
-            skipped.append((child.name, f"unreadable image ({type(error).__name__}: {error})"))
-            continue
-        sidecar = child.with_suffix(".txt")
-        caption = sidecar.read_text().strip() if sidecar.exists() else captions.get(child.name)
-        rows["caption"].append((caption or "").strip())
-        rows["image"].append(child.read_bytes())
-        rows["name"].append(child.name)
-    return rows, skipped
-
-
-def read_instance_dataset(args):
-    """Target images from a dataset (a hub id, a data folder or file): its image column and optional captions."""
-    dataset = load_split(args.instance_data_dir, args.dataset_split_name, args.cache_dir)
-    if args.instance_image_column not in dataset.column_names:
-        raise InputError(
-            f"{args.instance_data_dir!r} holds no image files and its split {args.dataset_split_name!r} has no "
-            f"column {args.instance_image_column!r} (it has {dataset.column_names}); set --instance_image_column."
-        )
-    if isinstance(dataset.features[args.instance_image_column], datasets.Image):
-        dataset = dataset.cast_column(args.instance_image_column, datasets.Image(decode=False))
-    has_captions = args.caption_column in dataset.column_names
-    rows, skipped = {"caption": [], "image": [], "name": []}, []
-    for index, row in enumerate(dataset):
-        value = row[args.instance_image_column]
-        try:
-            if isinstance(value, dict):
-                value = value.get("bytes") or Path(value["path"]).read_bytes()
-            decode_image(value)
-        except Exception as error:  # any decoder error: skip and count, say why
-            skipped.append((f"row {index}", f"unreadable image ({type(error).__name__}: {error})"))
-            continue
-        rows["caption"].append(((row[args.caption_column] if has_captions else None) or "").strip())
-        rows["image"].append(value)
-        rows["name"].append(f"row {index}")
-    return rows, skipped
-
-
-def subsample(train_split, args):
-    """--max_train_samples: a random subset of the training pairs, drawn with --seed."""
-    if args.max_train_samples is None:
-        return train_split
-    train_split = train_split.shuffle(seed=args.seed)
-    return train_split.select(range(min(args.max_train_samples, len(train_split))))
 
 
 def decode_image(value):
@@ -942,16 +713,14 @@ def collate_fn(examples):
 # ----------------------------------------------------------------------------------------------
 # Encoders
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
 def encode_prompts(text_encoders, tokenizers, prompts):
-    """SDXL conditioning: penultimate hidden states of both encoders concatenated, pooled output of the second.
-
-    Differentiable: with --train_text_encoder or --placeholder_token the loop's gradients reach the encoders.
-    """
+    """SDXL conditioning: penultimate hidden states of both encoders concatenated, pooled output of the second."""
     prompt_embeds_list = []
     for tokenizer, text_encoder in zip(tokenizers, text_encoders):
         input_ids = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(next(text_encoder.parameters()).device)  # a DDP-wrapped encoder has no .device
+        ).input_ids.to(text_encoder.device)
         outputs = text_encoder(input_ids, output_hidden_states=True)
         prompt_embeds_list.append(outputs.hidden_states[-2])
     pooled_prompt_embeds = outputs.text_embeds  # the second encoder has the projection
@@ -1147,28 +916,20 @@ def preference_accuracy(accelerator, unet, vae, text_encoders, tokenizers, noise
     return (score / count.clamp(min=1)).item()
 
 
-def sdxl_pipeline(args, vae, text_encoders, tokenizers, unet, dtype):
-    """An SDXL pipeline around the models in memory: the base ones before training, the trained ones after."""
+@torch.no_grad()
+def render_validation(args, accelerator, vae, text_encoders, unet, dtype):
+    """One image per --validation_prompts entry with `unet`, a fixed seed per prompt."""
     pipeline = StableDiffusionXLPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         vae=vae,
         text_encoder=text_encoders[0],
         text_encoder_2=text_encoders[1],
-        tokenizer=tokenizers[0],
-        tokenizer_2=tokenizers[1],
         unet=unet,
         revision=args.revision,
         variant=args.variant,
         dtype=dtype,
     )
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@torch.no_grad()
-def render_validation(args, accelerator, vae, text_encoders, tokenizers, unet, dtype):
-    """One image per --validation_prompts entry with `unet`, a fixed seed per prompt."""
-    pipeline = sdxl_pipeline(args, vae, text_encoders, tokenizers, unet, dtype)
     images = []
     for i, prompt in enumerate(args.validation_prompts):
         generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + i)
@@ -1185,9 +946,9 @@ def render_validation(args, accelerator, vae, text_encoders, tokenizers, unet, d
     return images
 
 
-def log_validation(args, accelerator, base_images, vae, text_encoders, tokenizers, unet, dtype, step):
+def log_validation(args, accelerator, base_images, vae, text_encoders, unet, dtype, step):
     """Render the trained model's validation images and save and log them beside the base model's."""
-    images = render_validation(args, accelerator, vae, text_encoders, tokenizers, unet, dtype)
+    images = render_validation(args, accelerator, vae, text_encoders, unet, dtype)
     grid = Image.new("RGB", (2 * args.resolution, args.resolution * len(images)))  # base | trained, a row a prompt
     for row, (base, trained) in enumerate(zip(base_images, images)):
         grid.paste(base, (0, row * args.resolution))
@@ -1204,151 +965,6 @@ def log_validation(args, accelerator, base_images, vae, text_encoders, tokenizer
             caption = " | ".join(args.validation_prompts)
             tracker.log({"validation/base_vs_trained": wandb.Image(grid, caption=caption)}, step=step)
     logger.info(f"Validation images (base | trained) saved to {path}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Personalization: base-model samples as the rejected side, text-encoder LoRA, textual inversion
-# ----------------------------------------------------------------------------------------------
-def rejected_prompt(caption, args):
-    """The base model's prompt for a target's caption: the new token, which it does not know, as its initializer."""
-    if args.placeholder_token is None:
-        return caption
-    return caption.replace(args.placeholder_token, args.initializer_token)
-
-
-def sample_seed(seed, target, sample):
-    """The seed of base-model sample `sample` of target `target`: independent of the process count."""
-    return int(np.random.SeedSequence([seed, target, sample]).generate_state(1)[0])
-
-
-def rejected_samples_folder(args, prompts, dtype):
-    """One folder per (model, prompts, seed, sampler, resolution, dtype): no stale samples after a change."""
-    key = {
-        "model": args.pretrained_model_name_or_path,
-        "revision": args.revision,
-        "variant": args.variant,
-        "vae": args.pretrained_vae_model_name_or_path,
-        "prompts": prompts,
-        "samples_per_image": args.num_rejected_per_image,
-        "seed": args.seed,
-        "resolution": args.resolution,
-        "inference_steps": args.rejected_inference_steps,
-        "guidance_scale": args.rejected_guidance_scale,
-        "dtype": str(dtype),
-    }
-    root = args.rejected_cache_dir or os.path.join(args.output_dir, "rejected_samples")
-    return Path(root, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]), key
-
-
-@torch.no_grad()
-def draw_rejected_samples(accelerator, args, prompts, vae, text_encoders, tokenizers, unet, dtype):
-    """Base-model samples for the targets' captions, the rejected side of the personalization pairs.
-
-    Drawn once, each process its share, into a folder keyed on every setting that changes them: a later run
-    with the same settings reads them back, and an interrupted one draws only what is missing. Sample k of
-    target i starts from a CPU generator seeded with SeedSequence((--seed, i, k)).
-    Returns the paths (a list of --num_rejected_per_image per target) and how many this run drew.
-    """
-    folder, key = rejected_samples_folder(args, prompts, dtype)
-    paths = [
-        [folder / f"{i:05d}-{k:02d}.png" for k in range(args.num_rejected_per_image)] for i in range(len(prompts))
-    ]
-    accelerator.wait_for_everyone()
-    pending = [(i, k) for i, row in enumerate(paths) for k, path in enumerate(row) if not path.exists()]
-    accelerator.wait_for_everyone()  # every process has listed the folder before any writes to it
-    folder.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        (folder / "settings.json").write_text(json.dumps(key, indent=2))
-    mine = pending[accelerator.process_index :: accelerator.num_processes]
-    if mine:
-        pipeline = sdxl_pipeline(args, vae, text_encoders, tokenizers, unet, dtype)
-        for i, k in tqdm(mine, desc="Drawing rejected samples", disable=not accelerator.is_local_main_process):
-            generator = torch.Generator().manual_seed(sample_seed(args.seed, i, k))
-            with accelerator.autocast():
-                image = pipeline(
-                    prompts[i],
-                    num_inference_steps=args.rejected_inference_steps,
-                    guidance_scale=args.rejected_guidance_scale,
-                    height=args.resolution,
-                    width=args.resolution,
-                    generator=generator,
-                ).images[0]
-            partial = paths[i][k].with_suffix(".partial")
-            image.save(partial, format="PNG")
-            partial.replace(paths[i][k])  # a killed run leaves no half-written sample behind
-        del pipeline
-    accelerator.wait_for_everyone()
-    return paths, len(pending)
-
-
-def personalization_pairs(instances, rejected_paths, caption_column):
-    """(caption, target image, base-model sample) rows: a pair per sample, the target always the chosen side."""
-    rows = {caption_column: [], "instance_image": [], "base_sample": []}
-    for caption, image, paths in zip(instances["caption"], instances["image"], rejected_paths):
-        for path in paths:
-            rows[caption_column].append(caption)
-            rows["instance_image"].append(image)
-            rows["base_sample"].append(path.read_bytes())
-    features = {caption_column: datasets.Value("string")}
-    features.update({"instance_image": datasets.Value("binary"), "base_sample": datasets.Value("binary")})
-    return datasets.Dataset.from_dict(rows, features=datasets.Features(features))
-
-
-def add_placeholder_token(tokenizers, text_encoders, placeholder, initializer):
-    """Textual inversion: add `placeholder` to both tokenizers, its embedding rows copied from `initializer`'s.
-
-    Returns the new token's id in each tokenizer. The rows are made trainable by `train_token_rows`.
-    """
-    token_ids = []
-    for number, (tokenizer, text_encoder) in enumerate(zip(tokenizers, text_encoders), 1):
-        initializer_ids = tokenizer.encode(initializer, add_special_tokens=False)
-        if len(initializer_ids) != 1:
-            raise InputError(
-                f"--initializer_token {initializer!r} is {len(initializer_ids)} tokens in tokenizer {number} "
-                f"({tokenizer.convert_ids_to_tokens(initializer_ids)}); expected a word that is one token."
-            )
-        vocab = tokenizer.get_vocab()
-        known = placeholder in vocab or f"{placeholder}</w>" in vocab  # CLIP spells a word's last piece with </w>
-        if known or tokenizer.add_tokens([placeholder]) != 1:
-            raise InputError(
-                f"--placeholder_token {placeholder!r} is already a token of tokenizer {number}; choose a new "
-                "string, e.g. <sks>."
-            )
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set below
-        token_id = tokenizer.convert_tokens_to_ids(placeholder)
-        weight = text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[token_id] = weight[initializer_ids[0]].clone()
-        token_ids.append(token_id)
-    return token_ids
-
-
-def train_token_rows(text_encoder, token_id):
-    """Make the embedding matrix trainable with a gradient that is zero everywhere but the new token's row."""
-    weight = text_encoder.get_input_embeddings().weight
-    weight.requires_grad_(True)
-    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    mask[token_id] = 1
-    weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
-    return weight
-
-
-def token_embeddings(text_encoders, token_ids):
-    """The new token's embedding in each text encoder, saved the way SDXL embeddings are (clip_l, clip_g)."""
-    rows = [
-        te.get_input_embeddings().weight[i].detach().float().cpu()[None] for te, i in zip(text_encoders, token_ids)
-    ]
-    return {"clip_l": rows[0].contiguous(), "clip_g": rows[1].contiguous()}
-
-
-def add_text_encoder_lora(text_encoder, rank, alpha):
-    """LoRA on a CLIP text encoder's attention projections (diffusers' DreamBooth-LoRA SDXL targets)."""
-    from peft import LoraConfig
-
-    target_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]
-    text_encoder.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=target_modules)
-    )
 
 
 @contextlib.contextmanager
@@ -1430,7 +1046,7 @@ def add_lora_adapters(unet, rank, alpha, mixed_precision):
 def lora_state_dict(unet):
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, save_embedding_layers=False))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
 def weights_fingerprint(model):
@@ -1443,33 +1059,11 @@ def weights_fingerprint(model):
     return digest.hexdigest()
 
 
-def personalization_summary(args, instances, skipped, rejected):
-    """What a personalization run trained on, for training_summary.json (empty for a preference dataset)."""
-    if instances is None:
-        return {}
-    return {
-        "personalization": {
-            "target_images": len(instances["name"]),
-            "skipped_files": [f"{name}: {reason}" for name, reason in skipped],
-            "rejected_samples": rejected,
-            "train_text_encoder": args.train_text_encoder,
-            "placeholder_token": args.placeholder_token,
-        }
-    }
-
-
 def write_model_card(args, summary):
     method = f"MaPO (beta_mapo = {args.beta_mapo:g}, snr_value = {args.snr_value:g})"
     weights = f"`pytorch_lora_weights.safetensors` (LoRA rank {args.lora_rank})" if args.lora_rank else "`unet/`"
-    if args.train_text_encoder:
-        weights += ", with LoRA on both text encoders"
-    if args.placeholder_token is not None:
-        weights += f"; `{TEXTUAL_INVERSION_FILE}` (token `{args.placeholder_token}`: clip_l, clip_g)"
     if args.skip_final_save:
         weights = "not saved (--skip_final_save)"
-    data = f"`{args.dataset_name}` (split `{args.dataset_split_name}`)"
-    if args.instance_data_dir is not None:
-        data = f"the target images of `{args.instance_data_dir}` against base-model samples (personalization)"
     rows = dict(summary.get("last_step_metrics", {}))
     for when in ("before", "after"):
         key = f"heldout_preference_accuracy_{when}"
@@ -1482,7 +1076,7 @@ tags: [stable-diffusion-xl, text-to-image, diffusers, mapo]
 ---
 # {Path(args.output_dir).name}
 
-{method} of `{args.pretrained_model_name_or_path}` on {data},
+{method} of `{args.pretrained_model_name_or_path}` on `{args.dataset_name}` (split `{args.dataset_split_name}`),
 {steps(summary["global_step"])} of {summary["total_batch_size"]} pairs, learning rate {args.learning_rate:g}
 ({args.lr_scheduler}), trained with `train_mapo_sdxl.py`. Weights: {weights}.
 
@@ -1491,31 +1085,8 @@ Metrics of the last optimizer step:
 | metric | value |
 |---|---|
 {metrics}
-{usage(args)}"""
+"""
     Path(args.output_dir, "README.md").write_text(card)
-
-
-def usage(args):
-    """The model card's loading code for LoRA and textual-inversion outputs (a full UNet loads as `unet/`)."""
-    if args.skip_final_save or not (args.lora_rank or args.placeholder_token):
-        return ""
-    lines = [
-        "from diffusers import StableDiffusionXLPipeline",
-        "from safetensors.torch import load_file",
-        "",
-        f'pipeline = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
-    ]
-    if args.lora_rank:
-        lines.append(f'pipeline.load_lora_weights("{args.output_dir}")')
-    if args.placeholder_token is not None:
-        token = args.placeholder_token
-        lines.append(f'embeddings = load_file("{Path(args.output_dir, TEXTUAL_INVERSION_FILE)}")')
-        for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
-            lines.append(
-                f'pipeline.load_textual_inversion(embeddings["{key}"], token="{token}", '
-                f"text_encoder=pipeline.text_encoder{suffix}, tokenizer=pipeline.tokenizer{suffix})"
-            )
-    return "\nTo load it:\n\n```python\n" + "\n".join(lines) + "\n```\n"
 
 
 def steps(count):
@@ -1527,12 +1098,7 @@ def steps(count):
 # ----------------------------------------------------------------------------------------------
 def main(args):
     logging_dir = Path(args.output_dir, args.logging_dir)
-    trains_text_encoders = args.train_text_encoder or args.placeholder_token is not None
-    # The first encoder's last layer feeds nothing SDXL reads (it takes the penultimate hidden states), so its
-    # LoRA weights get no gradient, which DDP refuses unless told (as diffusers' DreamBooth-LoRA SDXL does).
-    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)
     accelerator = Accelerator(
-        kwargs_handlers=[ddp_kwargs],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -1550,12 +1116,6 @@ def main(args):
             f"accelerate launched {launched} processes but set up {accelerator.num_processes}; expected one "
             "distributed run. FSDP and DeepSpeed configs need GPUs: on a CPU use ACCELERATE_USE_CPU=1 with "
             "--multi_gpu (DDP)."
-        )
-    if trains_text_encoders and accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise InputError(
-            "--train_text_encoder and --placeholder_token train three models at once, which this script does under "
-            f"DDP only, not {accelerator.distributed_type.value}; use examples/accelerate_configs/multi_gpu_ddp.yaml "
-            "(personalization trains a few images: one GPU is the paper's setting)."
         )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise InputError(
@@ -1581,30 +1141,21 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # Data first: a bad dataset stops the run before any model is loaded.
-    instances, instance_skipped, eval_split = None, [], None
     with accelerator.main_process_first():
-        if args.instance_data_dir is not None:  # the pairs are made once the base model is loaded
-            instances, instance_skipped = read_instances(args)
-        else:
-            train_split = load_split(args.dataset_name, args.dataset_split_name, args.cache_dir)
-            train_split, dropped = prepare_pairs(train_split, args, args.dataset_split_name)
-            train_split = subsample(train_split, args)
+        train_split = load_split(args.dataset_name, args.dataset_split_name, args.cache_dir)
+        train_split, dropped = prepare_pairs(train_split, args, args.dataset_split_name)
+        if args.max_train_samples is not None:
+            train_split = train_split.shuffle(seed=args.seed)
+            train_split = train_split.select(range(min(args.max_train_samples, len(train_split))))
+        eval_split = None
         if args.preference_eval_split is not None:
             eval_split = load_split(args.dataset_name, args.preference_eval_split, args.cache_dir)
             eval_split, _ = prepare_pairs(eval_split, args, args.preference_eval_split)
             eval_split = eval_split.select(range(min(args.preference_eval_max_samples, len(eval_split))))
-    if instances is not None:
-        for name, reason in instance_skipped:
-            logger.warning(f"Skipped {name} in {args.instance_data_dir}: {reason}.")
-        logger.info(
-            f"Personalization: {len(instances['name'])} target images; skipped {len(instance_skipped)} files that "
-            "are not readable images."
-        )
-    else:
-        logger.info(
-            f"Training on {len(train_split)} pairs; dropped {dropped['ties']} ties and {dropped['unlabeled']} "
-            "unlabeled rows."
-        )
+    logger.info(
+        f"Training on {len(train_split)} pairs; dropped {dropped['ties']} ties and {dropped['unlabeled']} "
+        "unlabeled rows."
+    )
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -1663,47 +1214,11 @@ def main(args):
     for frozen in (vae, *text_encoders):
         frozen.requires_grad_(False).to(accelerator.device)
     unet.to(accelerator.device)
-    token_ids = None
-    if args.placeholder_token is not None:
-        token_ids = add_placeholder_token(tokenizers, text_encoders, args.placeholder_token, args.initializer_token)
-
-    rejected = {}
-    if instances is not None:
-        # The rejected side: what the base model draws for each target's caption, before any adapter exists.
-        prompts = [rejected_prompt(caption, args) for caption in instances["caption"]]
-        rejected_paths, drawn = draw_rejected_samples(
-            accelerator, args, prompts, vae, text_encoders, tokenizers, unet, weight_dtype
-        )
-        rejected = {"folder": str(rejected_paths[0][0].parent), "drawn": drawn}
-        rejected["reused"] = len(prompts) * args.num_rejected_per_image - drawn
-        logger.info(
-            f"Rejected samples in {rejected['folder']}: {rejected['drawn']} drawn now, {rejected['reused']} reused."
-        )
-        args.chosen_column, args.rejected_column = "instance_image", "base_sample"
-        train_split = personalization_pairs(instances, rejected_paths, args.caption_column)
-        train_split, dropped = prepare_pairs(train_split, args, "personalization")
-        train_split = subsample(train_split, args)
-        if args.train_batch_size * accelerator.num_processes < len(train_split):
-            logger.info(
-                f"Personalization: {len(train_split)} pairs, {args.train_batch_size * accelerator.num_processes} "
-                f"per step; the paper trains on the whole set each step (--train_batch_size {len(train_split)})."
-            )
 
     if args.lora_rank:
         add_lora_adapters(unet, args.lora_rank, args.lora_alpha, accelerator.mixed_precision)
-    if args.train_text_encoder:
-        for text_encoder in text_encoders:
-            add_text_encoder_lora(text_encoder, args.lora_rank, args.lora_alpha)
-    token_rows = []
-    if token_ids is not None:
-        token_rows = [train_token_rows(te, token_id) for te, token_id in zip(text_encoders, token_ids)]
-    if trains_text_encoders and accelerator.mixed_precision == "fp16":
-        cast_training_params(text_encoders, dtype=torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if trains_text_encoders:
-            for text_encoder in text_encoders:
-                text_encoder.gradient_checkpointing_enable()
 
     # Checkpoints hold only what is trained: the LoRA file, or the UNet folder.
     def save_unet(model, folder):
@@ -1716,49 +1231,29 @@ def main(args):
                 model.load_state_dict(state_dict)
             model.save_pretrained(folder)
 
-    def save_lora(folder):
-        """The UNet's LoRA (and the text encoders' with --train_text_encoder) in one diffusers LoRA file."""
-        if not accelerator.is_main_process:
-            return
-        model = accelerator.unwrap_model(unet)
-        # the adapter's config (rank, alpha) goes into the file: without it a loader takes alpha = rank
-        layers = {"unet_lora_layers": lora_state_dict(model)}
-        layers["unet_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-        if args.train_text_encoder:
-            for name, text_encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
-                text_encoder = accelerator.unwrap_model(text_encoder)
-                layers[f"{name}_lora_layers"] = lora_state_dict(text_encoder)
-                layers[f"{name}_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
-        StableDiffusionXLPipeline.save_lora_weights(folder, **layers)
-
-    def save_embeddings(folder):
+    def save_lora(model, folder):
         if accelerator.is_main_process:
-            encoders = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
-            save_file(
-                token_embeddings(encoders, token_ids),
-                os.path.join(folder, TEXTUAL_INVERSION_FILE),
-                metadata={"token": args.placeholder_token},
+            model = accelerator.unwrap_model(model)
+            # the adapter's config (rank, alpha) goes into the file: without it a loader takes alpha = rank
+            StableDiffusionXLPipeline.save_lora_weights(
+                folder,
+                unet_lora_layers=lora_state_dict(model),
+                unet_lora_adapter_metadata=model.peft_config["default"].to_dict(),
             )
 
-    def save_trained(folder):
-        """What this run trains, into `folder`; a collective under FSDP (every process calls this)."""
-        if args.lora_rank:
-            save_lora(folder)
-        else:
-            save_unet(unet, os.path.join(folder, "unet"))
-        if token_ids is not None:
-            save_embeddings(folder)
-
     def save_model_hook(models, weights, output_dir):
-        save_trained(output_dir)
+        for model in models:
+            if args.lora_rank:
+                save_lora(model, output_dir)
+            else:
+                save_unet(model, os.path.join(output_dir, "unet"))
         while weights:
             weights.pop()
 
     def load_model_hook(models, input_dir):
         if not models:  # DeepSpeed and FSDP restored the model (and optimizer) from their own files
             return
-        models.clear()  # restored here, from the files save_trained wrote
-        model = accelerator.unwrap_model(unet)
+        model = accelerator.unwrap_model(models.pop())
         if args.lora_rank:
             from peft.utils import set_peft_model_state_dict
 
@@ -1770,11 +1265,6 @@ def main(args):
                     f"The checkpoint in {input_dir} has LoRA weights this model lacks: "
                     f"{incompatible.unexpected_keys[:5]}; resume with the --lora_rank of the run that wrote it."
                 )
-            if args.train_text_encoder:
-                for name, text_encoder in zip(("text_encoder", "text_encoder_2"), text_encoders):
-                    _set_state_dict_into_text_encoder(
-                        lora_weights, prefix=f"{name}.", text_encoder=accelerator.unwrap_model(text_encoder)
-                    )
             if accelerator.mixed_precision == "fp16":  # also when fp16 comes from accelerate's config
                 cast_training_params(model, dtype=torch.float32)
         else:
@@ -1782,13 +1272,6 @@ def main(args):
             model.register_to_config(**loaded.config)
             model.load_state_dict(loaded.state_dict())
             del loaded
-        if token_ids is not None:
-            saved = load_file(os.path.join(input_dir, TEXTUAL_INVERSION_FILE))
-            with torch.no_grad():
-                for row, token_id, key in zip(token_rows, token_ids, ("clip_l", "clip_g")):
-                    row[token_id] = saved[key][0].to(row.device, row.dtype)
-        if trains_text_encoders and accelerator.mixed_precision == "fp16":
-            cast_training_params(text_encoders, dtype=torch.float32)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -1797,23 +1280,15 @@ def main(args):
     if args.scale_lr:
         total_pairs = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
         args.learning_rate = args.learning_rate * total_pairs
-        args.text_encoder_lr = args.text_encoder_lr * total_pairs
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad]}]
-    if args.train_text_encoder:
-        lora_params = [p for te in text_encoders for p in te.parameters() if p.requires_grad]
-        lora_params = [p for p in lora_params if all(p is not row for row in token_rows)]
-        param_groups.append({"params": lora_params, "lr": args.text_encoder_lr})
-    if token_rows:
-        # No weight decay: it would shrink every other token's embedding, whose gradient is masked to zero.
-        param_groups.append({"params": token_rows, "lr": args.text_encoder_lr, "weight_decay": 0.0})
+    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     optimizer = optimizer_class(
-        param_groups,
+        params_to_optimize,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -1874,18 +1349,10 @@ def main(args):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
-    loop_text_encoders = text_encoders  # the ones the training loop calls: wrapped for DDP when they train
-    if trains_text_encoders:
-        unet, *loop_text_encoders, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-            unet, *text_encoders, optimizer, train_dataloader, lr_scheduler
-        )
-    else:
-        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-            unet, optimizer, train_dataloader, lr_scheduler
-        )
-    trained_models = [unet, *(loop_text_encoders if trains_text_encoders else [])]
-    # FSDP and DeepSpeed replace the parameters
-    params_to_optimize = [p for model in trained_models for p in model.parameters() if p.requires_grad]
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
+    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
 
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -1893,10 +1360,6 @@ def main(args):
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     training = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning"
-    if args.train_text_encoder:
-        training += f", text-encoder LoRA at learning rate {args.text_encoder_lr:g}"
-    if args.placeholder_token is not None:
-        training += f", textual inversion of {args.placeholder_token} (from {args.initializer_token})"
     logger.info("***** Running training *****")
     logger.info(f"  Method = MaPO, beta_mapo = {args.beta_mapo:g}, snr_value = {args.snr_value:g}, {training}")
     logger.info(
@@ -1919,7 +1382,7 @@ def main(args):
     def validate(step):
         with memory.phase("validation"):
             model = accelerator.unwrap_model(unet)
-            log_validation(args, accelerator, base_images, vae, text_encoders, tokenizers, model, weight_dtype, step)
+            log_validation(args, accelerator, base_images, vae, text_encoders, model, weight_dtype, step)
 
     # Measured on the starting model, before a checkpoint is loaded.
     summary = {}
@@ -1933,7 +1396,7 @@ def main(args):
     base_images = None
     if args.validation_prompts and accelerator.is_main_process:
         with memory.phase("validation"), adapters_disabled(accelerator.unwrap_model(unet), args.lora_rank) as base:
-            base_images = render_validation(args, accelerator, vae, text_encoders, tokenizers, base, weight_dtype)
+            base_images = render_validation(args, accelerator, vae, text_encoders, base, weight_dtype)
 
     global_step, first_epoch = first_step, first_step // num_update_steps_per_epoch
     if args.resume_from_checkpoint:
@@ -1967,13 +1430,7 @@ def main(args):
             with accelerator.accumulate(unet):
                 generators = sample_generators(args.seed, epoch, batch["index"], accelerator.device)
                 inputs = pair_batch_inputs(
-                    batch,
-                    vae,
-                    loop_text_encoders,
-                    tokenizers,
-                    args.vae_encode_batch_size,
-                    accelerator.device,
-                    weight_dtype,
+                    batch, vae, text_encoders, tokenizers, args.vae_encode_batch_size, accelerator.device, weight_dtype
                 )
                 noisy_latents, timesteps, conditioning, target = noisy_pair_inputs(
                     noise_scheduler, *inputs, generators
@@ -2017,15 +1474,11 @@ def main(args):
                 logs = dict(zip(names, accelerator.reduce(torch.stack(means), "mean").tolist()))
                 step_seconds.append(time.perf_counter() - step_started)  # .tolist() waited for the step's device work
                 logs["lr"] = lr_scheduler.get_last_lr()[0]
-                if len(param_groups) > 1:
-                    logs["lr_text_encoder"] = lr_scheduler.get_last_lr()[1]
                 logs["skipped_pairs"] = skipped_total
                 step_metrics = []
                 accelerator.log(logs, step=global_step)
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}")
-                summary["last_step_metrics"] = {
-                    k: v for k, v in logs.items() if k not in ("lr", "lr_text_encoder", "skipped_pairs")
-                }
+                summary["last_step_metrics"] = {k: v for k, v in logs.items() if k not in ("lr", "skipped_pairs")}
 
                 if global_step % args.checkpointing_steps == 0:
                     if accelerator.is_main_process and args.checkpoints_total_limit is not None:
@@ -2061,13 +1514,15 @@ def main(args):
     skipped_total += len(cache_skipped)
     if accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP:
         # Data-parallel replicas must end bit-identical; say so rather than assume it.
-        fingerprint = "".join(weights_fingerprint(accelerator.unwrap_model(model)) for model in trained_models)
-        fingerprints = gather_object([fingerprint])
+        fingerprints = gather_object([weights_fingerprint(accelerator.unwrap_model(unet))])
         summary["replicas_identical"] = len(set(fingerprints)) == 1
         if not summary["replicas_identical"]:
             logger.warning(f"The trained weights differ between processes: {fingerprints}")
     if not args.skip_final_save:
-        save_trained(args.output_dir)
+        if args.lora_rank:
+            save_lora(unet, args.output_dir)
+        else:
+            save_unet(unet, os.path.join(args.output_dir, "unet"))
     if base_images is not None:
         validate(global_step)
     if accelerator.is_main_process:
@@ -2081,7 +1536,6 @@ def main(args):
                 "cache_latents": args.cache_latents,
                 "skipped_pairs": skipped_total,
                 "dropped_ties": dropped["ties"],
-                **personalization_summary(args, instances, instance_skipped, rejected),
                 # After the first two steps (allocation, kernel selection), as a benchmark would count them.
                 "seconds_per_step_median": float(np.median(step_seconds[2:] or step_seconds)),
                 "peak_memory_bytes": memory.peaks["training"],  # the training loop's own peak

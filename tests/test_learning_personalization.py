@@ -2,7 +2,7 @@
 
 The subject is a look the base model draws only some of the time: a red ball in the top half. Six target images of
 it, rendered by the tiny world's own renderer (make_tiny_assets.make_image, as pretrain_tiny_world.py draws its
-training images) and captioned "a photo of <sks> ball", train `train_mapo_sdxl.py --instance_data_dir` with the
+training images) and captioned "a photo of <sks> ball", train `train_mapo_personalization_sdxl.py` with the
 paper's recipe (UNet and text-encoder LoRA, textual inversion of <sks> from "ball", beta 1024, the whole set in every
 batch) at learning rates the tiny model needs. The trained model then draws "a photo of <sks> ball" for 64 seeds
 (examples/eval/generate.py --lora_path, which loads the new token too) and the toy_ball judge says where each ball
@@ -93,7 +93,7 @@ def test_personalization_teaches_the_new_token_the_subjects_colour_and_half(
     output_dir = tmp_path / "train"
     args = ["--pretrained_model_name_or_path", tiny_world["model"], "--instance_data_dir", targets]
     args += ["--resolution", 64, "--seed", 0, "--checkpointing_steps", 10000, "--report_to", "none"]
-    launch("train_mapo_sdxl.py", [*args, "--output_dir", output_dir, *RECIPE])
+    launch("train_mapo_personalization_sdxl.py", [*args, "--output_dir", output_dir, *RECIPE])
     verdicts = generate_and_judge(
         tiny_world, tmp_path / "generated", "personal", *EVAL_IMAGES, "--lora_path", output_dir, prompts=[CAPTION]
     )

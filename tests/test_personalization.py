@@ -1,4 +1,4 @@
-"""MaPO personalization (`train_mapo_sdxl.py --instance_data_dir`): target images as the chosen side, base-model
+"""MaPO personalization (`train_mapo_personalization_sdxl.py`): target images as the chosen side, base-model
 samples as the rejected side, with text-encoder LoRA and textual inversion, run as users run it."""
 
 import json
@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
+SCRIPT = "train_mapo_personalization_sdxl.py"
 CAPTION = "a photo of <sks> ball"
 RESOLUTION = 64
 SAMPLER = ["--rejected_inference_steps", 3, "--rejected_guidance_scale", 5.0]
@@ -75,9 +76,7 @@ def targets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def personal_run(tiny_assets, targets, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("personal")
-    result = launch(
-        "train_mapo_sdxl.py", personal_args(tiny_assets["model"], targets, output_dir, *FULL_RECIPE, *VALIDATION)
-    )
+    result = launch(SCRIPT, personal_args(tiny_assets["model"], targets, output_dir, *FULL_RECIPE, *VALIDATION))
     summary = json.loads((output_dir / "training_summary.json").read_text())
     return output_dir, result.stdout, summary
 
@@ -95,7 +94,7 @@ def pixels(image):
 
 
 def test_rejected_samples_are_the_base_models_draws_for_the_captions_with_the_initializer(tiny_assets, personal_run):
-    import train_mapo_sdxl
+    import train_mapo_personalization_sdxl
 
     _, _, summary = personal_run
     rejected = summary["personalization"]["rejected_samples"]
@@ -108,7 +107,7 @@ def test_rejected_samples_are_the_base_models_draws_for_the_captions_with_the_in
             guidance_scale=5.0,
             height=RESOLUTION,
             width=RESOLUTION,
-            generator=torch.Generator().manual_seed(train_mapo_sdxl.sample_seed(0, i, 0)),
+            generator=torch.Generator().manual_seed(train_mapo_personalization_sdxl.sample_seed(0, i, 0)),
         ).images[0]
         cached = Image.open(f"{rejected['folder']}/{i:05d}-00.png")
         assert np.abs(pixels(drawn) - pixels(cached)).max() <= 2, i  # one thread in the run, two here
@@ -176,7 +175,7 @@ def test_rerun_reuses_the_rejected_samples_and_a_new_sampler_setting_draws_new_o
     before = {p.name: p.stat().st_mtime_ns for p in sorted(first_dir.glob("rejected_samples/*/*.png"))}
     common = ["--lora_rank", 4, "--max_train_steps", 1, "--rejected_cache_dir", first_dir / "rejected_samples"]
     common += ["--placeholder_token", "<sks>", "--initializer_token", "ball"]  # the first run's prompts
-    launch("train_mapo_sdxl.py", personal_args(tiny_assets["model"], targets, tmp_path / "again", *common))
+    launch(SCRIPT, personal_args(tiny_assets["model"], targets, tmp_path / "again", *common))
     again = json.loads((tmp_path / "again" / "training_summary.json").read_text())["personalization"]
     assert again["rejected_samples"] == {"folder": folder, "drawn": 0, "reused": 3}
     assert {p.name: p.stat().st_mtime_ns for p in sorted(first_dir.glob("rejected_samples/*/*.png"))} == before
@@ -184,7 +183,7 @@ def test_rerun_reuses_the_rejected_samples_and_a_new_sampler_setting_draws_new_o
     more_steps = personal_args(
         tiny_assets["model"], targets, tmp_path / "new", *common, "--rejected_inference_steps", 4
     )
-    launch("train_mapo_sdxl.py", more_steps)
+    launch(SCRIPT, more_steps)
     new = json.loads((tmp_path / "new" / "training_summary.json").read_text())["personalization"]
     assert new["rejected_samples"]["drawn"] == 3 and new["rejected_samples"]["folder"] != folder
 
@@ -195,12 +194,12 @@ def test_resumed_run_ends_with_the_text_encoder_lora_and_embeddings_of_an_uninte
     recipe = [arg if arg != 2 else 4 for arg in FULL_RECIPE]  # 4 steps
     uninterrupted = tmp_path / "uninterrupted"
     common = ["--checkpointing_steps", 2, "--rejected_cache_dir", tmp_path / "samples", "--num_rejected_per_image", 2]
-    launch("train_mapo_sdxl.py", personal_args(tiny_assets["model"], targets, uninterrupted, *recipe, *common))
+    launch(SCRIPT, personal_args(tiny_assets["model"], targets, uninterrupted, *recipe, *common))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
     resume = ["--resume_from_checkpoint", "latest"]
-    launch("train_mapo_sdxl.py", personal_args(tiny_assets["model"], targets, resumed, *recipe, *common, *resume))
+    launch(SCRIPT, personal_args(tiny_assets["model"], targets, resumed, *recipe, *common, *resume))
     for name in ("pytorch_lora_weights.safetensors", "textual_inversion.safetensors"):
         first, second = load_file(uninterrupted / name), load_file(resumed / name)
         assert first.keys() == second.keys()
@@ -212,7 +211,7 @@ def test_resumed_run_ends_with_the_text_encoder_lora_and_embeddings_of_an_uninte
 
 def test_two_processes_share_the_drawing_and_train_the_text_encoders_in_step(tiny_assets, targets, tmp_path):
     args = personal_args(tiny_assets["model"], targets, tmp_path, *FULL_RECIPE, "--train_batch_size", 2)
-    result = launch("train_mapo_sdxl.py", args, num_processes=2)
+    result = launch(SCRIPT, args, num_processes=2)
     assert "weights identical on all processes: yes" in result.stdout
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     assert summary["personalization"]["rejected_samples"]["drawn"] == 3 and summary["total_batch_size"] == 4
@@ -227,7 +226,7 @@ def test_a_dataset_of_images_without_captions_trains_with_instance_prompt(tiny_a
     extra = ["--instance_prompt", CAPTION, "--max_train_steps", 1, "--train_batch_size", 2]
     for source in (folder, tmp_path / "dataset"):
         output_dir = tmp_path / f"out-{source.name}"
-        launch("train_mapo_sdxl.py", personal_args(tiny_assets["model"], source, output_dir, *extra))
+        launch(SCRIPT, personal_args(tiny_assets["model"], source, output_dir, *extra))
         personal = json.loads((output_dir / "training_summary.json").read_text())["personalization"]
         assert personal["target_images"] == 2 and personal["rejected_samples"]["drawn"] == 2
 
@@ -236,7 +235,7 @@ def one_line_error(result):
     """A user's view of a refused run: a failure exit, one `error:` line, and no traceback through the script
     (a run under `accelerate launch` also shows accelerate's own report that its child failed)."""
     assert result.returncode != 0, result.stdout[-3000:]
-    assert 'train_mapo_sdxl.py", line' not in result.stdout, result.stdout[-3000:]
+    assert f'{SCRIPT}", line' not in result.stdout, result.stdout[-3000:]
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:") or " error: " in line]
     assert len(errors) == 1, result.stdout[-3000:]
     return errors[0]
@@ -248,18 +247,23 @@ def one_line_error(result):
         (["--train_text_encoder"], "--train_text_encoder trains LoRA adapters on the text encoders; give --lora_rank"),
         (["--placeholder_token", "<sks>"], "--placeholder_token and --initializer_token go together"),
         (["--placeholder_token", "<s>", "--initializer_token", "ball", "--cache_latents"], "--cache_latents caches"),
-        (["--preference_eval_split", "test"], "personalization (--instance_data_dir) has none"),
+        (["--preference_eval_split", "test"], "unrecognized arguments: --preference_eval_split"),
         (["--num_rejected_per_image", 0], "--num_rejected_per_image must be positive"),
     ],
 )
 def test_bad_personalization_flags_stop_with_one_line_before_any_model_loads(targets, tmp_path, flags, message):
-    result = run_python("train_mapo_sdxl.py", personal_args("/no/such/model", targets, tmp_path, *flags)[2:])
+    result = run_python(SCRIPT, personal_args("/no/such/model", targets, tmp_path, *flags)[2:])
     assert message in one_line_error(result)
 
 
 def test_instance_prompt_without_an_instance_folder_is_refused(tmp_path):
-    result = run_python("train_mapo_sdxl.py", ["--instance_prompt", CAPTION, "--output_dir", tmp_path])
-    assert "--instance_prompt belongs to personalization; give --instance_data_dir too" in one_line_error(result)
+    result = run_python(SCRIPT, ["--instance_prompt", CAPTION, "--output_dir", tmp_path])
+    assert "the following arguments are required: --instance_data_dir" in one_line_error(result)
+
+
+def test_the_text_to_image_script_points_personalization_to_this_script(targets, tmp_path):
+    result = run_python("train_mapo_sdxl.py", ["--instance_data_dir", targets, "--output_dir", tmp_path])
+    assert f"--instance_data_dir is personalization, which {SCRIPT} trains" in one_line_error(result)
 
 
 @pytest.mark.parametrize(
@@ -280,7 +284,7 @@ def test_bad_target_data_stops_with_one_line(tiny_assets, tmp_path, case, flags,
     else:
         write_targets(folder, count=2, captions=case == "captioned", extra_files=False)
     args = personal_args(tiny_assets["model"], folder, tmp_path / "out", "--max_train_steps", 1, *flags)
-    result = launch("train_mapo_sdxl.py", args, check=False)
+    result = launch(SCRIPT, args, check=False)
     line = one_line_error(result)
     assert message in line, line
     assert not list((tmp_path / "out").glob("rejected_samples/*/*.png"))  # stopped before drawing anything
@@ -289,7 +293,7 @@ def test_bad_target_data_stops_with_one_line(tiny_assets, tmp_path, case, flags,
 def test_generate_py_loads_the_new_token_beside_the_lora_weights(tiny_assets, personal_run, tmp_path):
     """examples/eval/generate.py --lora_path on a personalization output also loads its token, so "<sks>" in an
     evaluation prompt reads the trained embeddings, not four unknown characters."""
-    from examples.eval.generate import load_pipeline, textual_inversion_file
+    from examples.lib.sampling import load_pipeline, textual_inversion_file
 
     output_dir, _, _ = personal_run
     prompts = tmp_path / "prompts.txt"
