@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from test_scaling import launch_with_config, max_abs_diff, unet_weights
 
 import train_capo
-from examples.tiny_world import make_tiny_assets
+from examples.tiny_world import world
 from train_capo import beta_range_warning, capo_loss
 
 
@@ -122,7 +123,7 @@ def capo_pairs(tiny_assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-sd-capo")
-    make_tiny_assets.build_tiny_sd_pipeline(str(root / "v"), prediction_type="v_prediction", vae_fit_steps=20)
+    world.build_tiny_sd_pipeline(str(root / "v"), prediction_type="v_prediction", vae_fit_steps=20)
     return {"v_prediction": str(root / "v")}
 
 
@@ -255,8 +256,8 @@ def test_a_beta_from_another_objectives_range_is_warned_about_before_any_model_l
 
 def write_rows(folder, **columns):
     folder.mkdir(parents=True, exist_ok=True)
-    image = make_tiny_assets.encode_png(make_tiny_assets.np.zeros((8, 8, 3), make_tiny_assets.np.uint8))
-    other = make_tiny_assets.encode_png(make_tiny_assets.np.full((8, 8, 3), 255, make_tiny_assets.np.uint8))
+    image = world.encode_png(np.zeros((8, 8, 3), np.uint8))
+    other = world.encode_png(np.full((8, 8, 3), 255, np.uint8))
     rows = {"caption": ["a photo of a red ball"] * 2, "jpg_pos": [image] * 2, "jpg_neg": [other] * 2, **columns}
     pq.write_table(
         pa.table({key: value for key, value in rows.items() if value is not None}), folder / "train.parquet"

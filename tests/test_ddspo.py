@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import launch, run_python, tiny_args
 
-from examples.tiny_world import make_tiny_assets
+from examples.tiny_world import world
 from train_ddspo import ddspo_loss, rand_removal
 
 
@@ -96,8 +96,8 @@ def ddspo_pairs(tiny_assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-sd")
-    make_tiny_assets.build_tiny_sd_pipeline(str(root / "eps"), prediction_type="epsilon", vae_fit_steps=20)
-    make_tiny_assets.build_tiny_sd_pipeline(str(root / "v"), prediction_type="v_prediction", vae_fit_steps=20)
+    world.build_tiny_sd_pipeline(str(root / "eps"), prediction_type="epsilon", vae_fit_steps=20)
+    world.build_tiny_sd_pipeline(str(root / "v"), prediction_type="v_prediction", vae_fit_steps=20)
     return {"epsilon": str(root / "eps"), "v_prediction": str(root / "v")}
 
 
@@ -194,7 +194,7 @@ def test_paired_mode_on_data_without_losing_images_names_the_columns_it_needs(ti
     folder.mkdir()
     rows = {
         "caption": ["a photo of a red ball"],
-        "jpg_w": [make_tiny_assets.encode_png(np.zeros((8, 8, 3), np.uint8))],
+        "jpg_w": [world.encode_png(np.zeros((8, 8, 3), np.uint8))],
     }
     pq.write_table(pa.table(rows), folder / "train.parquet")
     result = launch(

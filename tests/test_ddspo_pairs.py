@@ -42,11 +42,11 @@ SKIP_REPORT = (
 @pytest.fixture(scope="module")
 def tiny_pipelines(tmp_path_factory):
     """A tiny SDXL and a tiny SD1.x-style pipeline (examples/tiny_world/make_tiny_assets.py), VAE unfitted."""
-    from examples.tiny_world import make_tiny_assets
+    from examples.tiny_world import world
 
     root = tmp_path_factory.mktemp("tiny_pipelines")
-    make_tiny_assets.build_tiny_sdxl_pipeline(root / "tiny-sdxl", vae_fit_steps=0)
-    make_tiny_assets.build_tiny_sd_pipeline(root / "tiny-sd", vae_fit_steps=0)
+    world.build_tiny_sdxl_pipeline(root / "tiny-sdxl", vae_fit_steps=0)
+    world.build_tiny_sd_pipeline(root / "tiny-sd", vae_fit_steps=0)
     return {"sdxl": root / "tiny-sdxl", "sd": root / "tiny-sd"}
 
 

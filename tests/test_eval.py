@@ -606,10 +606,10 @@ def tiny_sd(tmp_path_factory):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from examples.tiny_world import make_tiny_assets
+    from examples.tiny_world import world
 
     root = tmp_path_factory.mktemp("tiny_sd")
-    make_tiny_assets.build_tiny_sd_pipeline(root / "tiny-sd", vae_fit_steps=0)
+    world.build_tiny_sd_pipeline(root / "tiny-sd", vae_fit_steps=0)
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(root / "tiny-sd", subfolder="unet")
     unet.add_adapter(

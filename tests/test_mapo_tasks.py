@@ -37,10 +37,10 @@ SAFETY_SKIP_REPORT = "skipped 5 rows (2 with a missing or empty context prompt, 
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory):
-    from examples.tiny_world import make_tiny_assets
+    from examples.tiny_world import world
 
     path = tmp_path_factory.mktemp("tiny_pipeline") / "tiny-sdxl"
-    make_tiny_assets.build_tiny_sdxl_pipeline(path, vae_fit_steps=0)
+    world.build_tiny_sdxl_pipeline(path, vae_fit_steps=0)
     return path
 
 

@@ -48,10 +48,10 @@ def write_tiny_dinov2(folder, seed=0):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny SDXL, a tiny DINOv2 and a pairs dataset drawn by that SDXL (build_pairs.py, chosen prefix empty)."""
-    from examples.tiny_world import make_tiny_assets
+    from examples.tiny_world import world
 
     root = tmp_path_factory.mktemp("mismatch")
-    make_tiny_assets.build_tiny_sdxl_pipeline(root / "tiny-sdxl", vae_fit_steps=0)
+    world.build_tiny_sdxl_pipeline(root / "tiny-sdxl", vae_fit_steps=0)
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     pair_args = ["--pretrained_model_name_or_path", root / "tiny-sdxl", "--prompts", root / "prompts.txt"]
     pair_args += ["--chosen_prefix", "", "--rejected_prefix", "Realistic 8k image.", "--seed", 3]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from examples.rewards import REWARD_MODELS, RewardInputError, load_reward_model, reward_weights_source
 from examples.rewards.toy_ball import COLOR_NAMES, caption_color
-from examples.tiny_world import make_tiny_assets
+from examples.tiny_world import world
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def judge():
 
 
 def drawn(color, half, seed):
-    return make_tiny_assets.make_image(color, half, np.random.default_rng(seed), 64)
+    return world.make_image(color, half, np.random.default_rng(seed), 64)
 
 
 def test_toy_ball_is_registered_as_a_bradley_terry_reward_with_no_weights():
@@ -53,7 +53,7 @@ def test_an_image_without_a_ball_is_not_found_and_scores_worst(judge):
 
 
 def test_judge_agrees_with_every_label_of_the_tiny_datasets_raters(judge):
-    rows = make_tiny_assets.make_pairs(96, np.random.default_rng(5), 64)
+    rows = world.make_pairs(96, np.random.default_rng(5), 64)
     for caption, first, second, label in zip(rows["caption"], rows["jpg_0"], rows["jpg_1"], rows["label_0"]):
         scores = [judge.judge(Image.open(io.BytesIO(png)), caption)["score"] for png in (first, second)]
         assert (scores[0] > scores[1]) == (label == 1.0)

@@ -16,11 +16,18 @@ from +height_weight (top) to -height_weight (bottom); an image with no ball gets
 import numpy as np
 import torch
 
-from examples.tiny_world.make_tiny_assets import COLORS
-
 from .base import RewardInputError, RewardModel
 
 
+# The six colours of the tiny world (examples/tiny_world/world.py draws its balls in them), as RGB.
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 30),
+    "purple": (150, 40, 200),
+    "cyan": (30, 210, 210),
+}
 COLOR_NAMES = list(COLORS)
 COLOR_TABLE = np.array([COLORS[name] for name in COLOR_NAMES], dtype=np.float32)
 # make_image scales a ball's colour by U(0.8, 1.0) and its soft mask stays below 1 at the centre, so the

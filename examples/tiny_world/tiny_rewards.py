@@ -34,7 +34,7 @@ from examples.rewards.clip_rewards import AESTHETIC_HEAD_FILENAME, aesthetic_mlp
 from examples.rewards.hps import HPS_V21_FILENAME, OPEN_CLIP_CONFIG_NAME
 from examples.rewards.image_reward import IMAGE_REWARD_FILENAME, MED_CONFIG_FILENAME, VISION_CONFIG_FILENAME
 from examples.rewards.mps import MPS_STATE_DICT_FILENAME, MPSNetwork
-from examples.tiny_world.make_tiny_assets import bytes_to_unicode
+from examples.tiny_world.world import bytes_to_unicode
 
 
 TINY_IMAGE_SIZE, TINY_PATCH_SIZE, TINY_WIDTH, TINY_LAYERS, TINY_HEADS, TINY_EMBED_DIM = 32, 8, 32, 2, 4, 16
