@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import OFFLINE_ENV, REPO, run_python
 from PIL import Image
 
-from examples.rewards import RewardInputError, load_reward_model, mps, reward_weights_source
+from examples.rewards import RewardInputError, convert_mps, load_reward_model, mps, reward_weights_source
 from examples.tiny_world.tiny_rewards import write_tiny_mps
 
 
@@ -184,7 +184,7 @@ def test_a_pickled_model_is_refused_with_a_one_line_error_that_says_to_convert_i
     (folder / mps.MPS_STATE_DICT_FILENAME).unlink()
     torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), folder / mps.MPS_CHECKPOINT_FILENAME)  # a whole module
     with pytest.raises(
-        RewardInputError, match=r"is a pickled model, not a state dict.*python -m examples\.rewards\.mps"
+        RewardInputError, match=r"is a pickled model, not a state dict.*python -m examples\.rewards\.convert_mps"
     ):
         load_reward_model("mps", path=str(folder), device="cpu")
     with pytest.raises(RewardInputError) as error:
@@ -248,9 +248,9 @@ def save_as_the_authors_pickled_model(network, path, monkeypatch):
 
 
 def run_conversion(checkpoint, output_dir):
-    """`python -m examples.rewards.mps`, as the module docstring says to run it, in a fresh process."""
+    """`python -m examples.rewards.convert_mps`, as the module docstring says to run it, in a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "examples.rewards.mps", "--checkpoint", checkpoint, "--output_dir", output_dir],
+        [sys.executable, "-m", "examples.rewards.convert_mps", "--checkpoint", checkpoint, "--output_dir", output_dir],
         cwd=REPO,
         env={**os.environ, **OFFLINE_ENV},
         capture_output=True,
@@ -301,7 +301,7 @@ def test_the_conversion_refuses_a_global_in_process_too(tmp_path):
     assert re.search(r"names io\.open, .*not a checkpoint this converter accepts", str(error.value))
     assert "\n" not in str(error.value)
     with pytest.raises(SystemExit, match=r"names io\.open, "):
-        mps.main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "converted")])
+        convert_mps.main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "converted")])
     assert not written_by_the_payload.exists()
 
 

@@ -36,7 +36,7 @@ https://github.com/Kwai-Kolors/MPS), not on the hub. It is a whole pickled model
 `torch.load(path)` and gets their module back), which `weights_only=True` refuses; this loader reads state dicts
 only (safetensors, or `torch.load(..., weights_only=True)`). Convert the file once:
 
-    python -m examples.rewards.mps --checkpoint MPS_overall_checkpoint.pth --output_dir models/mps
+    python -m examples.rewards.convert_mps --checkpoint MPS_overall_checkpoint.pth --output_dir models/mps
     python -m examples.eval.score --run_dirs generated/sdxl --reward_models mps --reward_model_paths mps=models/mps
 
 The conversion (`convert_checkpoint`) is the one place that reads a pickled model, and it runs nothing the file
@@ -52,7 +52,6 @@ stand-in does). The forward pass is tested against a direct re-implementation of
 same weights (tests/test_mps.py).
 """
 
-import argparse
 import pickle
 import re
 import types
@@ -77,7 +76,7 @@ OVERALL_CONDITION = (
     "instance, texture, quantity, attributes, position, number, location, word, things."
 )
 CONDITION_THRESHOLD = 0.3  # the authors' scorer (their training forward uses 0.01)
-CONVERT_COMMAND = "python -m examples.rewards.mps --checkpoint FILE --output_dir DIR"
+CONVERT_COMMAND = "python -m examples.rewards.convert_mps --checkpoint FILE --output_dir DIR"
 NO_HUB_WEIGHTS = (
     f"MPS has no weights on the Hugging Face hub: download {MPS_CHECKPOINT_FILENAME} from the link in the README "
     f"of {MPS_GITHUB}, convert it once ({CONVERT_COMMAND}) and pass DIR (score.py: --reward_model_paths mps=DIR)."
@@ -442,38 +441,3 @@ class MPS(RewardModel):
             self.condition_tokens,
             self.condition_threshold,
         )
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=(
-            "Convert the authors' pickled MPS checkpoint into the state dict the mps reward reads. Only tensors and "
-            "inert stand-ins for the classes that hold them are unpickled; a file that names anything else is "
-            "refused (see examples/rewards/mps.py's docstring).\n\n"
-            "    python -m examples.rewards.mps --checkpoint MPS_overall_checkpoint.pth --output_dir models/mps"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--checkpoint", type=str, required=True, help=f"The authors' {MPS_CHECKPOINT_FILENAME} (a pickled model)."
-    )
-    parser.add_argument(
-        "--output_dir", type=str, required=True, help=f"Folder that receives {MPS_STATE_DICT_FILENAME}."
-    )
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(
-            f"--checkpoint {args.checkpoint!r} does not exist; expected the authors' {MPS_CHECKPOINT_FILENAME}."
-        )
-    try:
-        print(f"wrote {convert_checkpoint(args.checkpoint, args.output_dir)}")
-    except RewardInputError as error:
-        raise SystemExit(str(error)) from None
-
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,7 @@ loaders, the converters and the eval tools can be tested offline; the scores mea
   names) with its `open_clip_config.json`, and tokenizer files;
 - imagereward: `ImageReward.pt` in ImageReward's own (BLIP) names, `med_config.json`,
   `vision_config.json` and a BERT `vocab.txt`;
-- mps: `MPS_overall_state_dict.safetensors` (what `python -m examples.rewards.mps` makes of the authors'
+- mps: `MPS_overall_state_dict.safetensors` (what `python -m examples.rewards.convert_mps` makes of the authors'
   pickled checkpoint: their CLIP model and cross model, in their names) with the tiny CLIP's config.json,
   tokenizer and image processor.
 The tokenizers are byte-level CLIP BPE (with <|endoftext|> as the largest id, as in CLIP) and a
