@@ -9,20 +9,30 @@ dropout for classifier-free guidance. Its samples show one ball of the caption's
 half about half of the time: the raters' preference (top half) is not in the base model, so an
 objective that learns it moves the share, and examples/rewards/toy_ball.py can see it.
 
-    python -m examples.tiny_world.pretrain_tiny_world --output_dir tiny_assets
-    # -> tiny_assets/tiny-world-sdxl (pipeline) with tiny_world.json (fingerprint, settings, timings)
+The two bases the demo and the learning tests use ship, built by this script, in examples/tiny_world/bases/
+(examples/tiny_world/README.md). To rebuild them in place, with the thread count each was built with (it decides
+the rounding: another count builds a slightly different base):
 
-Built once: a folder whose tiny_world.json carries the fingerprint of the current settings (and of
-this recipe's source, make_tiny_assets' pieces and the torch / diffusers versions) is reused as it is;
-anything else is rebuilt. About 3 minutes on 2 CPU cores (set OMP_NUM_THREADS=1 when the cores are
-shared: two threads under contention run several times slower).
+    OMP_NUM_THREADS=1 python -m examples.tiny_world.pretrain_tiny_world --output_dir examples/tiny_world/bases
+    # -> examples/tiny_world/bases/tiny-world-sdxl: README command 1's base, tests/conftest.py's `tiny_world`
+    OMP_NUM_THREADS=2 python -m examples.tiny_world.pretrain_tiny_world --output_dir examples/tiny_world/bases \
+        --position_caption_share 1.0 --position_caption_noise 0.3 --snr_gamma 5 --train_steps 3000
+    # -> examples/tiny_world/bases/tiny-world-positional-sdxl: the DDSPO learning test's base
 
-Steps:
-1. build the tiny pipeline with make_tiny_assets.build_tiny_sdxl_pipeline;
+Each folder is a whole pipeline (StableDiffusionXLPipeline.from_pretrained reads it) with tiny_world.json: the
+fingerprint, recipe version, settings, thread count, torch and diffusers versions, and timings. A folder whose
+fingerprint matches (the settings, this recipe's source, world.py's pieces, the torch and diffusers versions) is
+kept as it is, --force rebuilds it anyway; anything else is rebuilt. About 6 and 8 minutes on 2 idle cores; two
+threads on cores that other processes keep busy run several times slower. TINY_WORLD_REBUILD=1 pytest
+tests/learning/test_tiny_world_bases.py rebuilds both into a scratch folder and checks that they draw what the shipped
+ones draw.
+
+Steps (each prints a line at least every 15 s):
+1. build the tiny pipeline with world.build_tiny_sdxl_pipeline (in a scratch folder);
 2. refit its VAE longer, weighting the ball's pixels (--vae_refit_steps): the 120-step fit of
    make_tiny_assets keeps the ball's position but decodes every colour as one grey-green, so no UNet
    could draw a red ball through it;
-3. encode a balanced pool of images once (VAE posterior means x scaling_factor);
+3. encode a balanced pool of --num_train_images images once (VAE posterior means x scaling_factor);
 4. pre-train the UNet: epsilon MSE, t ~ U{0..999} with a DDPMScheduler built from the pipeline's
    scheduler config, SDXL conditioning as the training scripts build it (penultimate hidden states
    of both encoders, pooled output of the second, add_time_ids (64, 64, 0, 0, 64, 64)), the caption
@@ -33,24 +43,28 @@ Steps:
 """
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import inspect
 import json
 import math
 import os
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from examples.tiny_world import make_tiny_assets
+from examples.tiny_world import world
 
 
-COLOR_NAMES = list(make_tiny_assets.COLORS)
+COLOR_NAMES = list(world.COLORS)
 FORMAT_VERSION = 1  # bump when the recipe changes in a way the settings do not show
 PIPELINE_FOLDER = "tiny-world-sdxl"
-POSITION_WORDS = ("at the top", "at the bottom")  # halves 0 and 1 of make_tiny_assets.make_image
+PROGRESS_EVERY_S = 15
+POSITION_WORDS = ("at the top", "at the bottom")  # halves 0 and 1 of world.make_image
 INFO_FILE = "tiny_world.json"
 
 
@@ -60,7 +74,9 @@ INFO_FILE = "tiny_world.json"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--output_dir", default="tiny_assets", help=f"Receives {PIPELINE_FOLDER}/ (and a scratch base-sdxl/)."
+        "--output_dir",
+        default="tiny_assets",
+        help=f"Receives {PIPELINE_FOLDER}/ (examples/tiny_world/bases rebuilds the shipped base).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the images and the training draws.")
     vae = parser.add_argument_group("VAE refit")
@@ -86,7 +102,8 @@ def parse_args(argv=None):
         "are plain. 0: plain captions only (the base of README command 1). The tiny UNet learns the word slowly; "
         "top-half share (guidance 5) for '... at the top' / '... at the bottom': share 0.5, 1500 or 3000 steps: "
         "0.44-0.50 / 0.46; share 1, noise 0.3, --snr_gamma 5, 3000 steps (the DDSPO learning test's base): "
-        "0.54 / 0.41; share 1, noise 0, --snr_gamma 5, 3000 steps: 1.0 / 0.0.",
+        "0.45-0.54 / 0.36-0.41 (builds with two or one threads); share 1, noise 0, --snr_gamma 5, 3000 steps: "
+        "1.0 / 0.0.",
     )
     unet.add_argument(
         "--position_caption_noise",
@@ -139,19 +156,19 @@ TRAIN_SETTINGS = (
 
 def fingerprint(args):
     """Hash of everything the pre-trained pipeline depends on: the settings, this recipe's version and
-    source, the source of the make_tiny_assets pieces it is built from, and the torch and diffusers versions."""
+    source, the source of the world.py pieces it is built from, and the torch and diffusers versions."""
     import diffusers
     import torch
 
     sources = "".join(
         inspect.getsource(obj)
         for obj in (
-            make_tiny_assets.build_tiny_sdxl_pipeline,
-            make_tiny_assets.tiny_text_config,
-            make_tiny_assets.tiny_vae,
-            make_tiny_assets.fit_tiny_vae,
-            make_tiny_assets.make_image,
-            make_tiny_assets.write_clip_tokenizer_files,
+            world.build_tiny_sdxl_pipeline,
+            world.tiny_text_config,
+            world.tiny_vae,
+            world.fit_tiny_vae,
+            world.make_image,
+            world.write_clip_tokenizer_files,
             image_batch,
             refit_vae,
             encode_prompts,
@@ -161,8 +178,8 @@ def fingerprint(args):
     key = {
         "format_version": FORMAT_VERSION,
         "settings": {name: getattr(args, name) for name in TRAIN_SETTINGS},
-        "colors": make_tiny_assets.COLORS,
-        "unet_preset": make_tiny_assets.UNET_PRESETS["tiny"],
+        "colors": world.COLORS,
+        "unet_preset": world.UNET_PRESETS["tiny"],
         "source": hashlib.sha256(sources.encode()).hexdigest(),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }
@@ -173,22 +190,59 @@ def fingerprint(args):
 # Pre-training
 # ----------------------------------------------------------------------------------------------
 def image_batch(rng, n, resolution=64, colors=None, halves=None):
-    """n tiny-world images as a float tensor in [-1, 1], with their colour and half indices."""
+    """n tiny-world images as a float tensor in [-1, 1], with their colour and half indices: drawn at random, or
+    the first n of `colors` and `halves` where given."""
     import torch
 
-    colors = rng.integers(len(COLOR_NAMES), size=n) if colors is None else colors
-    halves = rng.integers(2, size=n) if halves is None else halves
+    colors = rng.integers(len(COLOR_NAMES), size=n) if colors is None else colors[:n]
+    halves = rng.integers(2, size=n) if halves is None else halves[:n]
     images = np.stack(
-        [
-            make_tiny_assets.make_image(COLOR_NAMES[c], ("top", "bottom")[h], rng, resolution)
-            for c, h in zip(colors, halves)
-        ]
+        [world.make_image(COLOR_NAMES[c], ("top", "bottom")[h], rng, resolution) for c, h in zip(colors, halves)]
     )
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, colors, halves
 
 
+class Progress:
+    """When a loop of `steps` steps prints a line: after its first and last step, and whenever PROGRESS_EVERY_S
+    seconds have passed since the last line, so that a build on a slow or busy machine never looks stuck."""
+
+    def __init__(self, steps):
+        self.steps = steps
+        self.start = self.last_line = time.perf_counter()
+
+    def due(self, step):
+        now = time.perf_counter()
+        if step in (0, self.steps - 1) or now - self.last_line >= PROGRESS_EVERY_S:
+            self.last_line = now
+            return True
+        return False
+
+    @property
+    def elapsed_s(self):
+        return time.perf_counter() - self.start
+
+
+@contextlib.contextmanager
+def heartbeat(what):
+    """Prints "<what> (N s)" every PROGRESS_EVERY_S seconds until the block ends: for a step that prints nothing."""
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat():
+        while not done.wait(PROGRESS_EVERY_S):
+            print(f"  {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def refit_vae(vae, steps, lr, batch_size, seed, resolution=64, ball_weight=2.0):
-    """Continue make_tiny_assets.fit_tiny_vae's reconstruction fit (Adam, one-cycle lr) and re-derive
+    """Continue world.fit_tiny_vae's reconstruction fit (Adam, one-cycle lr) and re-derive
     scaling_factor; the log-variance head stays pinned (mode() gives it no gradient).
 
     The squared error of a pixel is weighted by 1 + ball_weight x its distance (in [-1, 1] RGB units)
@@ -204,10 +258,8 @@ def refit_vae(vae, steps, lr, batch_size, seed, resolution=64, ball_weight=2.0):
     vae.train()
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    start = time.perf_counter()
+    progress = Progress(steps)
     for step in range(steps):
-        if (step + 1) % max(1, steps // 5) == 0:
-            print(f"  VAE refit step {step + 1}/{steps} ({time.perf_counter() - start:.0f} s)", flush=True)
         images, _, _ = image_batch(rng, batch_size, resolution)
         reconstruction = vae.decode(vae.encode(images).latent_dist.mode()).sample
         background = images[:, :, :4, :4].mean(dim=(2, 3), keepdim=True)
@@ -217,6 +269,10 @@ def refit_vae(vae, steps, lr, batch_size, seed, resolution=64, ball_weight=2.0):
         loss.backward()
         optimizer.step()
         schedule.step()
+        if progress.due(step):
+            print(
+                f"  VAE refit step {step + 1}/{steps}: loss {loss.item():.4f} ({progress.elapsed_s:.0f} s)", flush=True
+            )
     vae.eval()
     with torch.no_grad():
         logvar_rows = slice(vae.config.latent_channels, 2 * vae.config.latent_channels)
@@ -251,6 +307,7 @@ def pretrain(args, base_path, out_path):
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     start = time.perf_counter()
+    print(f"tiny world base: refitting the VAE ({args.vae_refit_steps} steps)", flush=True)
     refit_vae(
         pipe.vae,
         args.vae_refit_steps,
@@ -266,6 +323,7 @@ def pretrain(args, base_path, out_path):
     start = time.perf_counter()
     rng = np.random.default_rng([args.seed, 202])
     n = args.num_train_images
+    print(f"tiny world base: encoding {n} training images", flush=True)
     colors, halves = np.arange(n) % len(COLOR_NAMES), (np.arange(n) // len(COLOR_NAMES)) % 2
     latents = []
     with torch.no_grad():
@@ -298,7 +356,9 @@ def pretrain(args, base_path, out_path):
     ema = [p.detach().clone() for p in unet.parameters()] if args.ema_decay > 0 else None
     generator = torch.Generator().manual_seed(args.seed)
     losses = []
+    print(f"tiny world base: pre-training the UNet ({args.train_steps} steps of {args.batch_size} images)", flush=True)
     start = time.perf_counter()
+    progress = Progress(args.train_steps)
     for step in range(args.train_steps):
         index = torch.randint(0, n, (args.batch_size,), generator=generator)
         x0 = latents[index]
@@ -336,10 +396,10 @@ def pretrain(args, base_path, out_path):
                 for average, parameter in zip(ema, unet.parameters()):
                     average.lerp_(parameter.detach(), 1 - decay)
         losses.append(loss.item())
-        if (step + 1) % max(1, args.train_steps // 10) == 0:
+        if progress.due(step):
             print(
-                f"  step {step + 1}/{args.train_steps}: loss {np.mean(losses[-100:]):.4f} "
-                f"({time.perf_counter() - start:.0f} s)",
+                f"  UNet step {step + 1}/{args.train_steps}: loss {np.mean(losses[-100:]):.4f} "
+                f"({progress.elapsed_s:.0f} s)",
                 flush=True,
             )
     timings["pretrain_s"] = time.perf_counter() - start
@@ -348,12 +408,15 @@ def pretrain(args, base_path, out_path):
             for average, parameter in zip(ema, unet.parameters()):
                 parameter.copy_(average)
     unet.eval()
+    for component in (pipe, pipe.unet, pipe.vae):  # else the scratch folder's path is written into their configs
+        component.register_to_config(_name_or_path=Path(out_path).name)
     pipe.save_pretrained(out_path)
     return timings, float(np.mean(losses[-100:]))
 
 
 def build(args):
     """The pre-trained pipeline's folder: reused when its fingerprint matches, else (re)built. Returns (path, info)."""
+    import diffusers
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -378,15 +441,20 @@ def build(args):
     info_path.unlink(missing_ok=True)  # a build interrupted from here on is never taken for a finished one
     timings = {}
     start = time.perf_counter()
-    base_path = output_dir / f"base-sdxl-for-{args.pipeline_folder}"
-    make_tiny_assets.build_tiny_sdxl_pipeline(str(base_path), seed=args.seed)
-    timings["build_base_s"] = time.perf_counter() - start
-    trained, final_loss = pretrain(args, str(base_path), str(out_path))
+    with tempfile.TemporaryDirectory(prefix="tiny-sdxl-") as base_path:
+        print("tiny world base: building the untrained pipeline (world.build_tiny_sdxl_pipeline)", flush=True)
+        with heartbeat("still building the untrained pipeline"):
+            world.build_tiny_sdxl_pipeline(base_path, seed=args.seed)
+        timings["build_base_s"] = time.perf_counter() - start
+        trained, final_loss = pretrain(args, base_path, str(out_path))
     timings.update(trained)
     timings["total_s"] = time.perf_counter() - start
     info = {
         "fingerprint": key,
+        "format_version": FORMAT_VERSION,
         "settings": {name: getattr(args, name) for name in TRAIN_SETTINGS},
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "timings": timings,
         "final_loss": final_loss,
     }

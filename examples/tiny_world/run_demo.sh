@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # README command 1: alignment you can see, on the CPU.
 #   set up .venv -> tiny Pick-a-Pic world (raters prefer the ball in the top half) -> a tiny SDXL base model
-#   pre-trained to draw its balls (built once, cached) -> MaPO (--beta_mapo 8) -> the same seeds sampled from
-#   base and trained model (examples/eval/generate.py) -> judged by the toy_ball reward (score.py, compare.py)
-#   -> top-half share with its interval and a labelled before/after grid (examples/tiny_world/report.py).
+#   pre-trained to draw its balls (shipped in examples/tiny_world/bases/; pretrain_tiny_world.py rebuilds it)
+#   -> MaPO (--beta_mapo 8) -> the same seeds sampled from base and trained model (examples/eval/generate.py)
+#   -> judged by the toy_ball reward (score.py, compare.py) -> top-half share with its interval and a labelled
+#   before/after grid (examples/tiny_world/report.py).
 # demo_output/ (or DEMO_OUTPUT_DIR) is rewritten on every run. Extra arguments go to train_mapo_sdxl.py.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -15,8 +16,7 @@ python=.venv/bin/python
 if [ ! -f "$assets/tiny-pickapic/test.parquet" ]; then
   $python -m examples.tiny_world.make_tiny_assets --output_dir "$assets" --skip_model
 fi
-$python -m examples.tiny_world.pretrain_tiny_world --output_dir "$assets"
-base="$assets/tiny-world-sdxl"
+base=examples/tiny_world/bases/tiny-world-sdxl
 rm -rf "$out"
 mkdir -p "$out"
 start=$(date +%s)
