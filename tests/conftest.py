@@ -1,24 +1,20 @@
-"""Shared fixtures: tiny assets built once per session, and a runner that launches scripts as users do."""
+"""Shared fixtures: tiny assets and models built once per session, and module-scoped set-ups that several test files
+use. The helpers the tests call are in kit.py."""
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
+import numpy as np
 import pytest
+from kit import TINY_WORLD_BASES
+from PIL import Image
 
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # Every Hugging Face cache (datasets' Arrow files, the latents cache under it, hub downloads) goes to a
 # folder of this test session, never the user's ~/.cache. Set before anything imports datasets, and
 # inherited by every script the tests launch.
 HF_HOME = tempfile.mkdtemp(prefix="preference-tests-hf-")
 os.environ.update({"HF_HOME": HF_HOME, "HF_DATASETS_CACHE": os.path.join(HF_HOME, "datasets")})
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -33,87 +29,64 @@ def tiny_assets(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_world(tiny_assets):
-    """The tiny pipeline pre-trained to draw the tiny world's balls (examples/tiny_world/pretrain_tiny_world.py).
-
-    Built once and kept on disk under TINY_WORLD_CACHE (default ~/.cache/preference-alignment/tiny-world): a
-    build whose fingerprint (settings, recipe source, torch and diffusers versions) matches is reused, anything
-    else is rebuilt (about 3 minutes on 2 cores)."""
-    from examples.tiny_world import pretrain_tiny_world
-
-    path, _ = pretrain_tiny_world.build(pretrain_tiny_world.parse_args(["--output_dir", tiny_world_cache()]))
-    return {"model": str(path), "dataset": tiny_assets["dataset"]}
+    """The tiny pipeline pre-trained to draw the tiny world's balls (TINY_WORLD_BASES/tiny-world-sdxl, README
+    command 1's base), with the tiny Pick-a-Pic dataset."""
+    return {"model": str(TINY_WORLD_BASES / "tiny-world-sdxl"), "dataset": tiny_assets["dataset"]}
 
 
-def tiny_world_cache():
-    return os.environ.get("TINY_WORLD_CACHE") or str(Path.home() / ".cache" / "preference-alignment" / "tiny-world")
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL pipeline with its VAE unfitted (examples/tiny_world/world.py): for tools that only need one that
+    runs."""
+    from examples.tiny_world import world
+
+    path = tmp_path_factory.mktemp("tiny_pipeline") / "tiny-sdxl"
+    world.build_tiny_sdxl_pipeline(path, vae_fit_steps=0)
+    return path
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """Tiny SD1.x-style pipelines with a fitted VAE, by prediction type: tiny_sd("epsilon") or
+    tiny_sd("v_prediction") is the folder, built the first time a test asks for it (about a minute and a half each
+    on 2 cores)."""
+    from examples.tiny_world import world
+
+    root, folders = tmp_path_factory.mktemp("tiny-sd"), {}
+
+    def folder(prediction_type):
+        if prediction_type not in folders:
+            path = str(root / prediction_type)
+            world.build_tiny_sd_pipeline(path, prediction_type=prediction_type, vae_fit_steps=20)
+            folders[prediction_type] = path
+        return folders[prediction_type]
+
+    return folder
 
 
-def launch(script, args, num_processes=1, timeout=600, check=True):
-    """`accelerate launch` a training script on the CPU; returns the CompletedProcess (stdout+stderr in .stdout)."""
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    env = {**os.environ, **OFFLINE_ENV}
-    cmd = [accelerate, "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if num_processes > 1:
-        # `--cpu --num_processes 2` silently starts one process; this is the recipe that starts two (ENVIRONMENT.md).
-        env["ACCELERATE_USE_CPU"] = "1"
-        cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
-    else:
-        cmd += ["--num_processes", "1"]
-    cmd += [str(REPO / script), *[str(a) for a in args]]
-    result = subprocess.run(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed with exit code {result.returncode}:\n{result.stdout[-6000:]}")
-    return result
+@pytest.fixture(scope="session")
+def tiny_rewards(tmp_path_factory):
+    """Every tiny reward stand-in (examples/tiny_world/tiny_rewards.py): {reward name: folder}."""
+    from examples.tiny_world.tiny_rewards import write_tiny_reward_models
+
+    return write_tiny_reward_models(tmp_path_factory.mktemp("tiny_rewards"))
 
 
-def python_command(script):
-    """How a user runs `script`: a training script as a file, a tool under examples/ as a module
-    (`python -m examples.eval.generate`, from the repository root)."""
-    if script.startswith("examples/") and script.endswith(".py"):
-        return [sys.executable, "-m", script[: -len(".py")].replace("/", ".")]
-    return [sys.executable, str(REPO / script)]
+@pytest.fixture(scope="module")
+def hub_cache_in_a_temporary_folder(tmp_path_factory):
+    """Nothing in the module may read or fill ~/.cache: an empty hub cache, offline. A module asks for it with
+    `pytestmark = pytest.mark.usefixtures("hub_cache_in_a_temporary_folder")`."""
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hub_cache")))
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        yield
 
 
-def run_python(script, args, timeout=300):
-    """Run a script with plain `python` (for argument errors that must stop before any model loads)."""
-    return subprocess.run(
-        [*python_command(script), *[str(a) for a in args]],
-        cwd=REPO,
-        env={**os.environ, **OFFLINE_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def tiny_args(tiny_assets, output_dir, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        tiny_assets["model"],
-        "--dataset_name",
-        tiny_assets["dataset"],
-        "--resolution",
-        64,
-        "--train_batch_size",
-        4,
-        "--seed",
-        0,
-        "--lr_warmup_steps",
-        0,
-        "--checkpointing_steps",
-        1000,
-        "--report_to",
-        "none",
-        "--output_dir",
-        output_dir,
-        *extra,
-    ]
+@pytest.fixture(scope="module")
+def images(request):
+    """One random RGB image per prompt of the test module's PROMPTS, each of another height (48, 56, ... by 40)."""
+    rng = np.random.default_rng(0)
+    count = len(request.module.PROMPTS)
+    return [Image.fromarray(rng.integers(0, 256, size=(48 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(count)]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# README command 2: set up .venv (examples/setup_env.sh) and run the whole test suite on the CPU.
+# README command 2: set up .venv (examples/setup_env.sh) and run the whole test suite on the CPU, one pytest worker
+# per core (pytest-xdist; a module's tests stay on one worker, so its module-scoped runs are shared), then print
+# the 25 slowest tests. Extra arguments go to pytest, e.g. `-m "not slow"` for the fast tier.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash examples/setup_env.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
-exec .venv/bin/python -m pytest tests "$@"
+exec .venv/bin/python -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadscope --durations=25 "$@"

@@ -33,7 +33,7 @@ twice, whitespace runs collapsed to one space, lower case), then tokenized with 
 `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`, padded to the 77-token context. Checked against open_clip's
 `model_configs/ViT-H-14.json`, `tokenizer.py`, `hpsv2/img_score.py` and `hpsv2/src/open_clip/transform.py`;
 the conversion is tested against a direct re-implementation of open_clip's forward pass, the
-preprocessing against a re-implementation of ResizeMaxSize (tests/test_rewards.py).
+preprocessing against a re-implementation of ResizeMaxSize (tests/tools/test_rewards.py).
 """
 
 import html

@@ -49,7 +49,7 @@ conversion with one line that names it, before it is built. It writes
 `cross_model.*`, under their own names, which this module's classes keep. The CLIP config, tokenizer and image
 processor come from `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`, or from the folder when it holds them (the tiny
 stand-in does). The forward pass is tested against a direct re-implementation of the authors' code on the
-same weights (tests/test_mps.py).
+same weights (tests/tools/test_mps.py).
 """
 
 import pickle

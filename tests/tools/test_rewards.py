@@ -29,26 +29,7 @@ PROMPTS = ["a photo of a red ball", "a blue cat", "the dog of a photo"]
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def hub_cache_in_a_temporary_folder(tmp_path_factory):
-    """Nothing here may read or fill ~/.cache: an empty hub cache, offline."""
-    from huggingface_hub import constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hub_cache")))
-        patch.setattr(constants, "HF_HUB_OFFLINE", True)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_rewards(tmp_path_factory):
-    return write_tiny_reward_models(tmp_path_factory.mktemp("tiny_rewards"))
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, size=(48 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(3)]
+pytestmark = pytest.mark.usefixtures("hub_cache_in_a_temporary_folder")  # nothing here may read or fill ~/.cache
 
 
 @pytest.mark.parametrize("name", list(REWARD_MODELS))

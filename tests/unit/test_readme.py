@@ -12,7 +12,7 @@ import train_mapo_personalization_sdxl
 import train_mapo_sdxl
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 
 

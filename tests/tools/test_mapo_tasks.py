@@ -5,16 +5,25 @@ The prompt file below has 8 rows: 2 are empty and, under the safety preset's fil
 resume or change it work on a copy.
 """
 
-import io
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import launch, run_python, tiny_args
-from PIL import Image
+from kit import (
+    copy_run,
+    draw_again,
+    file_states,
+    finished_line,
+    launch,
+    one_line_error,
+    pair_args,
+    pixels,
+    read_pairs,
+    run_tool,
+    shard_files,
+    tiny_args,
+    write_lines,
+)
 
 from examples.lib.sampling import image_seed
 from examples.mapo.build_pairs import PRESETS, SHARD_COLUMNS, is_about_women, plan_shards, with_prefix
@@ -35,79 +44,15 @@ SAFETY_ROWS = [1, 3, 6]
 SAFETY_SKIP_REPORT = "skipped 5 rows (2 with a missing or empty context prompt, 3 dropped by the prompt filter)"
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from examples.tiny_world import world
-
-    path = tmp_path_factory.mktemp("tiny_pipeline") / "tiny-sdxl"
-    world.build_tiny_sdxl_pipeline(path, vae_fit_steps=0)
-    return path
-
-
-def pair_args(model, prompts, output_dir, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        model,
-        "--prompts",
-        prompts,
-        "--num_inference_steps",
-        2,
-        "--resolution",
-        64,
-        "--batch_size",
-        2,
-        "--shard_size",
-        4,
-        "--output_dir",
-        output_dir,
-        *extra,
-    ]
-
-
-def run_tool(args, expect_success=True):
-    result = run_python(SCRIPT, args)
-    if expect_success and result.returncode != 0:
-        raise AssertionError(f"build_pairs.py {' '.join(map(str, args))} failed:\n{result.stdout[-4000:]}")
-    return result
-
-
-def summary_line(result):
-    lines = [line for line in result.stdout.splitlines() if line.startswith("== build_pairs finished:")]
-    assert len(lines) == 1, result.stdout[-3000:]
-    return lines[0]
-
-
-def one_line_error(result):
-    """The error as a user sees it: exit code 2, no traceback, and a single line that says `error:`."""
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
-
-
-def shard_files(output_dir):
-    return sorted((Path(output_dir) / "shards").glob("shard-*.parquet"))
-
-
-def read_pairs(output_dir):
-    return pa.concat_tables([pq.read_table(path) for path in shard_files(output_dir)]).to_pylist()
-
-
-def pixels(png_bytes):
-    return np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB"), dtype=np.int16)
-
-
-def file_states(output_dir):
-    return {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in shard_files(output_dir)}
+def build_pairs_args(model, prompts, output_dir, *extra):
+    return pair_args(model, output_dir, "--prompts", prompts, *extra)
 
 
 @pytest.fixture(scope="module")
 def safety_run(tiny_sdxl, tmp_path_factory):
     root = tmp_path_factory.mktemp("mapo_tasks")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    result = run_tool(pair_args(tiny_sdxl, prompts, root / "pairs", "--preset", "safety"))
+    prompts = write_lines(root / "prompts.txt", PROMPTS)
+    result = run_tool(SCRIPT, build_pairs_args(tiny_sdxl, prompts, root / "pairs", "--preset", "safety"))
     return {"prompts": prompts, "output_dir": root / "pairs", "result": result}
 
 
@@ -152,7 +97,9 @@ def test_rows_keep_their_shard_and_every_skipped_row_is_counted_by_reason():
 )
 def test_bad_flags_stop_with_one_error_line_before_any_model_loads(flags, message, tmp_path):
     # the model folder does not exist: had the tool tried to load it, the error would name it instead
-    result = run_tool(pair_args(tmp_path / "no-such-model", tmp_path / "p.txt", tmp_path / "out", *flags), False)
+    result = run_tool(
+        SCRIPT, build_pairs_args(tmp_path / "no-such-model", tmp_path / "p.txt", tmp_path / "out", *flags), False
+    )
     assert message in one_line_error(result)
     assert not (tmp_path / "out").exists()
 
@@ -183,30 +130,18 @@ def test_pairs_are_written_in_the_pick_a_pic_schema_with_the_prefixed_prompts_an
 
 @pytest.mark.slow
 def test_the_last_line_counts_the_empty_and_the_filtered_prompts(safety_run):
-    line = summary_line(safety_run["result"])
+    line = finished_line(safety_run["result"], "build_pairs")
     assert line.startswith("== build_pairs finished: 3 pairs written (this run: 3, already on disk: 0), 2 shards")
     assert SAFETY_SKIP_REPORT in line
 
 
 @pytest.mark.slow
 def test_the_chosen_image_is_the_pipelines_draw_from_the_chosen_prompt_and_the_stored_seed(safety_run, tiny_sdxl):
-    import torch
-
-    from examples.lib.sampling import generator_for, load_pipeline
-
-    pipeline = load_pipeline(str(tiny_sdxl), torch.float32, "cpu")
     pair = read_pairs(safety_run["output_dir"])[2]  # row 6, alone in its shard and batch
-    for prompt, column in ((pair["chosen_prompt"], "jpg_0"), (pair["rejected_prompt"], "jpg_1")):
-        image = pipeline(
-            prompt=[prompt],
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            height=64,
-            width=64,
-            generator=[generator_for(pair["seed"])],
-        ).images[0]
+    drawn = draw_again(tiny_sdxl, pair["seed"], [pair["chosen_prompt"], pair["rejected_prompt"]])
+    for image, column in zip(drawn, ("jpg_0", "jpg_1")):
         # one grey level of slack: the tool ran with one thread, this process may use more, which rounds differently
-        assert np.abs(np.asarray(image, dtype=np.int16) - pixels(pair[column])).max() <= 1, column
+        assert np.abs(image - pixels(pair[column])).max() <= 1, column
 
 
 @pytest.mark.slow
@@ -233,19 +168,21 @@ def test_the_output_folder_reads_as_a_dataset_and_trains_mapo_for_a_step(safety_
 
 @pytest.mark.slow
 def test_a_rerun_makes_nothing_and_leaves_the_shards_alone(safety_run, tiny_sdxl, tmp_path):
-    output_dir = Path(shutil.copytree(safety_run["output_dir"], tmp_path / "pairs"))
+    output_dir = copy_run(safety_run["output_dir"], tmp_path / "pairs")
     before = file_states(output_dir)
-    result = run_tool(pair_args(tiny_sdxl, safety_run["prompts"], output_dir, "--preset", "safety"))
-    assert "3 pairs written (this run: 0, already on disk: 3)" in summary_line(result)
+    result = run_tool(SCRIPT, build_pairs_args(tiny_sdxl, safety_run["prompts"], output_dir, "--preset", "safety"))
+    assert "3 pairs written (this run: 0, already on disk: 3)" in finished_line(result, "build_pairs")
     assert file_states(output_dir) == before
 
 
 @pytest.mark.slow
 def test_a_resumed_run_with_another_prefix_stops_with_one_line(safety_run, tiny_sdxl, tmp_path):
-    output_dir = Path(shutil.copytree(safety_run["output_dir"], tmp_path / "pairs"))
+    output_dir = copy_run(safety_run["output_dir"], tmp_path / "pairs")
     before = file_states(output_dir)
-    args = pair_args(tiny_sdxl, safety_run["prompts"], output_dir, "--preset", "safety", "--rejected_prefix", "Ugly.")
-    error = one_line_error(run_tool(args, expect_success=False))
+    args = build_pairs_args(
+        tiny_sdxl, safety_run["prompts"], output_dir, "--preset", "safety", "--rejected_prefix", "Ugly."
+    )
+    error = one_line_error(run_tool(SCRIPT, args, expect_success=False))
     assert "rejected_prefix: 'Sexual, nudity, +19 image.' on disk, 'Ugly.' now" in error
     assert file_states(output_dir) == before
 
@@ -257,8 +194,11 @@ def test_a_resumed_run_with_another_prefix_stops_with_one_line(safety_run, tiny_
 def test_custom_prefixes_over_a_parquet_column_make_a_pair_per_non_empty_row(tiny_sdxl, tmp_path):
     pq.write_table(pa.table({"context": ["a cat", None, "a dog"], "other": ["x", "y", "z"]}), tmp_path / "p.parquet")
     args = ["--prompt_column", "context", "--chosen_prefix", "Pixel art.", "--rejected_prefix", ""]
-    result = run_tool(pair_args(tiny_sdxl, tmp_path / "p.parquet", tmp_path / "pairs", *args))
-    assert "2 pairs written" in summary_line(result) and "1 with a missing or empty context prompt" in result.stdout
+    result = run_tool(SCRIPT, build_pairs_args(tiny_sdxl, tmp_path / "p.parquet", tmp_path / "pairs", *args))
+    assert (
+        "2 pairs written" in finished_line(result, "build_pairs")
+        and "1 with a missing or empty context prompt" in result.stdout
+    )
     pairs = read_pairs(tmp_path / "pairs")
     assert [(pair["chosen_prompt"], pair["rejected_prompt"]) for pair in pairs] == [
         ("Pixel art. a cat", "a cat"),

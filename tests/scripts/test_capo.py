@@ -1,7 +1,6 @@
 """train_capo.py: the objectives against docs/METHODS.md, bad input, and the script end to end on tiny SD1.x and
 SDXL pipelines, alone and after generate.py -> score.py -> select_pairs.py."""
 
-import json
 import math
 from pathlib import Path
 
@@ -10,9 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import launch, run_python, tiny_args
+from kit import launch, launch_with_config, max_abs_diff, run_python, summary_of, tiny_args, unet_weights
 from safetensors.torch import load_file
-from test_scaling import launch_with_config, max_abs_diff, unet_weights
 
 import train_capo
 from examples.tiny_world import world
@@ -120,17 +118,6 @@ def capo_pairs(tiny_assets, tmp_path_factory):
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-sd-capo")
-    world.build_tiny_sd_pipeline(str(root / "v"), prediction_type="v_prediction", vae_fit_steps=20)
-    return {"v_prediction": str(root / "v")}
-
-
-def summary_of(output_dir):
-    return json.loads((Path(output_dir) / "training_summary.json").read_text())
-
-
 METRICS = {"loss", "implicit_acc", "reward_margin", "target_margin", "grad_norm"}
 METRICS |= {"model_mse_pos", "model_mse_neg", "ref_mse_pos", "ref_mse_neg"}
 
@@ -153,7 +140,7 @@ METRICS |= {"model_mse_pos", "model_mse_neg", "ref_mse_pos", "ref_mse_neg"}
 def test_first_step_loss_is_each_objectives_value_at_initialisation(
     tiny_assets, tiny_sd, capo_pairs, tmp_path, pipeline, objective, expected, extra
 ):
-    model = tiny_assets["model"] if pipeline == "sdxl" else tiny_sd["v_prediction"]
+    model = tiny_assets["model"] if pipeline == "sdxl" else tiny_sd("v_prediction")
     args = tiny_args({"model": model, "dataset": capo_pairs}, tmp_path, "--max_train_steps", 1)
     result = launch("train_capo.py", [*args, "--objective", objective, *extra])
     assert f"Found an {'SDXL' if pipeline == 'sdxl' else 'SD1.x/SD2.x'} pipeline" in result.stdout
@@ -208,7 +195,7 @@ def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_bat
     )
     assert "total batch (parallel, accumulation) = 4" in log and "weights identical on all processes: yes" in log
     one, two = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
-    base = load_file(Path(tiny_assets["model"], "unet", "diffusion_pytorch_model.safetensors"))
+    base = unet_weights(tiny_assets["model"])
     assert max_abs_diff(one, base) > 1e-4
     assert max_abs_diff(one, two) < 5e-6
 

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from kit import REPO
 
 
 RUFF = Path(sys.executable).parent / "ruff"

@@ -10,7 +10,7 @@ import json
 import datasets
 import numpy as np
 import pytest
-from conftest import run_python
+from kit import bigram_gpt2, finished_line, one_line_error, run_tool, write_lines
 
 from examples.ddspo.degrade_prompts import DEFAULT_INSTRUCTION_TEMPLATE, LLM_TARGETS, rand_removal, removal_variants
 from examples.lib.cli import InputError
@@ -30,35 +30,8 @@ def numbered_prompt(n_words):
     return " ".join(f"w{index}" for index in range(n_words))
 
 
-def run_tool(args, expect_success=True):
-    result = run_python(SCRIPT, args)
-    if expect_success and result.returncode != 0:
-        raise AssertionError(f"degrade_prompts.py {' '.join(map(str, args))} failed:\n{result.stdout[-4000:]}")
-    return result
-
-
-def summary_line(result):
-    lines = [line for line in result.stdout.splitlines() if line.startswith("== degrade_prompts finished:")]
-    assert len(lines) == 1, result.stdout[-3000:]
-    return lines[0]
-
-
-def one_line_error(result):
-    """The error as a user sees it: exit code 2, no traceback, and a single line that says `error:`."""
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
-
-
 def read_rows(output_dir):
     return datasets.load_dataset(str(output_dir), split="train").to_list()
-
-
-def write_lines(path, lines):
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 # rand_removal, the pure function ------------------------------------------------------------------------------------
@@ -170,7 +143,7 @@ def test_answer_equal_to_the_prompt_up_to_case_and_spacing_is_a_skip():
 
 def test_text_file_gives_k_distinct_variants_per_prompt_and_reports_short_prompts(tmp_path):
     prompts = write_lines(tmp_path / "prompts.txt", [LONG_PROMPTS[0], "cat", "", *LONG_PROMPTS[1:], "dog"])
-    result = run_tool(["--prompts", prompts, "--variants_per_prompt", 3, "--output_dir", tmp_path / "out"])
+    result = run_tool(SCRIPT, ["--prompts", prompts, "--variants_per_prompt", 3, "--output_dir", tmp_path / "out"])
     rows = read_rows(tmp_path / "out")
     assert list(rows[0]) == ["caption", "negative_caption", "prompt_index", "variant"]
     assert len(rows) == 3 * len(LONG_PROMPTS)
@@ -181,7 +154,7 @@ def test_text_file_gives_k_distinct_variants_per_prompt_and_reports_short_prompt
         assert {row["caption"] for row in mine} == {loaded_prompts[prompt_index]}
         negatives = [row["negative_caption"] for row in mine]
         assert len(set(negatives)) == 3 and loaded_prompts[prompt_index] not in negatives
-    summary = summary_line(result)
+    summary = finished_line(result, "degrade_prompts")
     assert "12 rows written for 4 prompts (of 6)" in summary
     assert "2 prompts too short to degrade" in summary and "0 variants short" in summary
     assert "['cat', 'dog']" in result.stdout  # the examples of what was skipped
@@ -192,17 +165,18 @@ def test_text_file_gives_k_distinct_variants_per_prompt_and_reports_short_prompt
 
 def test_fewer_distinct_variants_than_asked_are_counted_not_fatal(tmp_path):
     prompts = write_lines(tmp_path / "prompts.txt", ["a b", LONG_PROMPTS[0]])
-    result = run_tool(["--prompts", prompts, "--variants_per_prompt", 3, "--output_dir", tmp_path / "out"])
+    result = run_tool(SCRIPT, ["--prompts", prompts, "--variants_per_prompt", 3, "--output_dir", tmp_path / "out"])
     rows = read_rows(tmp_path / "out")
     assert sorted(row["negative_caption"] for row in rows if row["prompt_index"] == 0) == ["a", "b"]
-    assert "5 rows written for 2 prompts" in summary_line(result) and "1 variants short" in summary_line(result)
+    summary = finished_line(result, "degrade_prompts")
+    assert "5 rows written for 2 prompts" in summary and "1 variants short" in summary
 
 
 def test_negatives_of_a_prompt_depend_only_on_the_seed_and_its_index(tmp_path):
     prompts = write_lines(tmp_path / "prompts.txt", LONG_PROMPTS)
-    run_tool(["--prompts", prompts, "--variants_per_prompt", 2, "--output_dir", tmp_path / "all"])
-    run_tool(["--prompts", prompts, "--max_prompts", 2, "--output_dir", tmp_path / "first_two"])
-    run_tool(["--prompts", prompts, "--seed", 1, "--output_dir", tmp_path / "other_seed"])
+    run_tool(SCRIPT, ["--prompts", prompts, "--variants_per_prompt", 2, "--output_dir", tmp_path / "all"])
+    run_tool(SCRIPT, ["--prompts", prompts, "--max_prompts", 2, "--output_dir", tmp_path / "first_two"])
+    run_tool(SCRIPT, ["--prompts", prompts, "--seed", 1, "--output_dir", tmp_path / "other_seed"])
     first_variants = [row for row in read_rows(tmp_path / "all") if row["variant"] == 0]
     assert read_rows(tmp_path / "first_two") == first_variants[:2]
     assert read_rows(tmp_path / "other_seed") != first_variants
@@ -214,7 +188,7 @@ def test_prompt_column_of_a_csv_file_is_read(tmp_path):
         writer.writerow(["id", "description"])
         writer.writerows([[index, prompt] for index, prompt in enumerate(LONG_PROMPTS)])
     args = ["--prompts", tmp_path / "prompts.csv", "--prompt_column", "description", "--output_dir", tmp_path / "out"]
-    run_tool(args)
+    run_tool(SCRIPT, args)
     assert [row["caption"] for row in read_rows(tmp_path / "out")] == LONG_PROMPTS
 
 
@@ -234,7 +208,7 @@ BAD_FLAGS = {
 @pytest.mark.parametrize("flags, message", list(BAD_FLAGS.values()), ids=list(BAD_FLAGS))
 def test_bad_flags_stop_with_one_error_line_and_no_output(tmp_path, flags, message):
     prompts = write_lines(tmp_path / "prompts.txt", LONG_PROMPTS)
-    result = run_tool(["--prompts", prompts, "--output_dir", tmp_path / "out", *flags], expect_success=False)
+    result = run_tool(SCRIPT, ["--prompts", prompts, "--output_dir", tmp_path / "out", *flags], expect_success=False)
     assert message in one_line_error(result)
     assert not (tmp_path / "out").exists()
 
@@ -243,7 +217,7 @@ def test_template_without_the_placeholder_stops_before_the_model_loads(tmp_path)
     prompts = write_lines(tmp_path / "prompts.txt", LONG_PROMPTS)
     template = write_lines(tmp_path / "template.txt", ["[alignment]", "Rewrite the prompt badly."])
     args = ["--prompts", prompts, "--mode", "llm", "--llm_model_name_or_path", "no-such-org/no-such-model"]
-    result = run_tool([*args, "--instruction_template", template, "--output_dir", tmp_path / "out"], False)
+    result = run_tool(SCRIPT, [*args, "--instruction_template", template, "--output_dir", tmp_path / "out"], False)
     assert "has no {prompt} placeholder" in one_line_error(result)  # a model load would fail on the hub id instead
 
 
@@ -254,42 +228,9 @@ NEXT_WORD = {"ball": "small", "small": "cube", "->": "a", "a": "green", "green":
 CHAT_TEMPLATE = "{{ messages[0]['content'] }}{% if add_generation_prompt %} ->{% endif %}"
 
 
-def bigram_gpt2(vocab, next_token):
-    """A GPT-2 over `vocab` whose next token is next_token[last token] (<eos> for any other), greedy or not.
-
-    Its blocks and position embeddings are zero, so the last hidden state is layer_norm(one_hot(last token)); the
-    LM head maps it to the next token (its rows sum to zero, which cancels layer norm's offset).
-    """
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    ids = {token: index for index, token in enumerate(vocab)}
-    config = GPT2Config(
-        vocab_size=len(vocab),
-        n_positions=64,
-        n_embd=len(vocab),
-        n_layer=1,
-        n_head=1,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=False,
-    )
-    model = GPT2LMHeadModel(config)
-    following = torch.zeros(len(vocab), len(vocab))
-    for token, index in ids.items():
-        following[ids[next_token.get(token, "<eos>")], index] = 1
-    with torch.no_grad():
-        for parameter in model.transformer.h.parameters():
-            parameter.zero_()
-        model.transformer.wpe.weight.zero_()
-        model.transformer.wte.weight.copy_(torch.eye(len(vocab)))
-        model.lm_head.weight.copy_(10 * (following - following.mean(dim=1, keepdim=True)))
-    return model
-
-
 @pytest.fixture(scope="module")
 def bigram_lm(tmp_path_factory):
-    """A bigram GPT-2 (bigram_gpt2) that answers "small cube" after "ball", nothing after "cube", "a green cone"
+    """A bigram GPT-2 (kit.bigram_gpt2) that answers "small cube" after "ball", nothing after "cube", "a green cone"
     after "->". Saved twice: with a word-level tokenizer, and with the same tokenizer plus a chat template that
     appends " ->".
     """
@@ -334,11 +275,11 @@ def llm_args(tmp_path, model_folder, prompts, *extra):
 
 @pytest.mark.slow
 def test_llm_continues_the_filled_template_and_counts_empty_rewrites(tmp_path, bigram_lm):
-    result = run_tool(llm_args(tmp_path, bigram_lm["plain"], ["a red ball", "a blue cube"]))
+    result = run_tool(SCRIPT, llm_args(tmp_path, bigram_lm["plain"], ["a red ball", "a blue cube"]))
     assert "first model input:\nRewrite this: a red ball\n" in result.stdout
     rows = read_rows(tmp_path / "out")
     assert rows == [{"caption": "a red ball", "negative_caption": "small cube", "prompt_index": 0, "variant": 0}]
-    summary = summary_line(result)
+    summary = finished_line(result, "degrade_prompts")
     assert "1 rows written for 1 prompts (of 2)" in summary and "1 rewrites empty" in summary
     assert (
         json.loads((tmp_path / "out" / "degrade_config.json").read_text())["instruction"] == "Rewrite this: {prompt}"
@@ -347,24 +288,24 @@ def test_llm_continues_the_filled_template_and_counts_empty_rewrites(tmp_path, b
 
 @pytest.mark.slow
 def test_llm_uses_the_chat_template_and_skips_rewrites_equal_to_the_prompt(tmp_path, bigram_lm):
-    result = run_tool(llm_args(tmp_path, bigram_lm["chat"], ["a green cone", "a red ball"]))
+    result = run_tool(SCRIPT, llm_args(tmp_path, bigram_lm["chat"], ["a green cone", "a red ball"]))
     assert "first model input:\nRewrite this: a green cone ->\n" in result.stdout
     rows = read_rows(tmp_path / "out")
     assert rows == [{"caption": "a red ball", "negative_caption": "a green cone", "prompt_index": 1, "variant": 0}]
-    assert "0 rewrites empty, 1 rewrites equal to the prompt" in summary_line(result)
+    assert "0 rewrites empty, 1 rewrites equal to the prompt" in finished_line(result, "degrade_prompts")
 
 
 @pytest.mark.slow
 def test_llm_sampled_variants_that_repeat_each_other_are_counted(tmp_path, bigram_lm):
     extra = ["--variants_per_prompt", 2, "--temperature", 1.0, "--llm_batch_size", 1]
-    result = run_tool(llm_args(tmp_path, bigram_lm["plain"], ["a red ball", "a blue cube"], *extra))
+    result = run_tool(SCRIPT, llm_args(tmp_path, bigram_lm["plain"], ["a red ball", "a blue cube"], *extra))
     assert [row["negative_caption"] for row in read_rows(tmp_path / "out")] == ["small cube"]
-    summary = summary_line(result)
+    summary = finished_line(result, "degrade_prompts")
     assert "2 rewrites empty" in summary and "1 rewrites repeating another variant" in summary
 
 
 @pytest.mark.slow
 def test_llm_that_degrades_no_prompt_is_one_error_line(tmp_path, bigram_lm):
-    result = run_tool(llm_args(tmp_path, bigram_lm["plain"], ["a blue cube", "a small cube"]), False)
+    result = run_tool(SCRIPT, llm_args(tmp_path, bigram_lm["plain"], ["a blue cube", "a small cube"]), False)
     assert "No negative prompt was made for any of the 2 prompts" in one_line_error(result)
     assert not (tmp_path / "out").exists()

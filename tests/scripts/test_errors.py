@@ -7,21 +7,12 @@ import sys
 import datasets
 import numpy as np
 import pytest
-from conftest import OFFLINE_ENV, REPO, run_python
+from kit import OFFLINE_ENV, REPO, one_line_error, run_python
 
 
 SCRIPTS = ["train_diffusion_dpo_sdxl.py", "train_mapo_sdxl.py", "train_ddspo.py", "train_capo.py"]
 ALL_SCRIPTS = [*SCRIPTS, "train_mapo_personalization_sdxl.py"]  # the last needs --instance_data_dir to get further
 HUB_ID_NOT_HERE = "no-such-org/no-such-model"  # looks like a hub id: it can only fail when the models load
-
-
-def one_line_error(result):
-    """The error as a user sees it: exit code 2, no traceback, and a single line that says `error:`."""
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
 
 
 def tiny_parquet_folder(folder):

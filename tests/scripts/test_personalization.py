@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import launch, run_python
+from kit import launch, one_line_error_under_accelerate, pixels, run_python, summary_of
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
@@ -35,12 +35,12 @@ def write_targets(folder, count=3, captions=True, extra_files=True):
     return folder
 
 
-def personal_args(model, targets, output_dir, *extra):
+def personal_args(model, target_dir, output_dir, *extra):
     return [
         "--pretrained_model_name_or_path",
         model,
         "--instance_data_dir",
-        targets,
+        target_dir,
         "--resolution",
         RESOLUTION,
         "--train_batch_size",
@@ -69,15 +69,15 @@ VALIDATION = ["--validation_prompts", CAPTION, "--validation_inference_steps", 3
 
 
 @pytest.fixture(scope="module")
-def targets(tmp_path_factory):
+def target_dir(tmp_path_factory):
     return write_targets(tmp_path_factory.mktemp("targets") / "dog")
 
 
 @pytest.fixture(scope="module")
-def personal_run(tiny_assets, targets, tmp_path_factory):
+def personal_run(tiny_assets, target_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("personal")
-    result = launch(SCRIPT, personal_args(tiny_assets["model"], targets, output_dir, *FULL_RECIPE, *VALIDATION))
-    summary = json.loads((output_dir / "training_summary.json").read_text())
+    result = launch(SCRIPT, personal_args(tiny_assets["model"], target_dir, output_dir, *FULL_RECIPE, *VALIDATION))
+    summary = summary_of(output_dir)
     return output_dir, result.stdout, summary
 
 
@@ -87,10 +87,6 @@ def base_pipeline(model):
     pipeline = StableDiffusionXLPipeline.from_pretrained(model)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def pixels(image):
-    return np.asarray(image, dtype=np.float32)
 
 
 def test_rejected_samples_are_the_base_models_draws_for_the_captions_with_the_initializer(tiny_assets, personal_run):
@@ -168,52 +164,52 @@ def test_output_loads_as_the_model_card_says_and_renders_the_validated_model(tin
 
 
 def test_rerun_reuses_the_rejected_samples_and_a_new_sampler_setting_draws_new_ones(
-    tiny_assets, targets, personal_run, tmp_path
+    tiny_assets, target_dir, personal_run, tmp_path
 ):
     first_dir, _, summary = personal_run
     folder = summary["personalization"]["rejected_samples"]["folder"]
     before = {p.name: p.stat().st_mtime_ns for p in sorted(first_dir.glob("rejected_samples/*/*.png"))}
     common = ["--lora_rank", 4, "--max_train_steps", 1, "--rejected_cache_dir", first_dir / "rejected_samples"]
     common += ["--placeholder_token", "<sks>", "--initializer_token", "ball"]  # the first run's prompts
-    launch(SCRIPT, personal_args(tiny_assets["model"], targets, tmp_path / "again", *common))
-    again = json.loads((tmp_path / "again" / "training_summary.json").read_text())["personalization"]
+    launch(SCRIPT, personal_args(tiny_assets["model"], target_dir, tmp_path / "again", *common))
+    again = summary_of(tmp_path / "again")["personalization"]
     assert again["rejected_samples"] == {"folder": folder, "drawn": 0, "reused": 3}
     assert {p.name: p.stat().st_mtime_ns for p in sorted(first_dir.glob("rejected_samples/*/*.png"))} == before
 
     more_steps = personal_args(
-        tiny_assets["model"], targets, tmp_path / "new", *common, "--rejected_inference_steps", 4
+        tiny_assets["model"], target_dir, tmp_path / "new", *common, "--rejected_inference_steps", 4
     )
     launch(SCRIPT, more_steps)
-    new = json.loads((tmp_path / "new" / "training_summary.json").read_text())["personalization"]
+    new = summary_of(tmp_path / "new")["personalization"]
     assert new["rejected_samples"]["drawn"] == 3 and new["rejected_samples"]["folder"] != folder
 
 
 def test_resumed_run_ends_with_the_text_encoder_lora_and_embeddings_of_an_uninterrupted_one(
-    tiny_assets, targets, tmp_path
+    tiny_assets, target_dir, tmp_path
 ):
     recipe = [arg if arg != 2 else 4 for arg in FULL_RECIPE]  # 4 steps
     uninterrupted = tmp_path / "uninterrupted"
     common = ["--checkpointing_steps", 2, "--rejected_cache_dir", tmp_path / "samples", "--num_rejected_per_image", 2]
-    launch(SCRIPT, personal_args(tiny_assets["model"], targets, uninterrupted, *recipe, *common))
+    launch(SCRIPT, personal_args(tiny_assets["model"], target_dir, uninterrupted, *recipe, *common))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
     resume = ["--resume_from_checkpoint", "latest"]
-    launch(SCRIPT, personal_args(tiny_assets["model"], targets, resumed, *recipe, *common, *resume))
+    launch(SCRIPT, personal_args(tiny_assets["model"], target_dir, resumed, *recipe, *common, *resume))
     for name in ("pytorch_lora_weights.safetensors", "textual_inversion.safetensors"):
         first, second = load_file(uninterrupted / name), load_file(resumed / name)
         assert first.keys() == second.keys()
         for key in first:
             assert torch.allclose(first[key], second[key], atol=1e-6), (name, key)
-    summary = json.loads((uninterrupted / "training_summary.json").read_text())
+    summary = summary_of(uninterrupted)
     assert summary["total_batch_size"] == 3 and summary["personalization"]["rejected_samples"]["drawn"] == 6
 
 
-def test_two_processes_share_the_drawing_and_train_the_text_encoders_in_step(tiny_assets, targets, tmp_path):
-    args = personal_args(tiny_assets["model"], targets, tmp_path, *FULL_RECIPE, "--train_batch_size", 2)
+def test_two_processes_share_the_drawing_and_train_the_text_encoders_in_step(tiny_assets, target_dir, tmp_path):
+    args = personal_args(tiny_assets["model"], target_dir, tmp_path, *FULL_RECIPE, "--train_batch_size", 2)
     result = launch(SCRIPT, args, num_processes=2)
     assert "weights identical on all processes: yes" in result.stdout
-    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    summary = summary_of(tmp_path)
     assert summary["personalization"]["rejected_samples"]["drawn"] == 3 and summary["total_batch_size"] == 4
 
 
@@ -227,18 +223,8 @@ def test_a_dataset_of_images_without_captions_trains_with_instance_prompt(tiny_a
     for source in (folder, tmp_path / "dataset"):
         output_dir = tmp_path / f"out-{source.name}"
         launch(SCRIPT, personal_args(tiny_assets["model"], source, output_dir, *extra))
-        personal = json.loads((output_dir / "training_summary.json").read_text())["personalization"]
+        personal = summary_of(output_dir)["personalization"]
         assert personal["target_images"] == 2 and personal["rejected_samples"]["drawn"] == 2
-
-
-def one_line_error(result):
-    """A user's view of a refused run: a failure exit, one `error:` line, and no traceback through the script
-    (a run under `accelerate launch` also shows accelerate's own report that its child failed)."""
-    assert result.returncode != 0, result.stdout[-3000:]
-    assert f'{SCRIPT}", line' not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if line.startswith("error:") or " error: " in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
 
 
 @pytest.mark.parametrize(
@@ -251,19 +237,21 @@ def one_line_error(result):
         (["--num_rejected_per_image", 0], "--num_rejected_per_image must be positive"),
     ],
 )
-def test_bad_personalization_flags_stop_with_one_line_before_any_model_loads(targets, tmp_path, flags, message):
-    result = run_python(SCRIPT, personal_args("/no/such/model", targets, tmp_path, *flags)[2:])
-    assert message in one_line_error(result)
+def test_bad_personalization_flags_stop_with_one_line_before_any_model_loads(target_dir, tmp_path, flags, message):
+    result = run_python(SCRIPT, personal_args("/no/such/model", target_dir, tmp_path, *flags)[2:])
+    assert message in one_line_error_under_accelerate(result, SCRIPT)
 
 
 def test_instance_prompt_without_an_instance_folder_is_refused(tmp_path):
     result = run_python(SCRIPT, ["--instance_prompt", CAPTION, "--output_dir", tmp_path])
-    assert "the following arguments are required: --instance_data_dir" in one_line_error(result)
+    error = one_line_error_under_accelerate(result, SCRIPT)
+    assert "the following arguments are required: --instance_data_dir" in error
 
 
-def test_the_text_to_image_script_points_personalization_to_this_script(targets, tmp_path):
-    result = run_python("train_mapo_sdxl.py", ["--instance_data_dir", targets, "--output_dir", tmp_path])
-    assert f"--instance_data_dir is personalization, which {SCRIPT} trains" in one_line_error(result)
+def test_the_text_to_image_script_points_personalization_to_this_script(target_dir, tmp_path):
+    result = run_python("train_mapo_sdxl.py", ["--instance_data_dir", target_dir, "--output_dir", tmp_path])
+    error = one_line_error_under_accelerate(result, SCRIPT)
+    assert f"--instance_data_dir is personalization, which {SCRIPT} trains" in error
 
 
 @pytest.mark.parametrize(
@@ -285,7 +273,7 @@ def test_bad_target_data_stops_with_one_line(tiny_assets, tmp_path, case, flags,
         write_targets(folder, count=2, captions=case == "captioned", extra_files=False)
     args = personal_args(tiny_assets["model"], folder, tmp_path / "out", "--max_train_steps", 1, *flags)
     result = launch(SCRIPT, args, check=False)
-    line = one_line_error(result)
+    line = one_line_error_under_accelerate(result, SCRIPT)
     assert message in line, line
     assert not list((tmp_path / "out").glob("rejected_samples/*/*.png"))  # stopped before drawing anything
 
@@ -320,4 +308,5 @@ def test_generate_py_loads_the_new_token_beside_the_lora_weights(tiny_assets, pe
     missing = run_python(
         "examples/eval/generate.py", [*args, "--model_name", "x", "--textual_inversion_path", tmp_path]
     )
-    assert "--textual_inversion_path" in one_line_error(missing) and "no such file" in missing.stdout
+    error = one_line_error_under_accelerate(missing, SCRIPT)
+    assert "--textual_inversion_path" in error and "no such file" in missing.stdout

@@ -9,46 +9,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import OFFLINE_ENV, REPO, free_port, launch, tiny_args
-from safetensors.torch import load_file
-
-
-CONFIGS = REPO / "examples" / "accelerate_configs"
-
-
-def unet_weights(output_dir):
-    return load_file(Path(output_dir, "unet", "diffusion_pytorch_model.safetensors"))
-
-
-def max_abs_diff(first, second):
-    assert first.keys() == second.keys()
-    return max((first[key].float() - second[key].float()).abs().max().item() for key in first)
-
-
-def launch_with_config(config, script, args, overrides, env_overrides=(), timeout=600):
-    """`accelerate launch --config_file <config> <overrides>`: a GPU config with the flags that make it run on the
-    CPU."""
-    env = {**os.environ, **OFFLINE_ENV, **dict(env_overrides)}
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(CONFIGS / config),
-        "--mixed_precision",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        *overrides,
-        str(REPO / script),
-        *[str(a) for a in args],
-    ]
-    result = subprocess.run(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, (
-        f"{' '.join(cmd)} failed with exit code {result.returncode}:\n{result.stdout[-6000:]}"
-    )
-    return result.stdout
+from kit import (
+    ACCELERATE_CONFIGS,
+    OFFLINE_ENV,
+    REPO,
+    launch,
+    launch_with_config,
+    max_abs_diff,
+    tiny_args,
+    unet_weights,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +67,7 @@ def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_bat
     assert "total batch (parallel, accumulation) = 4" in log and "weights identical on all processes: yes" in log
 
     one, two = unet_weights(tmp_path / "one"), unet_weights(two_dir)
-    base = load_file(Path(tiny_assets["model"], "unet", "diffusion_pytorch_model.safetensors"))
+    base = unet_weights(tiny_assets["model"])
     assert max_abs_diff(one, base) > 1e-4  # the runs trained: equality below is not the starting point's
     difference = max_abs_diff(one, two)
     print(f"{script}: max |one process - two processes| = {difference:.3g}")
@@ -119,8 +89,8 @@ def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_bat
 def test_accelerate_configs_load_and_say_what_they_run(config, distributed_type, num_processes):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    ClusterConfig.from_yaml_file(str(CONFIGS / config))  # accelerate reads it (unknown keys would raise)
-    text = (CONFIGS / config).read_text()
+    ClusterConfig.from_yaml_file(str(ACCELERATE_CONFIGS / config))  # accelerate reads it (unknown keys would raise)
+    text = (ACCELERATE_CONFIGS / config).read_text()
     loaded = yaml.safe_load(text)
     assert loaded["distributed_type"] == distributed_type
     assert loaded["num_processes"] == num_processes and loaded["mixed_precision"] == "bf16"

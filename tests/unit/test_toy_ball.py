@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_python
+from kit import run_python
 from PIL import Image
 
 from examples.rewards import REWARD_MODELS, RewardInputError, load_reward_model, reward_weights_source

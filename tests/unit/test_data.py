@@ -1,13 +1,12 @@
 """Data handling of both scripts: ties, broken images, joint augmentation, micro-conditioning, clear errors."""
 
-import io
 import os
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import run_python
+from kit import png_bytes, run_python
 from PIL import Image
 
 import train_diffusion_dpo_sdxl
@@ -15,12 +14,6 @@ import train_mapo_sdxl
 
 
 SCRIPTS = [train_diffusion_dpo_sdxl, train_mapo_sdxl]
-
-
-def png_bytes(array):
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def solid(value, size=(16, 16)):

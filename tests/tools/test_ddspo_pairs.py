@@ -6,14 +6,24 @@ or change it work on a copy.
 """
 
 import io
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import launch, run_python
+from kit import (
+    copy_run,
+    draw_again,
+    file_states,
+    finished_line,
+    launch,
+    one_line_error,
+    pair_args,
+    pixels,
+    read_pairs,
+    run_tool,
+    shard_files,
+)
 from PIL import Image
 
 from examples.ddspo.generate_pairs import SHARD_COLUMNS, plan_shards
@@ -40,14 +50,14 @@ SKIP_REPORT = (
 
 
 @pytest.fixture(scope="module")
-def tiny_pipelines(tmp_path_factory):
-    """A tiny SDXL and a tiny SD1.x-style pipeline (examples/tiny_world/make_tiny_assets.py), VAE unfitted."""
+def tiny_pipelines(tiny_sdxl, tmp_path_factory):
+    """A tiny SDXL (conftest `tiny_sdxl`) and a tiny SD1.x-style pipeline (examples/tiny_world/world.py), VAE
+    unfitted."""
     from examples.tiny_world import world
 
     root = tmp_path_factory.mktemp("tiny_pipelines")
-    world.build_tiny_sdxl_pipeline(root / "tiny-sdxl", vae_fit_steps=0)
     world.build_tiny_sd_pipeline(root / "tiny-sd", vae_fit_steps=0)
-    return {"sdxl": root / "tiny-sdxl", "sd": root / "tiny-sd"}
+    return {"sdxl": tiny_sdxl, "sd": root / "tiny-sd"}
 
 
 def write_degraded_prompts(path, negative_captions=NEGATIVE_CAPTIONS):
@@ -66,76 +76,16 @@ def write_degraded_prompts(path, negative_captions=NEGATIVE_CAPTIONS):
     return path
 
 
-def pair_args(model, dataset, output_dir, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        model,
-        "--dataset",
-        dataset,
-        "--num_inference_steps",
-        2,
-        "--resolution",
-        64,
-        "--batch_size",
-        2,
-        "--shard_size",
-        4,
-        "--seed",
-        0,
-        "--output_dir",
-        output_dir,
-        *extra,
-    ]
-
-
-def run_tool(args, expect_success=True):
-    result = run_python(SCRIPT, args)
-    if expect_success and result.returncode != 0:
-        raise AssertionError(f"generate_pairs.py {' '.join(map(str, args))} failed:\n{result.stdout[-4000:]}")
-    return result
-
-
-def summary_line(result):
-    lines = [line for line in result.stdout.splitlines() if line.startswith("== generate_pairs finished:")]
-    assert len(lines) == 1, result.stdout[-3000:]
-    return lines[0]
-
-
-def one_line_error(result):
-    """The error as a user sees it: exit code 2, no traceback, and a single line that says `error:`."""
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
-
-
-def shard_files(output_dir):
-    return sorted((Path(output_dir) / "shards").glob("shard-*.parquet"))
-
-
-def read_pairs(output_dir):
-    return pa.concat_tables([pq.read_table(path) for path in shard_files(output_dir)]).to_pylist()
-
-
-def pixels(png_bytes):
-    return np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB"), dtype=np.int16)
-
-
-def file_states(output_dir):
-    return {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in shard_files(output_dir)}
+def generate_pairs_args(model, dataset, output_dir, *extra):
+    return pair_args(model, output_dir, "--dataset", dataset, "--seed", 0, *extra)
 
 
 @pytest.fixture(scope="module")
 def sdxl_run(tiny_pipelines, tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
     dataset = write_degraded_prompts(root / "negatives")
-    result = run_tool(pair_args(tiny_pipelines["sdxl"], dataset, root / "pairs"))
+    result = run_tool(SCRIPT, generate_pairs_args(tiny_pipelines["sdxl"], dataset, root / "pairs"))
     return {"dataset": dataset, "output_dir": root / "pairs", "result": result}
-
-
-def copy_run(sdxl_run, tmp_path):
-    return Path(shutil.copytree(sdxl_run["output_dir"], tmp_path / "pairs"))
 
 
 # Rows to shards, without a model ---
@@ -165,7 +115,11 @@ def test_bad_flags_and_datasets_stop_with_one_error_line_before_any_model_loads(
     dataset = write_degraded_prompts(tmp_path / "negatives")
     flags = [dataset if flag == "DATASET" else flag for flag in flags]  # the last --output_dir counts
     # the model folder does not exist: had the tool tried to load it, the error would name it instead
-    result = run_tool(pair_args(tmp_path / "no-such-model", dataset, tmp_path / "pairs", *flags), expect_success=False)
+    result = run_tool(
+        SCRIPT,
+        generate_pairs_args(tmp_path / "no-such-model", dataset, tmp_path / "pairs", *flags),
+        expect_success=False,
+    )
     assert message in one_line_error(result)
     assert not (tmp_path / "pairs" / "shards").exists() and not (dataset / "shards").exists()
 
@@ -193,23 +147,11 @@ def test_pairs_are_written_in_shards_with_the_promised_columns_and_png_images_of
 
 @pytest.mark.slow
 def test_both_images_of_a_pair_are_the_reference_models_draws_from_the_stored_seed(sdxl_run, tiny_pipelines):
-    import torch
-
-    from examples.lib.sampling import generator_for, load_pipeline
-
-    pipeline = load_pipeline(str(tiny_pipelines["sdxl"]), torch.float32, "cpu")
     pair = read_pairs(sdxl_run["output_dir"])[2]  # row 3
-    for prompt, column in ((pair["caption"], "jpg_w"), (pair["negative_caption"], "jpg_l")):
-        image = pipeline(
-            prompt=[prompt],
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            height=64,
-            width=64,
-            generator=[generator_for(pair["seed"])],
-        ).images[0]
+    drawn = draw_again(tiny_pipelines["sdxl"], pair["seed"], [pair["caption"], pair["negative_caption"]])
+    for image, column in zip(drawn, ("jpg_w", "jpg_l")):
         # drawn alone here, in a batch of two by the tool: float reductions may move a pixel by one level
-        assert np.abs(np.asarray(image, dtype=np.int16) - pixels(pair[column])).max() <= 1, column
+        assert np.abs(image - pixels(pair[column])).max() <= 1, column
 
 
 @pytest.mark.slow
@@ -220,7 +162,7 @@ def test_the_winner_differs_from_the_loser_when_the_captions_differ(sdxl_run):
 
 @pytest.mark.slow
 def test_skipped_rows_are_counted_by_reason_in_the_last_line(sdxl_run):
-    line = summary_line(sdxl_run["result"])
+    line = finished_line(sdxl_run["result"], "generate_pairs")
     assert line.startswith("== generate_pairs finished: 5 pairs written (this run: 5, already on disk: 0)")
     assert SKIP_REPORT in line
 
@@ -243,21 +185,21 @@ def test_the_output_folder_reads_as_a_dataset(sdxl_run):
 
 @pytest.mark.slow
 def test_a_rerun_makes_nothing_and_leaves_the_shards_alone(sdxl_run, tiny_pipelines, tmp_path):
-    output_dir = copy_run(sdxl_run, tmp_path)
+    output_dir = copy_run(sdxl_run["output_dir"], tmp_path / "pairs")
     before = file_states(output_dir)
-    result = run_tool(pair_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], output_dir))
+    result = run_tool(SCRIPT, generate_pairs_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], output_dir))
     assert "0 shards to generate (0 pairs), 2 already" in result.stdout
-    assert "5 pairs written (this run: 0, already on disk: 5)" in summary_line(result)
+    assert "5 pairs written (this run: 0, already on disk: 5)" in finished_line(result, "generate_pairs")
     assert file_states(output_dir) == before
 
 
 @pytest.mark.slow
 def test_a_deleted_shard_is_made_again_and_only_it(sdxl_run, tiny_pipelines, tmp_path):
-    output_dir = copy_run(sdxl_run, tmp_path)
+    output_dir = copy_run(sdxl_run["output_dir"], tmp_path / "pairs")
     before = file_states(output_dir)
     (output_dir / "shards" / "shard-00001.parquet").unlink()
-    result = run_tool(pair_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], output_dir))
-    assert "5 pairs written (this run: 2, already on disk: 3)" in summary_line(result)
+    result = run_tool(SCRIPT, generate_pairs_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], output_dir))
+    assert "5 pairs written (this run: 2, already on disk: 3)" in finished_line(result, "generate_pairs")
     after = file_states(output_dir)
     assert after["shard-00000.parquet"] == before["shard-00000.parquet"]
     assert after["shard-00001.parquet"][0] != before["shard-00001.parquet"][0]  # written again
@@ -266,10 +208,10 @@ def test_a_deleted_shard_is_made_again_and_only_it(sdxl_run, tiny_pipelines, tmp
 
 @pytest.mark.slow
 def test_a_resumed_run_with_another_setting_stops_with_one_line(sdxl_run, tiny_pipelines, tmp_path):
-    output_dir = copy_run(sdxl_run, tmp_path)
+    output_dir = copy_run(sdxl_run["output_dir"], tmp_path / "pairs")
     before = file_states(output_dir)
-    args = pair_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], output_dir, "--guidance_scale", 7.5)
-    error = one_line_error(run_tool(args, expect_success=False))
+    args = generate_pairs_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], output_dir, "--guidance_scale", 7.5)
+    error = one_line_error(run_tool(SCRIPT, args, expect_success=False))
     assert "guidance_scale: 5.0 on disk, 7.5 now" in error and "--output_dir" in error
     assert file_states(output_dir) == before
 
@@ -278,12 +220,14 @@ def test_a_resumed_run_with_another_setting_stops_with_one_line(sdxl_run, tiny_p
 def test_a_resumed_run_whose_negative_caption_changed_for_a_finished_shard_stops_with_one_line(
     sdxl_run, tiny_pipelines, tmp_path
 ):
-    output_dir = copy_run(sdxl_run, tmp_path)
+    output_dir = copy_run(sdxl_run["output_dir"], tmp_path / "pairs")
     before = file_states(output_dir)
     changed = list(NEGATIVE_CAPTIONS)
     changed[4] = "two cats"
     dataset = write_degraded_prompts(tmp_path / "negatives", negative_captions=changed)
-    error = one_line_error(run_tool(pair_args(tiny_pipelines["sdxl"], dataset, output_dir), expect_success=False))
+    error = one_line_error(
+        run_tool(SCRIPT, generate_pairs_args(tiny_pipelines["sdxl"], dataset, output_dir), expect_success=False)
+    )
     assert "shard-00001.parquet" in error
     assert "row 4: negative_caption 'cats sofa' on disk, 'two cats' now" in error
     assert file_states(output_dir) == before
@@ -294,10 +238,12 @@ def test_a_resumed_run_whose_negative_caption_changed_for_a_finished_shard_stops
 
 @pytest.mark.slow
 def test_an_sd_pipeline_makes_the_pairs_too_in_one_shard_by_default(sdxl_run, tiny_pipelines, tmp_path):
-    args = pair_args(tiny_pipelines["sd"], sdxl_run["dataset"], tmp_path / "sd-pairs", "--scheduler", "euler")
+    args = generate_pairs_args(
+        tiny_pipelines["sd"], sdxl_run["dataset"], tmp_path / "sd-pairs", "--scheduler", "euler"
+    )
     args[args.index("--shard_size") + 1] = 256
-    result = run_tool(args)
-    assert "5 pairs written (this run: 5, already on disk: 0), 1 shards" in summary_line(result)
+    result = run_tool(SCRIPT, args)
+    assert "5 pairs written (this run: 5, already on disk: 0), 1 shards" in finished_line(result, "generate_pairs")
     pairs = read_pairs(tmp_path / "sd-pairs")
     assert [pair["row_index"] for pair in pairs] == USABLE_ROWS
     for pair in pairs:
@@ -307,9 +253,9 @@ def test_an_sd_pipeline_makes_the_pairs_too_in_one_shard_by_default(sdxl_run, ti
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch_make_the_same_pairs_as_one(sdxl_run, tiny_pipelines, tmp_path):
     result = launch(
-        SCRIPT, pair_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], tmp_path / "pairs"), num_processes=2
+        SCRIPT, generate_pairs_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], tmp_path / "pairs"), num_processes=2
     )
-    assert "5 pairs written (this run: 5, already on disk: 0)" in summary_line(result)
+    assert "5 pairs written (this run: 5, already on disk: 0)" in finished_line(result, "generate_pairs")
     two, one = read_pairs(tmp_path / "pairs"), read_pairs(sdxl_run["output_dir"])
     assert [{k: v for k, v in row.items() if k not in ("jpg_w", "jpg_l")} for row in two] == [
         {k: v for k, v in row.items() if k not in ("jpg_w", "jpg_l")} for row in one

@@ -17,35 +17,34 @@ the other half (the base never sees a plain caption); 96 pairs at guidance 5; fu
 batch 8, 150 steps, beta 1000, paired negatives. beta is far below the authors' 16000: the tiny model's reference
 predictions for c and c⁻ differ by ~1e-4 in MSE, and with 16000 the loss saturates within a few steps.
 
-Measured (192 images, guidance 5) on the base pretrain_tiny_world.py builds with two threads, as the suite does:
-base 0.58 in the top half for c; DDSPO 0.75 and 0.78 (training seeds 0 and 1), flipped 0.38 and 0.39, colour match
-0.92 or more. With 100 steps that base moved only +12 / -14 points, with lr 2e-5 or 200 steps +24 to +26 but the
-colour match fell to 0.83-0.88. A one-thread build of the same recipe (base 0.54) moved further in 100 steps: DDSPO
-0.77, 0.77, 0.72 (seeds 0-2), flipped 0.30, 0.33, colour 1.00; there, with the sign of ddspo_loss's logit flipped,
-the first DDSPO test fails (0.54 -> 0.32). The thresholds are test_learning's.
+Measured (192 images, guidance 5) on the shipped positional base (examples/tiny_world/bases/, built with two
+threads): base 0.45 in the top half for c, 0.36 for c⁻; after 150 steps DDSPO 0.70 and 0.71 (training seeds 0 and 1)
+with colour match 0.896 and 0.85, flipped 0.27 and 0.27 with colour 0.91 and 0.86; after 125 steps 0.66 and 0.66,
+flipped 0.29 and 0.32, colour 0.89 to 0.96; after 100 steps (seed 0) 0.63, flipped 0.34, colour 0.93 and 1.00. A
+one-thread build of the same recipe (base 0.50 for c, 0.38 for c⁻) after 150 steps: DDSPO 0.69 (colour 0.92),
+flipped 0.33 (colour 0.77). Earlier builds (base 0.58 with two threads, 0.54 with one) moved to 0.72-0.78 and
+0.30-0.39 with colour 0.92 or more; on the one-thread one, with the sign of ddspo_loss's logit flipped, the first
+DDSPO test failed (0.54 -> 0.32). With lr 2e-5 or 200 steps the colour match fell to 0.83-0.88. The thresholds are
+test_learning's.
 """
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import launch, run_python, tiny_world_cache
-from test_learning import MIN_CHANGE, MIN_COLOR_MATCH, generate_and_judge, share
+from kit import (
+    DEGRADED,
+    MIN_CHANGE,
+    MIN_COLOR_MATCH,
+    TINY_WORLD_BASES,
+    TOP,
+    generate_and_judge,
+    launch,
+    run_python,
+    share,
+)
 
 
-COLORS = ("red", "green", "blue", "yellow", "purple", "cyan")
-TOP = [f"a photo of a {color} ball at the top" for color in COLORS]
-DEGRADED = [f"a photo of a {color} ball at the bottom" for color in COLORS]
 NUM_PAIRS = 96  # 16 per colour
-POSITIONAL_BASE = [
-    "--position_caption_share",
-    1.0,
-    "--position_caption_noise",
-    0.3,
-    "--snr_gamma",
-    5,
-    "--train_steps",
-    3000,
-]
 TRAINING = ["--train_batch_size", 8, "--max_train_steps", 150, "--learning_rate", 1e-5, "--lr_scheduler", "constant"]
 DDSPO = ["--beta_ddspo", 1000, "--negative_mode", "paired"]
 
@@ -54,12 +53,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def positional_world():
-    """The tiny pipeline pre-trained on positional captions; built once and cached as conftest's `tiny_world`."""
-    from examples.tiny_world import pretrain_tiny_world
-
-    args = pretrain_tiny_world.parse_args(["--output_dir", tiny_world_cache(), *map(str, POSITIONAL_BASE)])
-    path, _ = pretrain_tiny_world.build(args)
-    return {"model": str(path)}
+    """The tiny pipeline pre-trained on positional captions, shipped beside conftest's `tiny_world`."""
+    return {"model": str(TINY_WORLD_BASES / "tiny-world-positional-sdxl")}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +75,7 @@ def pairs(positional_world, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_verdicts(positional_world, tmp_path_factory):
+def positional_base_verdicts(positional_world, tmp_path_factory):
     return generate_and_judge(positional_world, tmp_path_factory.mktemp("generated"), "base", prompts=TOP)
 
 
@@ -100,21 +95,21 @@ def degraded_verdicts(positional_world, tmp_path_factory):
     return generate_and_judge(positional_world, output_dir, "base-degraded", prompts=DEGRADED)
 
 
-def test_positional_base_follows_the_word_only_partly(base_verdicts, degraded_verdicts):
-    assert share(base_verdicts, "found") >= 0.95
-    assert share(base_verdicts, "color_match") >= 0.95
-    assert share(base_verdicts, "top") > share(degraded_verdicts, "top")  # the word is in the base ...
-    assert 0.35 <= share(base_verdicts, "top") <= 0.75  # ... with room to sharpen it
+def test_positional_base_follows_the_word_only_partly(positional_base_verdicts, degraded_verdicts):
+    assert share(positional_base_verdicts, "found") >= 0.95
+    assert share(positional_base_verdicts, "color_match") >= 0.95
+    assert share(positional_base_verdicts, "top") > share(degraded_verdicts, "top")  # the word is in the base ...
+    assert 0.35 <= share(positional_base_verdicts, "top") <= 0.75  # ... with room to sharpen it
 
 
 @pytest.mark.parametrize("flipped", [False, True], ids=["c", "flipped"])
-def test_ddspo_moves_generated_balls_toward_c(flipped, positional_world, pairs, base_verdicts, tmp_path):
+def test_ddspo_moves_generated_balls_toward_c(flipped, positional_world, pairs, positional_base_verdicts, tmp_path):
     output_dir = train_ddspo(positional_world, pairs, tmp_path / "train", flipped=flipped)
     name = "ddspo-flipped" if flipped else "ddspo"
     weights = ["--unet_path", output_dir]
     verdicts = generate_and_judge(positional_world, tmp_path / "generated", name, *weights, prompts=TOP)
-    assert verdicts.keys() == base_verdicts.keys()  # the same prompts and seeds
-    before, after = share(base_verdicts, "top"), share(verdicts, "top")
+    assert verdicts.keys() == positional_base_verdicts.keys()  # the same prompts and seeds
+    before, after = share(positional_base_verdicts, "top"), share(verdicts, "top")
     print(
         f"{name}: top-half share for c {before:.3f} -> {after:.3f}, colour match {share(verdicts, 'color_match'):.3f}"
     )

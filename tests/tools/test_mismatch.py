@@ -9,7 +9,7 @@ caption and the stored seed, so measured against the same model it gives 1.0; jp
 import json
 
 import pytest
-from conftest import run_python
+from kit import one_line_error, run_python, run_tool, write_lines, write_tiny_dinov2
 
 from examples.mapo.measure_mismatch import TABLE_3_BETAS, suggest_beta
 
@@ -18,47 +18,18 @@ SCRIPT = "examples/mapo/measure_mismatch.py"
 PROMPTS = ["a photo of a red ball", "a blue cube on a table", "", "a green cone in the grass"]
 
 
-def write_tiny_dinov2(folder, seed=0):
-    """A 2-layer Dinov2Model on 32x32 images with random weights, and its image processor, saved as the hub's are.
-
-    The weights are drawn wider than DINOv2's init (std 0.5, not 0.02) so that different images embed apart."""
-    import torch
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    torch.manual_seed(seed)
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        initializer_range=0.5,
-    )
-    Dinov2Model(config).save_pretrained(folder)
-    BitImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny SDXL, a tiny DINOv2 and a pairs dataset drawn by that SDXL (build_pairs.py, chosen prefix empty)."""
-    from examples.tiny_world import world
-
+def mismatch_assets(tiny_sdxl, tmp_path_factory):
+    """A tiny SDXL (conftest `tiny_sdxl`), a tiny DINOv2 and a pairs dataset drawn by that SDXL (build_pairs.py,
+    chosen prefix empty)."""
     root = tmp_path_factory.mktemp("mismatch")
-    world.build_tiny_sdxl_pipeline(root / "tiny-sdxl", vae_fit_steps=0)
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    pair_args = ["--pretrained_model_name_or_path", root / "tiny-sdxl", "--prompts", root / "prompts.txt"]
+    prompts = write_lines(root / "prompts.txt", PROMPTS)
+    pair_args = ["--pretrained_model_name_or_path", tiny_sdxl, "--prompts", prompts]
     pair_args += ["--chosen_prefix", "", "--rejected_prefix", "Realistic 8k image.", "--seed", 3]
     pair_args += ["--num_inference_steps", 2, "--resolution", 64, "--batch_size", 1, "--output_dir", root / "pairs"]
     result = run_python("examples/mapo/build_pairs.py", pair_args)
     assert result.returncode == 0, result.stdout[-3000:]
-    return {"model": root / "tiny-sdxl", "dinov2": write_tiny_dinov2(root / "dinov2"), "dataset": root / "pairs"}
+    return {"model": tiny_sdxl, "dinov2": write_tiny_dinov2(root / "dinov2"), "dataset": root / "pairs"}
 
 
 def mismatch_args(assets, output_dir, *extra):
@@ -83,25 +54,10 @@ def mismatch_args(assets, output_dir, *extra):
     ]
 
 
-def run_tool(args, expect_success=True):
-    result = run_python(SCRIPT, args)
-    if expect_success and result.returncode != 0:
-        raise AssertionError(f"measure_mismatch.py {' '.join(map(str, args))} failed:\n{result.stdout[-4000:]}")
-    return result
-
-
-def one_line_error(result):
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
-
-
 @pytest.fixture(scope="module")
-def own_draws(assets, tmp_path_factory):
+def own_draws(mismatch_assets, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("measured") / "mismatch"
-    result = run_tool(mismatch_args(assets, output_dir))
+    result = run_tool(SCRIPT, mismatch_args(mismatch_assets, output_dir))
     return {
         "output_dir": output_dir,
         "result": result,
@@ -146,7 +102,7 @@ def test_a_similarity_between_two_tasks_gets_the_beta_range_between_theirs():
 )
 def test_bad_flags_stop_with_one_error_line_before_any_model_loads(flags, message, tmp_path):
     args = ["--dataset", tmp_path / "no-data", "--output_dir", tmp_path / "out", *flags]
-    assert message in one_line_error(run_tool(args, expect_success=False))
+    assert message in one_line_error(run_tool(SCRIPT, args, expect_success=False))
     assert not (tmp_path / "out").exists()
 
 
@@ -163,10 +119,10 @@ def test_a_dataset_of_the_models_own_draws_from_the_same_seeds_measures_one(own_
 
 
 @pytest.mark.slow
-def test_another_dataset_measures_less_and_reuses_the_draws(assets, own_draws):
-    args = mismatch_args(assets, own_draws["output_dir"], "--image_column", "jpg_1")
+def test_another_dataset_measures_less_and_reuses_the_draws(mismatch_assets, own_draws):
+    args = mismatch_args(mismatch_assets, own_draws["output_dir"], "--image_column", "jpg_1")
     args += ["--task_similarities", "preference_alignment=0.9999", "personalization=0.2"]
-    result = run_tool(args)
+    result = run_tool(SCRIPT, args)
     assert "0 images to draw, 3 already" in result.stdout
     report = json.loads((own_draws["output_dir"] / "mismatch.json").read_text())
     assert report["mean_cosine_similarity"] < 0.999
@@ -174,6 +130,6 @@ def test_another_dataset_measures_less_and_reuses_the_draws(assets, own_draws):
 
 
 @pytest.mark.slow
-def test_a_resumed_run_with_another_sampler_setting_stops_with_one_line(assets, own_draws):
-    args = mismatch_args(assets, own_draws["output_dir"], "--guidance_scale", 7.5)
-    assert "guidance_scale: 5.0 on disk, 7.5 now" in one_line_error(run_tool(args, expect_success=False))
+def test_a_resumed_run_with_another_sampler_setting_stops_with_one_line(mismatch_assets, own_draws):
+    args = mismatch_args(mismatch_assets, own_draws["output_dir"], "--guidance_scale", 7.5)
+    assert "guidance_scale: 5.0 on disk, 7.5 now" in one_line_error(run_tool(SCRIPT, args, expect_success=False))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import run_python
+from kit import one_line_error, read_parquet, run_python
 from PIL import Image
 
 from examples.capo.soup import default_lambdas, merge_task_vectors, slerp, slerp_coefficients
@@ -189,26 +189,12 @@ def write_scored_run(run_dir):
 
 
 @pytest.fixture
-def scored_run(tmp_path):
+def scored_dir(tmp_path):
     return write_scored_run(tmp_path / "sdxl")
 
 
 def run_select_pairs(*args):
     return run_python("examples/capo/select_pairs.py", [str(arg) for arg in args])
-
-
-def read_pairs(output_dir):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(output_dir / "train.parquet").to_pylist()
-
-
-def one_error_line(result):
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
 
 
 @pytest.mark.parametrize(
@@ -222,20 +208,20 @@ def one_error_line(result):
     ids=["best_worst", "sum"],
 )
 def test_select_pairs_writes_pairs_whose_positive_has_the_higher_calibrated_reward(
-    scored_run, tmp_path, selection, rewards, prompts, skipped
+    scored_dir, tmp_path, selection, rewards, prompts, skipped
 ):
     output_dir = tmp_path / "pairs"
     result = run_select_pairs(
-        "--run_dirs", scored_run, "--reward_models", *rewards, "--selection", selection, "--output_dir", output_dir
+        "--run_dirs", scored_dir, "--reward_models", *rewards, "--selection", selection, "--output_dir", output_dir
     )
     assert result.returncode == 0, result.stdout[-3000:]
-    pairs = read_pairs(output_dir)
+    pairs = read_parquet(output_dir / "train.parquet")
     assert [pair["prompt_index"] for pair in pairs] == prompts
     for pair in pairs:
         assert pair["reward_pos"] > pair["reward_neg"]
         assert pair["reward_pos"] == pytest.approx(np.mean([pair[f"{name}_calibrated_pos"] for name in rewards]))
         assert pair["image_pos"] != pair["image_neg"]
-        assert pair["jpg_pos"] == (scored_run / pair["image_pos"]).read_bytes()
+        assert pair["jpg_pos"] == (scored_dir / pair["image_pos"]).read_bytes()
         assert pair["caption"] == f"prompt {pair['prompt_index']}"
     # prompt 0: image 01 is best in both rewards, image 02 worst in both
     assert (pairs[0]["image_pos"], pairs[0]["image_neg"]) == ("00000_01.png", "00000_02.png")
@@ -243,12 +229,12 @@ def test_select_pairs_writes_pairs_whose_positive_has_the_higher_calibrated_rewa
     assert f"prompts skipped: {skipped}" in result.stdout
 
 
-def test_select_pairs_frontier_dataset_has_every_column_and_counts_each_skip(scored_run, tmp_path):
+def test_select_pairs_frontier_dataset_has_every_column_and_counts_each_skip(scored_dir, tmp_path):
     output_dir = tmp_path / "pairs"
     rewards = ["--reward_models", "pickscore", "hpsv21"]
-    result = run_select_pairs("--run_dirs", scored_run, *rewards, "--pairs_per_prompt", 2, "--output_dir", output_dir)
+    result = run_select_pairs("--run_dirs", scored_dir, *rewards, "--pairs_per_prompt", 2, "--output_dir", output_dir)
     assert result.returncode == 0, result.stdout[-3000:]
-    pairs = read_pairs(output_dir)
+    pairs = read_parquet(output_dir / "train.parquet")
     columns = ["caption", "jpg_pos", "jpg_neg", "reward_pos", "reward_neg", "prompt_index", "image_pos", "image_neg"]
     for name in ("pickscore", "hpsv21"):
         columns += [f"{name}_calibrated_pos", f"{name}_calibrated_neg", f"{name}_pos", f"{name}_neg"]
@@ -266,41 +252,41 @@ def test_select_pairs_frontier_dataset_has_every_column_and_counts_each_skip(sco
     assert "yuvalkirstain/PickScore_v1" in card and "100 * cos" in card and '"selection": "frontier"' in card
 
 
-def test_select_pairs_output_loads_as_a_datasets_train_split(scored_run, tmp_path):
+def test_select_pairs_output_loads_as_a_datasets_train_split(scored_dir, tmp_path):
     import datasets
 
     output_dir = tmp_path / "pairs"
-    result = run_select_pairs("--run_dirs", scored_run, "--reward_models", "pickscore", "--output_dir", output_dir)
+    result = run_select_pairs("--run_dirs", scored_dir, "--reward_models", "pickscore", "--output_dir", output_dir)
     assert result.returncode == 0, result.stdout[-3000:]
     dataset = datasets.load_dataset(str(output_dir), split="train", cache_dir=str(tmp_path / "cache"))
     assert len(dataset) == 3 and dataset[0]["jpg_pos"][:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_select_pairs_skips_an_image_whose_file_is_missing(scored_run, tmp_path):
-    (scored_run / "00000_02.png").unlink()  # the worst image of prompt 0
-    result = run_select_pairs("--run_dirs", scored_run, "--reward_models", "pickscore", "--output_dir", tmp_path / "o")
+def test_select_pairs_skips_an_image_whose_file_is_missing(scored_dir, tmp_path):
+    (scored_dir / "00000_02.png").unlink()  # the worst image of prompt 0
+    result = run_select_pairs("--run_dirs", scored_dir, "--reward_models", "pickscore", "--output_dir", tmp_path / "o")
     assert result.returncode == 0, result.stdout[-3000:]
     assert "image file missing 1" in result.stdout
-    assert read_pairs(tmp_path / "o")[0]["image_neg"] == "00000_00.png"
+    assert read_parquet(tmp_path / "o" / "train.parquet")[0]["image_neg"] == "00000_00.png"
 
 
-def test_select_pairs_never_pairs_a_file_with_itself_under_another_name(scored_run, tmp_path):
+def test_select_pairs_never_pairs_a_file_with_itself_under_another_name(scored_dir, tmp_path):
     names = ["00000_00.png", "./00000_00.png"]  # one file
     rows = [
         {"prompt": "prompt 5", "prompt_index": 5, "k": k, "seed": k, "image": name} for k, name in enumerate(names)
     ]
-    with open(scored_run / "manifest.jsonl", "a") as f:
+    with open(scored_dir / "manifest.jsonl", "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    with open(scored_run / "scores.csv", "a", newline="") as f:
+    with open(scored_dir / "scores.csv", "a", newline="") as f:
         for row, score in zip(rows, (20.0, 25.0)):
             csv.writer(f).writerow([5, row["k"], row["seed"], row["prompt"], row["image"], score, 27.0, 0.5])
-    result = run_select_pairs("--run_dirs", scored_run, "--reward_models", "pickscore", "--output_dir", tmp_path / "o")
+    result = run_select_pairs("--run_dirs", scored_dir, "--reward_models", "pickscore", "--output_dir", tmp_path / "o")
     assert result.returncode == 0, result.stdout[-3000:]
     assert "both images the same file 1" in result.stdout
-    assert 5 not in [pair["prompt_index"] for pair in read_pairs(tmp_path / "o")]
+    assert 5 not in [pair["prompt_index"] for pair in read_parquet(tmp_path / "o" / "train.parquet")]
 
 
-def test_a_prompt_repeated_in_the_list_is_its_own_group_each_time(scored_run, tmp_path):
+def test_a_prompt_repeated_in_the_list_is_its_own_group_each_time(scored_dir, tmp_path):
     # generate.py --keep_duplicate_prompts samples a repeated prompt once per occurrence, with its own seeds: each
     # occurrence is calibrated and paired on its own, as the paper's N images of one prompt.
     rows = [
@@ -308,15 +294,15 @@ def test_a_prompt_repeated_in_the_list_is_its_own_group_each_time(scored_run, tm
         for k in range(2)
     ]
     for k, row in enumerate(rows):
-        Image.new("RGB", (8, 8), (200, 60 * k, 9)).save(scored_run / row["image"])
-    with open(scored_run / "manifest.jsonl", "a") as f:
+        Image.new("RGB", (8, 8), (200, 60 * k, 9)).save(scored_dir / row["image"])
+    with open(scored_dir / "manifest.jsonl", "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    with open(scored_run / "scores.csv", "a", newline="") as f:
+    with open(scored_dir / "scores.csv", "a", newline="") as f:
         for row, score in zip(rows, (20.0, 25.0)):
             csv.writer(f).writerow([6, row["k"], row["seed"], row["prompt"], row["image"], score, 27.0, 0.5])
-    result = run_select_pairs("--run_dirs", scored_run, "--reward_models", "pickscore", "--output_dir", tmp_path / "o")
+    result = run_select_pairs("--run_dirs", scored_dir, "--reward_models", "pickscore", "--output_dir", tmp_path / "o")
     assert result.returncode == 0, result.stdout[-3000:]
-    pairs = {pair["prompt_index"]: pair for pair in read_pairs(tmp_path / "o")}
+    pairs = {pair["prompt_index"]: pair for pair in read_parquet(tmp_path / "o" / "train.parquet")}
     assert pairs[0]["caption"] == pairs[6]["caption"] == "prompt 0"
     assert (pairs[0]["image_pos"], pairs[0]["image_neg"]) == ("00000_01.png", "00000_02.png")  # RUN's group 0 alone
     assert (pairs[6]["image_pos"], pairs[6]["image_neg"]) == ("00006_01.png", "00006_00.png")
@@ -344,24 +330,24 @@ def test_a_prompt_repeated_in_the_list_is_its_own_group_each_time(scored_run, tm
         "misspelt-column",
     ],
 )
-def test_select_pairs_refuses_bad_flags_with_one_line(scored_run, tmp_path, flags, message):
-    result = run_select_pairs("--run_dirs", scored_run, *flags, "--output_dir", tmp_path / "pairs")
-    assert message in one_error_line(result)
+def test_select_pairs_refuses_bad_flags_with_one_line(scored_dir, tmp_path, flags, message):
+    result = run_select_pairs("--run_dirs", scored_dir, *flags, "--output_dir", tmp_path / "pairs")
+    assert message in one_line_error(result)
     assert not (tmp_path / "pairs").exists()
 
 
-def test_select_pairs_takes_a_column_of_another_tool_once_its_kind_is_given(scored_run, tmp_path):
+def test_select_pairs_takes_a_column_of_another_tool_once_its_kind_is_given(scored_dir, tmp_path):
     flags = ["--reward_models", "my_score", "--reward_kinds", "my_score=probability", "--output_dir", tmp_path / "o"]
-    result = run_select_pairs("--run_dirs", scored_run, *flags)
+    result = run_select_pairs("--run_dirs", scored_dir, *flags)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "0 pairs from 0 of 5 prompts" in result.stdout  # my_score is 0.5 everywhere: every group ties
 
 
 @pytest.mark.parametrize("missing", ["manifest.jsonl", "scores.csv"])
-def test_select_pairs_refuses_a_run_folder_without_manifest_or_scores(scored_run, tmp_path, missing):
-    (scored_run / missing).unlink()
-    result = run_select_pairs("--run_dirs", scored_run, "--reward_models", "pickscore", "--output_dir", tmp_path / "o")
-    assert f"No {missing} in" in one_error_line(result)
+def test_select_pairs_refuses_a_run_folder_without_manifest_or_scores(scored_dir, tmp_path, missing):
+    (scored_dir / missing).unlink()
+    result = run_select_pairs("--run_dirs", scored_dir, "--reward_models", "pickscore", "--output_dir", tmp_path / "o")
+    assert f"No {missing} in" in one_line_error(result)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -546,11 +532,11 @@ def test_soup_of_a_lora_with_itself_is_the_base_with_that_lora_fused_as_generate
 
 def test_soup_refuses_a_single_model_with_one_line(tmp_path):
     result = run_soup("--models", tmp_path, "--output_dir", tmp_path / "soup")
-    assert "--models needs two or more fine-tuned models" in one_error_line(result)
+    assert "--models needs two or more fine-tuned models" in one_line_error(result)
 
 
 def test_soup_refuses_a_folder_that_is_neither_lora_nor_unet_with_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_soup("--models", tmp_path / "empty", tmp_path / "empty", "--output_dir", tmp_path / "soup")
-    assert "is neither a LoRA" in one_error_line(result)
+    assert "is neither a LoRA" in one_line_error(result)
     assert not (tmp_path / "soup").exists()

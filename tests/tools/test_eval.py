@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import launch, run_python
+from kit import copy_run, launch, pixels, read_csv, run_tool, write_lines, write_run
 from PIL import Image
 
 from examples.eval import compare
-from examples.eval.generate import image_filename
 from examples.lib.prompts import PromptSetError, load_prompts
 from examples.lib.sampling import image_seed
 
 
 PROMPTS = ["a photo of a red ball", "a photo of a blue ball", "a photo of a green ball"]
 K = 2
+GENERATE, SCORE, COMPARE = (f"examples/eval/{tool}.py" for tool in ("generate", "score", "compare"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,26 +59,8 @@ def generate_args(tiny_assets, output_dir, model_name, prompts_file, *extra):
     ]
 
 
-def run_tool(script, args, expect_success=True):
-    result = run_python(f"examples/eval/{script}", args)
-    if expect_success and result.returncode != 0:
-        raise AssertionError(
-            f"{script} {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-4000:]}"
-        )
-    return result
-
-
-def pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-
-
 def read_manifest(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "manifest.jsonl").read_text().splitlines()]
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +73,7 @@ def eval_assets(tiny_assets, tmp_path_factory):
     from peft.utils import get_peft_model_state_dict
 
     root = tmp_path_factory.mktemp("eval")
-    prompts_file = root / "prompts.txt"
-    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    prompts_file = write_lines(root / "prompts.txt", PROMPTS)
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(tiny_assets["model"], subfolder="unet")
@@ -110,7 +91,7 @@ def eval_assets(tiny_assets, tmp_path_factory):
     unet.save_pretrained(root / "full" / "unet")
 
     output_dir = root / "generated"
-    run_tool("generate.py", generate_args(tiny_assets, output_dir, "base", prompts_file))
+    run_tool(GENERATE, generate_args(tiny_assets, output_dir, "base", prompts_file))
     return {
         "root": root,
         "prompts_file": prompts_file,
@@ -120,28 +101,19 @@ def eval_assets(tiny_assets, tmp_path_factory):
     }
 
 
-def write_run(run_dir, seed=0):
-    """A run folder as generate.py leaves it (manifest.jsonl and K 64 px images per prompt), made without a model."""
-    run_dir.mkdir(parents=True)
-    rng, rows = np.random.default_rng(seed), []
-    for i, prompt in enumerate(PROMPTS):
-        for k in range(K):
-            image = image_filename(i, k)
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(run_dir / image)
-            rows.append({"prompt": prompt, "prompt_index": i, "k": k, "seed": image_seed(0, i, k), "image": image})
-    (run_dir / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return run_dir
+def write_random_run(run_dir):
+    """A run folder as generate.py leaves it (K random 64 px images per prompt), made without a model."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(len(PROMPTS) * K)]
+    return write_run(run_dir, PROMPTS, images, K)
 
 
 @pytest.fixture(scope="module")
-def tiny_rewards(tmp_path_factory):
-    """Every tiny reward stand-in, and a second pickscore stand-in with other random weights."""
-    from examples.tiny_world.tiny_rewards import STAND_INS, write_tiny_reward_models
+def other_pickscore(tmp_path_factory):
+    """A second pickscore stand-in, with other random weights than conftest `tiny_rewards`' one."""
+    from examples.tiny_world.tiny_rewards import STAND_INS
 
-    root = tmp_path_factory.mktemp("tiny_rewards")
-    rewards = write_tiny_reward_models(root / "main")
-    rewards["other_pickscore"] = str(STAND_INS["pickscore"](root / "other" / "pickscore", 99))
-    return rewards
+    return str(STAND_INS["pickscore"](tmp_path_factory.mktemp("other") / "pickscore", 99))
 
 
 def reward_args(rewards, *names, paths=None):
@@ -152,15 +124,11 @@ def reward_args(rewards, *names, paths=None):
 @pytest.fixture(scope="module")
 def scored_run(tiny_rewards, tmp_path_factory):
     """A run scored once with the tiny pickscore and hpsv21; tests copy it before changing anything."""
-    run_dir = write_run(tmp_path_factory.mktemp("scored") / "base")
+    run_dir = write_random_run(tmp_path_factory.mktemp("scored") / "base")
     result = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", "hpsv21"), "--batch_size", 4]
+        SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", "hpsv21"), "--batch_size", 4]
     )
     return {"dir": run_dir, "stdout": result.stdout}
-
-
-def copy_run(source, tmp_path):
-    return Path(shutil.copytree(source, tmp_path / "base"))
 
 
 def error_lines(result):
@@ -168,7 +136,7 @@ def error_lines(result):
 
 
 def test_every_tool_explains_itself_with_help():
-    for script in ("generate.py", "score.py", "compare.py"):
+    for script in (GENERATE, SCORE, COMPARE):
         result = run_tool(script, ["--help"])
         assert "usage:" in result.stdout and "--" in result.stdout
 
@@ -189,7 +157,7 @@ def test_generate_writes_k_images_per_prompt_with_their_seeds_in_a_manifest(eval
 @pytest.mark.slow
 def test_same_seeds_give_identical_images_across_two_runs(eval_assets, tiny_assets):
     other = eval_assets["root"] / "second_run"
-    run_tool("generate.py", generate_args(tiny_assets, other, "base", eval_assets["prompts_file"]))
+    run_tool(GENERATE, generate_args(tiny_assets, other, "base", eval_assets["prompts_file"]))
     for row in read_manifest(eval_assets["output_dir"] / "base"):
         assert np.array_equal(
             pixels(other / "base" / row["image"]), pixels(eval_assets["output_dir"] / "base" / row["image"])
@@ -204,14 +172,14 @@ def test_resumed_generation_redoes_nothing_and_fills_only_what_is_missing(eval_a
     images = sorted((output_dir / "base").glob("*.png"))
     mtimes = {path: path.stat().st_mtime_ns for path in images}
 
-    rerun = run_tool("generate.py", generate_args(tiny_assets, output_dir, "base", eval_assets["prompts_file"]))
+    rerun = run_tool(GENERATE, generate_args(tiny_assets, output_dir, "base", eval_assets["prompts_file"]))
     assert "0 images to generate, 6 already" in rerun.stdout
     assert "0 images generated" in rerun.stdout
     assert {path: path.stat().st_mtime_ns for path in images} == mtimes
 
     removed = images[3]
     removed.unlink()
-    refill = run_tool("generate.py", generate_args(tiny_assets, output_dir, "base", eval_assets["prompts_file"]))
+    refill = run_tool(GENERATE, generate_args(tiny_assets, output_dir, "base", eval_assets["prompts_file"]))
     assert "1 images to generate, 5 already" in refill.stdout
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in mtimes.items() if path != removed)
     # remade from its own seed; alone in its batch, so float reductions may move a pixel by one level
@@ -222,7 +190,7 @@ def test_resumed_generation_redoes_nothing_and_fills_only_what_is_missing(eval_a
 def test_generate_under_accelerate_launch_splits_the_images_over_two_processes(eval_assets, tiny_assets):
     output_dir = eval_assets["root"] / "two_processes"
     result = launch(
-        "examples/eval/generate.py",
+        GENERATE,
         generate_args(tiny_assets, output_dir, "base", eval_assets["prompts_file"]),
         num_processes=2,
     )
@@ -244,7 +212,7 @@ def test_generate_under_accelerate_launch_splits_the_images_over_two_processes(e
 def test_trained_weights_change_the_images_but_not_the_seeds(weights, eval_assets, tiny_assets):
     flag = ["--lora_path", eval_assets["lora"]] if weights == "lora" else ["--unet_path", eval_assets["full"]]
     run_tool(
-        "generate.py",
+        GENERATE,
         generate_args(tiny_assets, eval_assets["output_dir"], weights, eval_assets["prompts_file"], *flag),
     )
     base_rows, rows = (
@@ -265,7 +233,7 @@ def test_trained_weights_change_the_images_but_not_the_seeds(weights, eval_asset
 @pytest.mark.slow
 def test_generate_refuses_to_mix_settings_in_one_folder(eval_assets, tiny_assets):
     result = run_tool(
-        "generate.py",
+        GENERATE,
         generate_args(
             tiny_assets, eval_assets["output_dir"], "base", eval_assets["prompts_file"], "--guidance_scale", 7.5
         ),
@@ -279,7 +247,7 @@ def test_generate_refuses_to_mix_settings_in_one_folder(eval_assets, tiny_assets
 def test_generate_stops_on_an_empty_prompt_set_before_loading_a_model(eval_assets, tiny_assets, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    result = run_tool("generate.py", generate_args(tiny_assets, tmp_path, "base", empty), expect_success=False)
+    result = run_tool(GENERATE, generate_args(tiny_assets, tmp_path, "base", empty), expect_success=False)
     assert result.returncode == 2 and "empty after cleaning" in result.stdout
     assert not (tmp_path / "base").exists()
 
@@ -332,11 +300,9 @@ def test_score_writes_one_row_per_image_with_the_reward_models_values(scored_run
 
 @pytest.mark.slow
 def test_score_resumes_computing_only_the_missing_columns(scored_run, tiny_rewards, tmp_path):
-    run_dir = copy_run(scored_run["dir"], tmp_path)
+    run_dir = copy_run(scored_run["dir"], tmp_path / "base")
     before = read_csv(run_dir / "scores.csv")
-    again = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", "hpsv21", "aesthetic")]
-    )
+    again = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", "hpsv21", "aesthetic")])
     assert "pickscore: all 6 scores already present, model not loaded" in again.stdout
     assert "hpsv21: all 6 scores already present, model not loaded" in again.stdout
     assert "aesthetic: 6 computed, 0 already present" in again.stdout
@@ -355,21 +321,23 @@ def test_score_records_which_weights_made_each_column(scored_run, tiny_rewards):
 
 
 @pytest.mark.slow
-def test_score_refuses_to_add_other_weights_to_a_column_and_leaves_the_table_alone(scored_run, tiny_rewards, tmp_path):
+def test_score_refuses_to_add_other_weights_to_a_column_and_leaves_the_table_alone(
+    scored_run, tiny_rewards, other_pickscore, tmp_path
+):
     from examples.rewards import reward_weights_source
 
-    run_dir = copy_run(scored_run["dir"], tmp_path)
+    run_dir = copy_run(scored_run["dir"], tmp_path / "base")
     table = (run_dir / "scores.csv").read_text()
-    other = {"pickscore": tiny_rewards["other_pickscore"]}
+    other = {"pickscore": other_pickscore}
     result = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", paths=other)], expect_success=False
+        SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", paths=other)], expect_success=False
     )
     assert result.returncode == 2
     assert len(error_lines(result)) == 1 and "Traceback" not in result.stdout
     error = error_lines(result)[0]
     assert error.startswith("error: The pickscore scores in") and "--scores_filename" in error
     assert str(Path(tiny_rewards["pickscore"]).resolve()) in error  # the recorded source
-    assert str(Path(tiny_rewards["other_pickscore"]).resolve()) in error  # the requested one
+    assert str(Path(other_pickscore).resolve()) in error  # the requested one
     assert (run_dir / "scores.csv").read_text() == table
     recorded = json.loads((run_dir / "scores.csv.sources.json").read_text())["pickscore"]
     assert recorded == reward_weights_source("pickscore", tiny_rewards["pickscore"])
@@ -377,11 +345,11 @@ def test_score_refuses_to_add_other_weights_to_a_column_and_leaves_the_table_alo
 
 @pytest.mark.slow
 def test_score_accepts_the_same_weights_again_even_from_another_folder(scored_run, tiny_rewards, tmp_path):
-    run_dir = copy_run(scored_run["dir"], tmp_path)
-    same = run_tool("score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")])
+    run_dir = copy_run(scored_run["dir"], tmp_path / "base")
+    same = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")])
     assert "pickscore: all 6 scores already present, model not loaded" in same.stdout
     moved = {"pickscore": shutil.copytree(tiny_rewards["pickscore"], tmp_path / "moved")}
-    again = run_tool("score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", paths=moved)])
+    again = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", paths=moved)])
     assert "pickscore: all 6 scores already present, model not loaded" in again.stdout
 
 
@@ -389,17 +357,15 @@ def test_score_accepts_the_same_weights_again_even_from_another_folder(scored_ru
 def test_score_does_not_trust_a_table_without_a_record_of_its_weights_unless_told_to(
     scored_run, tiny_rewards, tmp_path
 ):
-    run_dir = copy_run(scored_run["dir"], tmp_path)
+    run_dir = copy_run(scored_run["dir"], tmp_path / "base")
     (run_dir / "scores.csv.sources.json").unlink(missing_ok=True)  # a table from before score.py kept the record
     table = (run_dir / "scores.csv").read_text()
-    refused = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], expect_success=False
-    )
+    refused = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], expect_success=False)
     assert refused.returncode == 2 and len(error_lines(refused)) == 1
     assert "records no weights" in refused.stdout and "--adopt_unrecorded_scores" in refused.stdout
     assert (run_dir / "scores.csv").read_text() == table
     adopted = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore"), "--adopt_unrecorded_scores"]
+        SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore"), "--adopt_unrecorded_scores"]
     )
     assert "pickscore: all 6 scores already present, model not loaded" in adopted.stdout
     assert set(json.loads((run_dir / "scores.csv.sources.json").read_text())) == {"pickscore"}
@@ -407,11 +373,11 @@ def test_score_does_not_trust_a_table_without_a_record_of_its_weights_unless_tol
 
 @pytest.mark.slow
 def test_score_stops_with_one_line_when_weights_cannot_be_reached(tmp_path):
-    run_dir = write_run(tmp_path / "base")
-    published = run_tool("score.py", ["--run_dirs", run_dir, "--reward_models", "pickscore"], expect_success=False)
+    run_dir = write_random_run(tmp_path / "base")
+    published = run_tool(SCORE, ["--run_dirs", run_dir, "--reward_models", "pickscore"], expect_success=False)
     missing_path = tmp_path / "no_such_folder"
     local = run_tool(
-        "score.py",
+        SCORE,
         ["--run_dirs", run_dir, "--reward_models", "hpsv21", "--reward_model_paths", f"hpsv21={missing_path}"],
         expect_success=False,
     )
@@ -425,14 +391,12 @@ def test_score_stops_with_one_line_when_weights_cannot_be_reached(tmp_path):
 
 @pytest.mark.slow
 def test_score_stops_on_a_missing_image_unless_told_to_skip_it(tiny_rewards, tmp_path):
-    run_dir = write_run(tmp_path / "base")
+    run_dir = write_random_run(tmp_path / "base")
     (run_dir / "00001_00.png").unlink()
-    stopped = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], expect_success=False
-    )
+    stopped = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], expect_success=False)
     assert stopped.returncode == 2 and "1 images listed" in stopped.stdout and "00001_00.png" in stopped.stdout
     skipped = run_tool(
-        "score.py", ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore"), "--skip_missing_images"]
+        SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore"), "--skip_missing_images"]
     )
     assert "1 missing images skipped" in skipped.stdout and "pickscore: 5 computed" in skipped.stdout
     empty_cells = [row["pickscore"] == "" for row in read_csv(run_dir / "scores.csv")]
@@ -440,8 +404,8 @@ def test_score_stops_on_a_missing_image_unless_told_to_skip_it(tiny_rewards, tmp
 
 
 def test_score_rejects_an_unknown_reward_model_before_loading_anything(tmp_path):
-    run_dir = write_run(tmp_path / "base")
-    result = run_tool("score.py", ["--run_dirs", run_dir, "--reward_models", "pickscore", "hsp"], expect_success=False)
+    run_dir = write_random_run(tmp_path / "base")
+    result = run_tool(SCORE, ["--run_dirs", run_dir, "--reward_models", "pickscore", "hsp"], expect_success=False)
     assert result.returncode == 2 and "Unknown reward model(s) ['hsp']" in result.stdout
 
 
@@ -458,7 +422,7 @@ def test_score_offers_every_registered_reward_model_and_only_those(monkeypatch, 
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"Reward models to score with: {', '.join(REWARD_MODELS)} " in help_text
     assert set(score.DEFAULT_REWARD_MODELS) <= set(REWARD_MODELS)
-    run_dir = write_run(tmp_path / "base")
+    run_dir = write_random_run(tmp_path / "base")
     args = score.parse_args(["--run_dirs", str(run_dir), "--reward_models", "newreward"])
     assert args.reward_models == ["newreward"]
 
@@ -499,7 +463,7 @@ def test_compare_on_hand_made_tables_gives_the_hand_computed_means_intervals_and
     for name, scores in HAND_MADE.items():
         write_score_table(tmp_path / name / "scores.csv", scores)
     run_tool(
-        "compare.py",
+        COMPARE,
         [
             "--runs",
             tmp_path / "base",
@@ -549,7 +513,7 @@ def test_compare_counts_the_prompts_that_are_not_in_every_run(tmp_path):
     )
     write_score_table(tmp_path / "tuned" / "scores.csv", HAND_MADE["tuned"])
     result = run_tool(
-        "compare.py",
+        COMPARE,
         ["--runs", tmp_path / "base", tmp_path / "tuned", "--num_bootstrap", 100, "--output_prefix", tmp_path / "cmp"],
     )
     assert "prompts left out per run: {'base': 1}" in result.stdout
@@ -577,7 +541,7 @@ def test_generate_score_compare_end_to_end(eval_assets, tiny_assets, tiny_reward
     base, lora = eval_assets["output_dir"] / "base", eval_assets["output_dir"] / "lora"
     # resumable: a no-op when the LoRA test above already made these images
     run_tool(
-        "generate.py",
+        GENERATE,
         generate_args(
             tiny_assets,
             eval_assets["output_dir"],
@@ -587,10 +551,10 @@ def test_generate_score_compare_end_to_end(eval_assets, tiny_assets, tiny_reward
             eval_assets["lora"],
         ),
     )
-    run_tool("score.py", ["--run_dirs", base, lora, *reward_args(tiny_rewards, "pickscore", "imagereward")])
+    run_tool(SCORE, ["--run_dirs", base, lora, *reward_args(tiny_rewards, "pickscore", "imagereward")])
     prefix = eval_assets["root"] / "report" / "table"
     result = run_tool(
-        "compare.py", ["--runs", base, lora, "--baseline", "base", "--num_bootstrap", 500, "--output_prefix", prefix]
+        COMPARE, ["--runs", base, lora, "--baseline", "base", "--num_bootstrap", 500, "--output_prefix", prefix]
     )
     assert "| lora |" in result.stdout and "PickScore" in result.stdout and "ImageReward" in result.stdout
     for suffix in ("md", "json", "png"):
@@ -598,7 +562,7 @@ def test_generate_score_compare_end_to_end(eval_assets, tiny_assets, tiny_reward
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
+def tiny_sd_lora(tmp_path_factory):
     """A tiny SD1.x-style pipeline (one text encoder, no safety checker) and a LoRA of its UNet."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -619,18 +583,19 @@ def tiny_sd(tmp_path_factory):
     StableDiffusionPipeline.save_lora_weights(
         root / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     )
-    prompts_file = root / "prompts.txt"
-    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    prompts_file = write_lines(root / "prompts.txt", PROMPTS)
     return {"model": str(root / "tiny-sd"), "lora": root / "lora", "prompts_file": prompts_file}
 
 
 @pytest.mark.slow
-def test_generate_on_an_sd_pipeline_writes_its_images_and_applies_a_lora(tiny_sd, tmp_path):
+def test_generate_on_an_sd_pipeline_writes_its_images_and_applies_a_lora(tiny_sd_lora, tmp_path):
     output_dir = tmp_path / "generated"
-    for name, extra in (("base", []), ("lora", ["--lora_path", tiny_sd["lora"]])):
+    for name, extra in (("base", []), ("lora", ["--lora_path", tiny_sd_lora["lora"]])):
         run_tool(
-            "generate.py",
-            generate_args(tiny_sd, output_dir, name, tiny_sd["prompts_file"], "--scheduler", "euler", *extra),
+            GENERATE,
+            generate_args(
+                tiny_sd_lora, output_dir, name, tiny_sd_lora["prompts_file"], "--scheduler", "euler", *extra
+            ),
         )
     base_rows, lora_rows = read_manifest(output_dir / "base"), read_manifest(output_dir / "lora")
     assert [(row["prompt_index"], row["k"]) for row in base_rows] == [(i, k) for i in range(3) for k in range(K)]

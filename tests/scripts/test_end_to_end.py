@@ -1,14 +1,12 @@
 """The training scripts run as users run them: `accelerate launch` on tiny assets."""
 
 import filecmp
-import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch, tiny_args
+from kit import assert_same_tensors, launch, scalar_events, scalar_tags, summary_of, tiny_args, unet_state
 from safetensors.torch import load_file
 
 
@@ -17,38 +15,6 @@ DPO_METRICS = METRICS | {"ref_mse_w", "ref_mse_l"}
 
 
 pytestmark = pytest.mark.slow
-
-
-def scalar_events(logging_dir):
-    """{tag: [(step, value), ...]} of every tensorboard scalar under `logging_dir`."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = [p for p in Path(logging_dir).rglob("events.out.tfevents.*")]
-    assert events, f"no tensorboard event file under {logging_dir}"
-    tags = {}
-    for event_file in events:
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            tags[tag] = [(event.step, event.value) for event in accumulator.Scalars(tag)]
-    return tags
-
-
-def scalar_tags(logging_dir):
-    """{tag: [value, ...]} of every tensorboard scalar under `logging_dir`."""
-    return {tag: [value for _, value in events] for tag, events in scalar_events(logging_dir).items()}
-
-
-def unet_state(output_dir):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet").state_dict()
-
-
-def assert_same_tensors(first, second, atol=1e-6):
-    assert first.keys() == second.keys()
-    for key in first:
-        assert torch.allclose(first[key].float(), second[key].float(), atol=atol), key
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +77,7 @@ def test_mapo_lora_run_writes_diffusers_lora_model_card_metrics_and_validation(m
 
 def test_heldout_accuracy_before_training_is_logged_at_step_0(mapo_lora_run):
     output_dir, _ = mapo_lora_run
-    summary = json.loads((output_dir / "training_summary.json").read_text())
+    summary = summary_of(output_dir)
     logged = scalar_events(output_dir / "logs")["heldout_preference_accuracy"]
     assert [step for step, _ in logged] == [0, 2, 4]  # before training, at --validation_steps, at the end
     assert logged[0][1] == pytest.approx(summary["heldout_preference_accuracy_before"])
@@ -120,7 +86,7 @@ def test_heldout_accuracy_before_training_is_logged_at_step_0(mapo_lora_run):
 
 def test_summary_reports_the_training_loops_peak_and_each_phase_apart(mapo_lora_run):
     output_dir, log = mapo_lora_run
-    summary = json.loads((output_dir / "training_summary.json").read_text())
+    summary = summary_of(output_dir)
     phases = summary["peak_memory_by_phase_bytes"]
     assert set(phases) == {"training", "validation"} and summary["peak_memory_bytes"] == phases["training"]
     assert re.search(r"peak memory \(rss\): validation [0-9.]+ GiB, training [0-9.]+ GiB", log)

@@ -1,7 +1,7 @@
 """MaPO personalization learns a subject in the tiny world, judged on the images it generates (not on its loss).
 
 The subject is a look the base model draws only some of the time: a red ball in the top half. Six target images of
-it, rendered by the tiny world's own renderer (make_tiny_assets.make_image, as pretrain_tiny_world.py draws its
+it, rendered by the tiny world's own renderer (world.make_image, as pretrain_tiny_world.py draws its
 training images) and captioned "a photo of <sks> ball", train `train_mapo_personalization_sdxl.py` with the
 paper's recipe (UNet and text-encoder LoRA, textual inversion of <sks> from "ball", beta 1024, the whole set in every
 batch) at learning rates the tiny model needs. The trained model then draws "a photo of <sks> ball" for 64 seeds
@@ -22,11 +22,10 @@ It does not tell MaPO from fine-tuning on the targets alone (the margin term dro
 
 import numpy as np
 import pytest
-from conftest import launch
+from kit import generate_and_judge, launch
 from PIL import Image
-from test_learning import generate_and_judge
 
-from examples.tiny_world.make_tiny_assets import make_image
+from examples.tiny_world.world import make_image
 
 
 pytestmark = pytest.mark.slow
@@ -70,7 +69,7 @@ def targets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_verdicts(tiny_world, tmp_path_factory):
+def base_verdicts_by_prompt(tiny_world, tmp_path_factory):
     """{prompt: verdicts} of the base model, each prompt drawn alone: image k of every prompt starts from the noise
     of the trained model's image k (generate.py seeds by prompt index and k), so the comparison is paired."""
     verdicts = {}
@@ -80,15 +79,15 @@ def base_verdicts(tiny_world, tmp_path_factory):
     return verdicts
 
 
-def test_base_model_draws_the_subject_only_some_of_the_time(base_verdicts):
+def test_base_model_draws_the_subject_only_some_of_the_time(base_verdicts_by_prompt):
     rejected_prompt, color_prompt = BASE_PROMPTS
-    assert color_share(base_verdicts[color_prompt]) >= 0.95
-    assert subject_share(base_verdicts[color_prompt]) <= 0.65  # the colour's word does not give the half
-    assert subject_share(base_verdicts[rejected_prompt]) <= 0.65
+    assert color_share(base_verdicts_by_prompt[color_prompt]) >= 0.95
+    assert subject_share(base_verdicts_by_prompt[color_prompt]) <= 0.65  # the colour's word does not give the half
+    assert subject_share(base_verdicts_by_prompt[rejected_prompt]) <= 0.65
 
 
 def test_personalization_teaches_the_new_token_the_subjects_colour_and_half(
-    tiny_world, targets, base_verdicts, tmp_path
+    tiny_world, targets, base_verdicts_by_prompt, tmp_path
 ):
     output_dir = tmp_path / "train"
     args = ["--pretrained_model_name_or_path", tiny_world["model"], "--instance_data_dir", targets]
@@ -98,9 +97,9 @@ def test_personalization_teaches_the_new_token_the_subjects_colour_and_half(
         tiny_world, tmp_path / "generated", "personal", *EVAL_IMAGES, "--lora_path", output_dir, prompts=[CAPTION]
     )
     after = subject_share(verdicts)
-    before = {prompt: subject_share(base_verdicts[prompt]) for prompt in BASE_PROMPTS}
+    before = {prompt: subject_share(base_verdicts_by_prompt[prompt]) for prompt in BASE_PROMPTS}
     print(f"subject share: base {before}, trained {after:.3f} ({SUBJECT_COLOR} {color_share(verdicts):.3f})")
     for prompt, share in before.items():
-        assert verdicts.keys() == base_verdicts[prompt].keys()  # the same seeds
+        assert verdicts.keys() == base_verdicts_by_prompt[prompt].keys()  # the same seeds
         assert after - share >= MIN_RISE, f"subject share: base ({prompt!r}) {share:.3f} -> trained {after:.3f}"
     assert color_share(verdicts) >= MIN_COLOR_MATCH, f"{SUBJECT_COLOR} share {color_share(verdicts):.3f}"

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import REPO, run_python
+from kit import REPO, run_python
 
 from examples.playground_2d import metrics
 

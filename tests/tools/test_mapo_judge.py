@@ -7,7 +7,6 @@ folder is written as build_pairs.py writes one: two shards, five pairs, one of t
 an image.
 """
 
-import csv
 import io
 import json
 import shutil
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_python
+from kit import finished_line, one_line_error, png_bytes, read_csv, run_tool
 from PIL import Image
 
 from examples.lib.cli import InputError
@@ -109,20 +108,14 @@ def tiny_judge(tmp_path_factory):
     return folder
 
 
-def png(array):
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def chosen_images():
     rng = np.random.default_rng(0)
     gradient = np.broadcast_to(np.linspace(0, 255, 64)[None, :, None], (64, 64, 3))
     return {
-        0: png(np.full((64, 64, 3), (200, 30, 30))),
-        1: png(np.full((64, 64, 3), 255)),
-        3: png(rng.integers(0, 256, (64, 64, 3))),
-        4: png(gradient),
+        0: png_bytes(np.full((64, 64, 3), (200, 30, 30))),
+        1: png_bytes(np.full((64, 64, 3), 255)),
+        3: png_bytes(rng.integers(0, 256, (64, 64, 3))),
+        4: png_bytes(gradient),
         UNDECODABLE_ROW: b"\x89PNG\r\n\x1a\n but no image",
     }
 
@@ -137,7 +130,7 @@ def write_pairs_folder(folder, preset="cartoon"):
         for row_index, caption in rows:
             columns["caption"].append(caption)
             columns["jpg_0"].append(images[row_index])
-            columns["jpg_1"].append(png(np.zeros((64, 64, 3))))
+            columns["jpg_1"].append(png_bytes(np.zeros((64, 64, 3))))
             columns["label_0"].append(1.0)
             columns["chosen_prompt"].append(with_prefix(chosen_prefix, caption))
             columns["rejected_prompt"].append(with_prefix(rejected_prefix, caption))
@@ -159,28 +152,6 @@ def write_pairs_folder(folder, preset="cartoon"):
     return folder
 
 
-def run_tool(args, expect_success=True):
-    result = run_python(SCRIPT, args)
-    if expect_success and result.returncode != 0:
-        raise AssertionError(f"judge_pairs.py {' '.join(map(str, args))} failed:\n{result.stdout[-4000:]}")
-    return result
-
-
-def summary_line(result):
-    lines = result.stdout.strip().splitlines()
-    assert lines and lines[-1].startswith("== judge_pairs finished:"), result.stdout[-3000:]
-    return lines[-1]
-
-
-def one_line_error(result):
-    """The error as a user sees it: exit code 2, no traceback, and a single line that says `error:`."""
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
-
-
 def judge_args(model, pairs_dir, output_dir, *extra):
     return [
         "--vlm_model_name_or_path",
@@ -195,14 +166,13 @@ def judge_args(model, pairs_dir, output_dir, *extra):
     ]
 
 
-def read_scores(output_dir):
-    with open(output_dir / "scores.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def scores_by_row(output_dir):
     """{row_index: judge_score} of the pairs that have a score."""
-    return {int(row["row_index"]): float(row["judge_score"]) for row in read_scores(output_dir) if row["judge_score"]}
+    return {
+        int(row["row_index"]): float(row["judge_score"])
+        for row in read_csv(output_dir / "scores.csv")
+        if row["judge_score"]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +181,7 @@ def judged(tiny_judge, tmp_path_factory):
     root = tmp_path_factory.mktemp("judged")
     pairs_dir = write_pairs_folder(root / "pairs")
     args = [*judge_args(tiny_judge, pairs_dir, root / "out"), "--threshold", 1, "--batch_size", 2]
-    return {"pairs_dir": pairs_dir, "output_dir": root / "out", "result": run_tool(args)}
+    return {"pairs_dir": pairs_dir, "output_dir": root / "out", "result": run_tool(SCRIPT, args)}
 
 
 # Reading a rating from the judge's next-token probabilities ---
@@ -311,7 +281,7 @@ def direct_score(model_folder, caption, chosen_png):
 
 @pytest.mark.slow
 def test_scores_equal_the_definition_computed_pair_by_pair_with_the_saved_judge(judged, tiny_judge):
-    scores = {int(row["row_index"]): row for row in read_scores(judged["output_dir"])}
+    scores = {int(row["row_index"]): row for row in read_csv(judged["output_dir"] / "scores.csv")}
     images = chosen_images()
     for rows in SHARDS.values():
         for row_index, caption in rows:
@@ -325,13 +295,13 @@ def test_scores_equal_the_definition_computed_pair_by_pair_with_the_saved_judge(
 
 @pytest.mark.slow
 def test_every_pair_has_a_row_in_scores_csv_and_the_undecodable_image_is_counted(judged):
-    rows = read_scores(judged["output_dir"])
+    rows = read_csv(judged["output_dir"] / "scores.csv")
     assert [(row["shard"], int(row["row_index"])) for row in rows] == [
         (name.removesuffix(".parquet"), row_index) for name, pairs in SHARDS.items() for row_index, _ in pairs
     ]
     undecodable = [row for row in rows if row["status"] == "undecodable"]
     assert [int(row["row_index"]) for row in undecodable] == [UNDECODABLE_ROW] and undecodable[0]["judge_score"] == ""
-    summary = summary_line(judged["result"])
+    summary = finished_line(judged["result"], "judge_pairs", last=True)
     assert "4 of 5 pairs kept (scored above 1.0), 0 dropped (at or below it), skipped 1 (1 chosen images" in summary
     assert "skipped shard-00001.parquet row 6: 'a bowl of ramen' (chosen image undecodable)" in judged["result"].stdout
 
@@ -347,7 +317,7 @@ def test_the_aspect_is_the_pairs_folders_preset_and_the_judge_input_is_printed(j
 
 @pytest.mark.slow
 def test_kept_pairs_load_as_the_trainer_reads_them_in_the_input_schema_plus_the_judge_score(judged):
-    import train_mapo_sdxl  # its load_split names the folder's data files, as tests/test_mapo_tasks.py explains
+    import train_mapo_sdxl  # its load_split names the folder's data files, as tests/tools/test_mapo_tasks.py explains
 
     kept = train_mapo_sdxl.load_split(str(judged["output_dir"]), "train")
     assert kept.column_names == [*SHARD_COLUMNS, "judge_score"]
@@ -368,12 +338,14 @@ def test_pairs_at_or_below_the_threshold_are_dropped_and_counted_from_the_cached
     ordered = sorted(scores, key=scores.get)
     threshold = scores[ordered[1]]  # the second lowest score: it and the lowest are dropped, the two others kept
     assert 1 <= threshold < 10
-    result = run_tool([*judge_args(tiny_judge, judged["pairs_dir"], output_dir), "--threshold", repr(threshold)])
-    assert "judge input" not in result.stdout  # every shard was scored already: no model was loaded
-    assert f"2 of 5 pairs kept (scored above {threshold}), 2 dropped (at or below it), skipped 1" in summary_line(
-        result
+    result = run_tool(
+        SCRIPT, [*judge_args(tiny_judge, judged["pairs_dir"], output_dir), "--threshold", repr(threshold)]
     )
-    statuses = {int(row["row_index"]): row["status"] for row in read_scores(output_dir)}
+    assert "judge input" not in result.stdout  # every shard was scored already: no model was loaded
+    assert f"2 of 5 pairs kept (scored above {threshold}), 2 dropped (at or below it), skipped 1" in finished_line(
+        result, "judge_pairs", last=True
+    )
+    statuses = {int(row["row_index"]): row["status"] for row in read_csv(output_dir / "scores.csv")}
     expected = {ordered[0]: "dropped", ordered[1]: "dropped", ordered[2]: "kept", ordered[3]: "kept"}
     assert statuses == {**expected, UNDECODABLE_ROW: "undecodable"}
     kept = pa.concat_tables([pq.read_table(path) for path in sorted((output_dir / "shards").glob("*.parquet"))])
@@ -385,7 +357,7 @@ def test_the_default_threshold_is_the_papers_5(judged, tiny_judge, tmp_path):
     output_dir = tmp_path / "out"
     shutil.copytree(judged["output_dir"], output_dir)
     above_5 = sum(score > 5 for score in scores_by_row(output_dir).values())
-    result = run_tool(judge_args(tiny_judge, judged["pairs_dir"], output_dir), expect_success=above_5 > 0)
+    result = run_tool(SCRIPT, judge_args(tiny_judge, judged["pairs_dir"], output_dir), expect_success=above_5 > 0)
     assert f"{above_5} of 5 pairs kept (scored above 5.0), {4 - above_5} dropped" in result.stdout
 
 
@@ -394,7 +366,9 @@ def test_a_threshold_no_pair_passes_is_one_error_line(judged, tiny_judge, tmp_pa
     output_dir = tmp_path / "out"
     shutil.copytree(judged["output_dir"], output_dir)
     highest = max(scores_by_row(output_dir).values())
-    result = run_tool([*judge_args(tiny_judge, judged["pairs_dir"], output_dir), "--threshold", repr(highest)], False)
+    result = run_tool(
+        SCRIPT, [*judge_args(tiny_judge, judged["pairs_dir"], output_dir), "--threshold", repr(highest)], False
+    )
     assert "No pair kept: 0 of 5 pairs kept" in one_line_error(result)
     assert not list((output_dir / "shards").glob("*.parquet")) and not (output_dir / "README.md").exists()
 
@@ -403,7 +377,7 @@ def test_a_threshold_no_pair_passes_is_one_error_line(judged, tiny_judge, tmp_pa
 def test_a_resumed_run_with_another_aspect_stops_with_one_line(judged, tiny_judge, tmp_path):
     output_dir = tmp_path / "out"
     shutil.copytree(judged["output_dir"], output_dir)
-    result = run_tool([*judge_args(tiny_judge, judged["pairs_dir"], output_dir), "--aspect", "safety"], False)
+    result = run_tool(SCRIPT, [*judge_args(tiny_judge, judged["pairs_dir"], output_dir), "--aspect", "safety"], False)
     assert "holds scores made with other judge settings (aspect: 'cartoon' on disk, 'safety' now" in one_line_error(
         result
     )
@@ -417,7 +391,7 @@ def test_a_threshold_off_the_scale_is_one_error_line(tmp_path, threshold):
     pairs_dir = write_pairs_folder(tmp_path / "pairs")
     # the judge does not exist: had the tool tried to load it, the error would name it instead
     args = [*judge_args("no-such-org/no-such-judge", pairs_dir, tmp_path / "out"), "--threshold", threshold]
-    message = one_line_error(run_tool(args, expect_success=False))
+    message = one_line_error(run_tool(SCRIPT, args, expect_success=False))
     assert "--threshold must lie on the judge's scale, 1 <= threshold < 10" in message
     assert not (tmp_path / "out").exists()
 
@@ -425,18 +399,20 @@ def test_a_threshold_off_the_scale_is_one_error_line(tmp_path, threshold):
 def test_an_unknown_aspect_is_one_error_line(tmp_path):
     pairs_dir = write_pairs_folder(tmp_path / "pairs")
     args = [*judge_args("no-such-org/no-such-judge", pairs_dir, tmp_path / "out"), "--aspect", "anime"]
-    message = one_line_error(run_tool(args, expect_success=False))
+    message = one_line_error(run_tool(SCRIPT, args, expect_success=False))
     assert "--aspect 'anime' is not a section of --instruction_template" in message
     assert "its aspects are cartoon, pixel_art, safety, culture" in message
 
 
 def test_pairs_made_without_a_preset_need_an_aspect(tmp_path):
     pairs_dir = write_pairs_folder(tmp_path / "pairs", preset=None)
-    result = run_tool(judge_args("no-such-org/no-such-judge", pairs_dir, tmp_path / "out"), expect_success=False)
+    result = run_tool(
+        SCRIPT, judge_args("no-such-org/no-such-judge", pairs_dir, tmp_path / "out"), expect_success=False
+    )
     assert "names no preset" in one_line_error(result) and "give --aspect" in one_line_error(result)
 
 
 def test_a_folder_without_shards_is_one_error_line(tmp_path):
     (tmp_path / "pairs").mkdir()
-    result = run_tool(judge_args("no-such-org/no-such-judge", tmp_path / "pairs", tmp_path / "out"), False)
+    result = run_tool(SCRIPT, judge_args("no-such-org/no-such-judge", tmp_path / "pairs", tmp_path / "out"), False)
     assert "has no shards/shard-*.parquet; expected an output folder of" in one_line_error(result)

@@ -1,6 +1,5 @@
 """MPS (examples/rewards/mps.py) on a tiny random stand-in, against the authors' forward pass written out here."""
 
-import csv
 import json
 import os
 import re
@@ -9,11 +8,10 @@ import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import OFFLINE_ENV, REPO, run_python
+from kit import OFFLINE_ENV, REPO, read_csv, run_python, write_run
 from PIL import Image
 
 from examples.rewards import RewardInputError, convert_mps, load_reward_model, mps, reward_weights_source
@@ -29,26 +27,12 @@ AUTHORS_CONDITION = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def hub_cache_in_a_temporary_folder(tmp_path_factory):
-    """Nothing here may read or fill ~/.cache: an empty hub cache, offline."""
-    from huggingface_hub import constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hub_cache")))
-        patch.setattr(constants, "HF_HUB_OFFLINE", True)
-        yield
+pytestmark = pytest.mark.usefixtures("hub_cache_in_a_temporary_folder")  # nothing here may read or fill ~/.cache
 
 
 @pytest.fixture(scope="module")
 def tiny_mps(tmp_path_factory):
     return write_tiny_mps(tmp_path_factory.mktemp("tiny") / "mps", seed=0)
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, size=(48 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(4)]
 
 
 def tiny_state_dict(folder):
@@ -333,20 +317,9 @@ def test_the_authors_pickled_checkpoint_converts_to_their_state_dict_without_the
     torch.testing.assert_close(reward.score(images, PROMPTS), reference.score(images, PROMPTS), rtol=1e-6, atol=1e-6)
 
 
-def write_run(run_dir, images, prompts):
-    """A run folder as generate.py leaves it: manifest.jsonl and the images."""
-    run_dir.mkdir(parents=True)
-    rows = []
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        image.save(run_dir / f"{i:05d}_00.png")
-        rows.append({"prompt": prompt, "prompt_index": i, "k": 0, "seed": i, "image": f"{i:05d}_00.png"})
-    (run_dir / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return run_dir
-
-
 @pytest.mark.slow
 def test_score_py_writes_an_mps_column_from_a_local_copy(tiny_mps, images, tmp_path):
-    run_dir = write_run(tmp_path / "base", images, PROMPTS)
+    run_dir = write_run(tmp_path / "base", PROMPTS, images)
     result = run_python(
         "examples/eval/score.py",
         [
@@ -361,8 +334,7 @@ def test_score_py_writes_an_mps_column_from_a_local_copy(tiny_mps, images, tmp_p
         ],
     )
     assert result.returncode == 0, result.stdout[-3000:]
-    with open(run_dir / "scores.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(run_dir / "scores.csv")
     written = [Image.open(run_dir / row["image"]).convert("RGB") for row in rows]
     expected, _ = authors_mps_scores(tiny_mps, written, [row["prompt"] for row in rows])
     torch.testing.assert_close(torch.tensor([float(row["mps"]) for row in rows]), expected, rtol=1e-5, atol=1e-5)

@@ -15,14 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_python
+from kit import copy_run, one_line_error, read_csv, run_python, write_run, write_tiny_dinov2
 from PIL import Image
-from test_mismatch import write_tiny_dinov2
 
 from examples.eval import personalization
-from examples.eval.generate import image_filename
 from examples.lib.cli import InputError
-from examples.lib.sampling import image_seed
 
 
 PROMPTS = ["a photo of <sks> dog", "a photo of <sks> dog on the beach", "a red ball"]
@@ -71,23 +68,6 @@ def random_image(seed, size=64):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-def write_run(run_dir, images):
-    """A run folder as generate.py leaves it: manifest.jsonl and K images per prompt, `images` in manifest order."""
-    run_dir.mkdir(parents=True)
-    rows = []
-    for index, (i, k) in enumerate((i, k) for i in range(len(PROMPTS)) for k in range(K)):
-        name = image_filename(i, k)
-        images[index].save(run_dir / name)
-        rows.append({"prompt": PROMPTS[i], "prompt_index": i, "k": k, "seed": image_seed(0, i, k), "image": name})
-    (run_dir / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return run_dir
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """The tiny models, a target folder of one image (target_0), one of two, and a run whose first image is an
@@ -106,7 +86,7 @@ def assets(tmp_path_factory):
         "siglip": write_tiny_siglip(root / "siglip"),
         "one_target": root / "one_target",
         "two_targets": root / "two_targets",
-        "run": write_run(root / "runs" / "tuned", images),
+        "run": write_run(root / "runs" / "tuned", PROMPTS, images, K),
         "images": images,
     }
 
@@ -131,10 +111,6 @@ def run_in_process(assets, run_dirs, *extra, target_dir=None):
     personalization.main(personalization.parse_args(tool_args(assets, run_dirs, *extra, target_dir=target_dir)))
 
 
-def copy_run(assets, tmp_path, name="tuned"):
-    return Path(shutil.copytree(assets["run"], tmp_path / name))
-
-
 def column(run_dir, name, scores_filename="scores.csv"):
     return np.array([float(row[name]) for row in read_csv(run_dir / scores_filename)])
 
@@ -144,14 +120,6 @@ def scored(assets):
     """The run scored once against the one-image target folder (dinov2 and siglip)."""
     run_in_process(assets, [assets["run"]], "--batch_size", 4)
     return assets["run"]
-
-
-def one_error_line(result):
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
 
 
 def test_the_tool_explains_itself_with_help():
@@ -166,7 +134,7 @@ def test_dinov2_similarity_of_a_target_image_to_itself_is_100_and_to_other_image
 
 
 def test_dinov2_against_several_targets_is_the_mean_of_the_similarities_to_each(assets, scored, tmp_path):
-    run_dir = copy_run(assets, tmp_path)
+    run_dir = copy_run(assets["run"], tmp_path / "tuned")
     run_in_process(
         assets, [run_dir], "--metrics", "dinov2", "--scores_filename", "two.csv", target_dir=assets["two_targets"]
     )
@@ -210,7 +178,7 @@ def test_siglip_score_is_100_times_the_sigmoid_probability_of_the_model(assets, 
 
 
 def test_prompt_replace_changes_the_text_siglip_reads_and_is_recorded(assets, scored, tmp_path):
-    run_dir = copy_run(assets, tmp_path)
+    run_dir = copy_run(assets["run"], tmp_path / "tuned")
     replaced = tmp_path / "replaced.csv"
     run_in_process(
         assets,
@@ -242,7 +210,7 @@ def test_prompt_replace_changes_the_text_siglip_reads_and_is_recorded(assets, sc
 
 def test_scores_join_score_pys_columns_and_compare_tables_them(assets, tmp_path):
     runs = [
-        write_run(tmp_path / name, [random_image(10 * offset + i) for i in range(len(PROMPTS) * K)])
+        write_run(tmp_path / name, PROMPTS, [random_image(10 * offset + i) for i in range(len(PROMPTS) * K)], K)
         for offset, name in enumerate(("base", "tuned"))
     ]
     for offset, run_dir in enumerate(runs):  # a table score.py wrote: its aesthetic column and its record
@@ -306,7 +274,7 @@ def test_scores_join_score_pys_columns_and_compare_tables_them(assets, tmp_path)
 
 
 def test_a_rerun_computes_nothing_and_loads_no_model(assets, scored, tmp_path, capsys, monkeypatch):
-    run_dir = copy_run(assets, tmp_path)
+    run_dir = copy_run(assets["run"], tmp_path / "tuned")
     before = read_csv(run_dir / "scores.csv")
     monkeypatch.setattr(personalization.Scorer, "load", lambda self: pytest.fail("a model was loaded"))
     capsys.readouterr()
@@ -318,7 +286,7 @@ def test_a_rerun_computes_nothing_and_loads_no_model(assets, scored, tmp_path, c
 
 
 def test_other_target_images_for_a_scored_column_stop_before_any_model_loads(assets, scored, tmp_path, monkeypatch):
-    run_dir = copy_run(assets, tmp_path)
+    run_dir = copy_run(assets["run"], tmp_path / "tuned")
     monkeypatch.setattr(personalization.Scorer, "load", lambda self: pytest.fail("a model was loaded"))
     with pytest.raises(InputError, match="The dinov2 scores in .* come from"):
         run_in_process(assets, [run_dir], target_dir=assets["two_targets"])
@@ -332,7 +300,7 @@ def test_an_unreadable_target_file_is_skipped_and_counted(assets, tmp_path, caps
     names, images, _, skipped = personalization.read_target_images(targets)
     assert names == ["target_0.png", "target_1.png"] and len(images) == 2
     assert [name for name, _ in skipped] == ["broken.jpg"]
-    run_dir = copy_run(assets, tmp_path)
+    run_dir = copy_run(assets["run"], tmp_path / "tuned")
     run_in_process(assets, [run_dir], "--metrics", "dinov2", "--scores_filename", "broken.csv", target_dir=targets)
     assert "warning: skipped 1 image files of" in capsys.readouterr().out
     run_in_process(
@@ -352,7 +320,7 @@ def test_a_target_folder_without_a_readable_image_stops_with_one_error_line(asse
     if content == "unreadable_only":
         (targets / "target_0.png").write_bytes(b"\x89PNG broken")
     result = run_python("examples/eval/personalization.py", tool_args(assets, [assets["run"]], target_dir=targets))
-    line = one_error_line(result)
+    line = one_line_error(result)
     assert "expected the subject's target images" in line
     assert ("1 image files that do not decode" in line) == (content == "unreadable_only")
 
@@ -368,15 +336,15 @@ def test_a_target_folder_without_a_readable_image_stops_with_one_error_line(asse
 )
 def test_bad_flags_stop_with_one_error_line(assets, flags, message):
     args = ["--run_dirs", assets["run"], *flags]
-    assert message in one_error_line(run_python("examples/eval/personalization.py", args))
+    assert message in one_line_error(run_python("examples/eval/personalization.py", args))
 
 
 def test_published_weights_that_are_not_cached_offline_stop_with_one_line(assets, tmp_path):
-    run_dir = write_run(tmp_path / "fresh", assets["images"])
+    run_dir = write_run(tmp_path / "fresh", PROMPTS, assets["images"], K)
     result = run_python(
         "examples/eval/personalization.py", ["--run_dirs", run_dir, "--target_dir", assets["one_target"]]
     )
-    line = one_error_line(result)
+    line = one_line_error(result)
     assert "'facebook/dinov2-base' is neither in the local hub cache nor reachable" in line
     assert not (run_dir / "scores.csv").exists()
 
@@ -388,7 +356,7 @@ def test_a_sentencepiece_tokenizer_without_its_package_stops_before_any_scoring(
     (siglip / "spiece.model").write_bytes(b"a SentencePiece model")
     (siglip / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer"}))
     monkeypatch.setattr(personalization.Scorer, "load", lambda self: pytest.fail("a model was loaded"))
-    run_dir = write_run(tmp_path / "fresh", assets["images"])
+    run_dir = write_run(tmp_path / "fresh", PROMPTS, assets["images"], K)
     args = tool_args(assets, [run_dir])
     args[args.index("--siglip_model_name_or_path") + 1] = str(siglip)
     with pytest.raises(InputError, match=r"requires the SentencePiece library.*pip install sentencepiece"):

@@ -4,8 +4,7 @@ import shutil
 
 import datasets
 import pytest
-from conftest import launch, tiny_args
-from test_end_to_end import assert_same_tensors, scalar_tags, unet_state
+from kit import assert_same_tensors, launch, scalar_tags, summary_of, tiny_args, unet_state
 
 
 # A large Adam epsilon makes each update linear in the gradient. With the default 1e-8, Adam moves every weight by
@@ -92,10 +91,8 @@ def test_undecodable_image_is_skipped_counted_and_named_in_a_real_run(tiny_asset
 
 @pytest.mark.slow
 def test_summary_reports_the_cache_builds_peak_apart_from_the_training_loops(caching_runs):
-    import json
-
-    builder = json.loads((caching_runs["root"] / "cached" / "training_summary.json").read_text())
-    reuser = json.loads((caching_runs["root"] / "cached-again" / "training_summary.json").read_text())
+    builder = summary_of(caching_runs["root"] / "cached")
+    reuser = summary_of(caching_runs["root"] / "cached-again")
     assert set(builder["peak_memory_by_phase_bytes"]) == {"cache_build", "training"}
     assert builder["peak_memory_bytes"] == builder["peak_memory_by_phase_bytes"]["training"]
     assert "peak memory (rss): cache_build" in caching_runs["first"]

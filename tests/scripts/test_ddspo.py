@@ -1,6 +1,5 @@
 """train_ddspo.py: the objective against docs/METHODS.md, and the script end to end on tiny SD1.x and SDXL."""
 
-import json
 import math
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import launch, run_python, tiny_args
+from kit import launch, run_python, summary_of, tiny_args
 
 from examples.tiny_world import world
 from train_ddspo import ddspo_loss, rand_removal
@@ -93,21 +92,9 @@ def ddspo_pairs(tiny_assets, tmp_path_factory):
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-sd")
-    world.build_tiny_sd_pipeline(str(root / "eps"), prediction_type="epsilon", vae_fit_steps=20)
-    world.build_tiny_sd_pipeline(str(root / "v"), prediction_type="v_prediction", vae_fit_steps=20)
-    return {"epsilon": str(root / "eps"), "v_prediction": str(root / "v")}
-
-
 def ddspo_args(model, dataset, output_dir, *extra):
     assets = {"model": model, "dataset": dataset}
     return tiny_args(assets, output_dir, "--max_train_steps", 1, *extra)
-
-
-def summary_of(output_dir):
-    return json.loads((Path(output_dir) / "training_summary.json").read_text())
 
 
 @pytest.mark.slow
@@ -123,7 +110,7 @@ def summary_of(output_dir):
 def test_ddspo_first_step_loss_is_exactly_log2_in_every_mode_and_family(
     tiny_assets, tiny_sd, ddspo_pairs, tmp_path, pipeline, mode, extra
 ):
-    model = tiny_assets["model"] if pipeline == "sdxl" else tiny_sd[pipeline.removeprefix("sd_")]
+    model = tiny_assets["model"] if pipeline == "sdxl" else tiny_sd(pipeline.removeprefix("sd_"))
     result = launch("train_ddspo.py", ddspo_args(model, ddspo_pairs, tmp_path, "--negative_mode", mode, *extra))
     family = "SDXL" if pipeline == "sdxl" else "SD1.x/SD2.x"
     assert f"Found an {family} pipeline" in result.stdout
@@ -149,22 +136,22 @@ def test_ddspo_lora_trains_and_its_output_loads_into_a_stock_sd_pipeline(tiny_sd
     from diffusers import StableDiffusionPipeline
 
     args = ["--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 4, "--beta_ddspo", 1000]
-    launch("train_ddspo.py", tiny_args({"model": tiny_sd["epsilon"], "dataset": ddspo_pairs}, tmp_path, *args))
+    launch("train_ddspo.py", tiny_args({"model": tiny_sd("epsilon"), "dataset": ddspo_pairs}, tmp_path, *args))
     assert summary_of(tmp_path)["last_step_metrics"]["model_mse_w"] > 0  # the policy left the reference
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd["epsilon"], safety_checker=None)
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd("epsilon"), safety_checker=None)
     pipeline.load_lora_weights(str(tmp_path))
     assert "ddspo" in (tmp_path / "README.md").read_text()
 
 
 @pytest.mark.slow
 def test_ddspo_with_targets_from_two_policies_logs_the_references_error_on_the_winner(tiny_sd, ddspo_pairs, tmp_path):
-    assets = {"model": tiny_sd["epsilon"], "dataset": ddspo_pairs}
+    assets = {"model": tiny_sd("epsilon"), "dataset": ddspo_pairs}
     policy = tmp_path / "policy"
     launch(
         "train_ddspo.py", tiny_args(assets, policy, "--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 2)
     )
     args = ["--lora_rank", 4, "--learning_rate", 1e-3, "--max_train_steps", 1, "--target_source", "policies"]
-    args += ["--winning_policy", policy, "--losing_policy", tiny_sd["epsilon"] + "/unet"]
+    args += ["--winning_policy", policy, "--losing_policy", tiny_sd("epsilon") + "/unet"]
     launch("train_ddspo.py", tiny_args(assets, tmp_path / "run", *args))
     first = summary_of(tmp_path / "run")["last_step_metrics"]
     assert first["ref_mse_w"] > 0  # the winning policy's targets are not the reference's own predictions
@@ -198,7 +185,7 @@ def test_paired_mode_on_data_without_losing_images_names_the_columns_it_needs(ti
     }
     pq.write_table(pa.table(rows), folder / "train.parquet")
     result = launch(
-        "train_ddspo.py", tiny_args({"model": tiny_sd["epsilon"], "dataset": folder}, tmp_path / "o"), check=False
+        "train_ddspo.py", tiny_args({"model": tiny_sd("epsilon"), "dataset": folder}, tmp_path / "o"), check=False
     )
     assert result.returncode != 0
     assert "no column(s) ['negative_caption', 'jpg_l']" in result.stdout

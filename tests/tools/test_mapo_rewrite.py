@@ -1,16 +1,15 @@
 """MaPO's context prompts (examples/mapo/context_prompts.py): the paper's instruction, the [[PROMPT]] tags.
 
 The end-to-end tests run the tool with plain `python`, as a user would, on a tiny GPT-2 whose weights make it a
-bigram model (as tests/test_ddspo_prompts.py builds one): its next token depends only on the last one, so its answers
-are known in advance. Its tokens carry SentencePiece's "▁" for a leading space, so that an opening " [[PROMPT]]" and
-a closing "[[PROMPT]]" are two tokens and one answer can hold both.
+bigram model (kit.bigram_gpt2, as in tests/tools/test_ddspo_prompts.py): its next token depends only on the last
+one, so its answers are known in advance. Its tokens carry SentencePiece's "▁" for a leading space, so that an opening
+" [[PROMPT]]" and a closing "[[PROMPT]]" are two tokens and one answer can hold both.
 """
 
 import json
 
 import pytest
-from conftest import run_python
-from test_ddspo_prompts import bigram_gpt2
+from kit import bigram_gpt2, finished_line, one_line_error, run_tool, write_lines
 
 from examples.lib.lm import read_instruction_template
 from examples.lib.prompts import read_prompt_set
@@ -28,33 +27,6 @@ PAPER_INSTRUCTION_END = (
     "Make sure that the prompt is one sentence long around 25 words. "
     'The modified prompt should start and end with the "[[PROMPT]]" tag.'
 )
-
-
-def run_tool(args, expect_success=True):
-    result = run_python(SCRIPT, args)
-    if expect_success and result.returncode != 0:
-        raise AssertionError(f"context_prompts.py {' '.join(map(str, args))} failed:\n{result.stdout[-4000:]}")
-    return result
-
-
-def summary_line(result):
-    lines = result.stdout.strip().splitlines()
-    assert lines and lines[-1].startswith("== context_prompts finished:"), result.stdout[-3000:]
-    return lines[-1]
-
-
-def one_line_error(result):
-    """The error as a user sees it: exit code 2, no traceback, and a single line that says `error:`."""
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "Traceback" not in result.stdout, result.stdout[-3000:]
-    errors = [line for line in result.stdout.splitlines() if "error:" in line]
-    assert len(errors) == 1, result.stdout[-3000:]
-    return errors[0]
-
-
-def write_lines(path, lines):
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 # the instruction and the answer, without a model ---------------------------------------------------------------------
@@ -140,8 +112,8 @@ CONTEXTS = {0: "kitten napping", 2: "puppy", 4: "kitten napping"}
 
 
 @pytest.fixture(scope="module")
-def bigram_lm(tmp_path_factory):
-    """A bigram GPT-2 (test_ddspo_prompts.bigram_gpt2) whose next token is NEXT_TOKEN[last token]."""
+def tagging_lm(tmp_path_factory):
+    """A bigram GPT-2 (kit.bigram_gpt2) whose next token is NEXT_TOKEN[last token]."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -157,7 +129,7 @@ def bigram_lm(tmp_path_factory):
     return folder
 
 
-def tool_args(tmp_path, model_folder, prompts, *extra):
+def rewrite_args(tmp_path, model_folder, prompts, *extra):
     return [
         "--prompts",
         write_lines(tmp_path / "prompts.txt", prompts),
@@ -184,14 +156,14 @@ def read_output(output_dir):
 
 
 @pytest.mark.slow
-def test_rewrite_keeps_the_tagged_prompts_and_counts_the_skips(tmp_path, bigram_lm):
-    result = run_tool(tool_args(tmp_path, bigram_lm, PROMPTS))
+def test_rewrite_keeps_the_tagged_prompts_and_counts_the_skips(tmp_path, tagging_lm):
+    result = run_tool(SCRIPT, rewrite_args(tmp_path, tagging_lm, PROMPTS))
     assert "first model input:\nDescribe what it shows: an oil painting of a cat\n" in result.stdout
     expected = [
         {"prompt": PROMPTS[index], "context": context, "prompt_index": index} for index, context in CONTEXTS.items()
     ]
     assert read_output(tmp_path / "out") == expected
-    summary = summary_line(result)
+    summary = finished_line(result, "context_prompts", last=True)
     assert "3 written (of 5 prompts; 0 equal to their prompt)" in summary
     assert (
         "skipped 2 (1 answers without a [[PROMPT]] tag, 1 answers with nothing inside the tags, 0 answers cut"
@@ -204,23 +176,24 @@ def test_rewrite_keeps_the_tagged_prompts_and_counts_the_skips(tmp_path, bigram_
 
 
 @pytest.mark.slow
-def test_output_is_read_by_build_pairs_prompt_reader_as_the_context_column(tmp_path, bigram_lm):
-    run_tool(tool_args(tmp_path, bigram_lm, PROMPTS))
+def test_output_is_read_by_build_pairs_prompt_reader_as_the_context_column(tmp_path, tagging_lm):
+    run_tool(SCRIPT, rewrite_args(tmp_path, tagging_lm, PROMPTS))
     output = tmp_path / "out" / "context_prompts.parquet"
     assert read_prompt_set(str(output), column="context") == list(CONTEXTS.values())
     assert read_prompt_set(str(output)) == [PROMPTS[index] for index in CONTEXTS]  # `prompt`, the default column
 
 
 @pytest.mark.slow
-def test_answer_cut_off_before_its_closing_tag_is_skipped_and_counted(tmp_path, bigram_lm):
-    result = run_tool(tool_args(tmp_path, bigram_lm, ["a cat", "a dog"], "--max_new_tokens", 3))
+def test_answer_cut_off_before_its_closing_tag_is_skipped_and_counted(tmp_path, tagging_lm):
+    result = run_tool(SCRIPT, rewrite_args(tmp_path, tagging_lm, ["a cat", "a dog"], "--max_new_tokens", 3))
     assert read_output(tmp_path / "out") == [{"prompt": "a dog", "context": "puppy", "prompt_index": 1}]
-    assert "1 answers cut off by --max_new_tokens before the closing tag" in summary_line(result)
+    summary = finished_line(result, "context_prompts", last=True)
+    assert "1 answers cut off by --max_new_tokens before the closing tag" in summary
 
 
 @pytest.mark.slow
-def test_model_that_tags_no_prompt_is_one_error_line_and_writes_nothing(tmp_path, bigram_lm):
-    result = run_tool(tool_args(tmp_path, bigram_lm, ["a ball", "a tree"]), expect_success=False)
+def test_model_that_tags_no_prompt_is_one_error_line_and_writes_nothing(tmp_path, tagging_lm):
+    result = run_tool(SCRIPT, rewrite_args(tmp_path, tagging_lm, ["a ball", "a tree"]), expect_success=False)
     assert "No context prompt was extracted from any of the 2 prompts" in one_line_error(result)
     assert not (tmp_path / "out" / "context_prompts.parquet").exists()
 
@@ -236,7 +209,7 @@ BAD_FLAGS = {
 def test_bad_flags_stop_with_one_error_line_before_the_model_loads(tmp_path, flags, message):
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS)
     args = ["--prompts", prompts, "--llm_model_name_or_path", "no-such-org/no-such-model"]
-    result = run_tool([*args, "--output_dir", tmp_path / "out", *flags], expect_success=False)
+    result = run_tool(SCRIPT, [*args, "--output_dir", tmp_path / "out", *flags], expect_success=False)
     assert message in one_line_error(result)  # a model load would fail on the hub id instead
     assert not (tmp_path / "out").exists()
 
@@ -245,5 +218,5 @@ def test_template_without_the_placeholder_stops_before_the_model_loads(tmp_path)
     prompts = write_lines(tmp_path / "prompts.txt", PROMPTS)
     template = write_lines(tmp_path / "template.txt", ["Describe the prompt."])
     args = ["--prompts", prompts, "--llm_model_name_or_path", "no-such-org/no-such-model"]
-    result = run_tool([*args, "--instruction_template", template, "--output_dir", tmp_path / "out"], False)
+    result = run_tool(SCRIPT, [*args, "--instruction_template", template, "--output_dir", tmp_path / "out"], False)
     assert "has no {prompt} placeholder" in one_line_error(result)
