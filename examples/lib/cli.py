@@ -6,6 +6,7 @@ flag or bad data: `parse_checked_args` turns one found in the flags into argpars
 """
 
 import argparse
+import math
 import sys
 
 
@@ -20,6 +21,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def finite_float(text):
+    """argparse type of a value meant as a real number: 'nan', 'inf' and '-inf' are refused as usage errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def parse_checked_args(parser, check_args, input_args=None):

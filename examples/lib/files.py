@@ -28,6 +28,43 @@ def write_atomically(path, write):
     os.replace(temporary, path)
 
 
+OVERWRITE_HELP = "Replace the outputs an earlier run left in the output folder (they are deleted first)."
+
+
+def earlier_outputs(folder, patterns):
+    """The names in `folder` that match one of `patterns` (globs of what the tool writes there), sorted."""
+    return sorted({path.name for pattern in patterns for path in Path(folder).glob(pattern)})
+
+
+def prepare_output_folder(folder, patterns, overwrite=False, flag="--output_dir", remedy=None):
+    """Make `folder` ready to be written before any work: refuse a file, a folder holding an earlier run's outputs
+    (names matching `patterns`) unless `overwrite` (then they are deleted), and a folder that cannot be written.
+
+    Raises InputError with one line that says what is there and how to go on (`remedy`, default: a new folder or
+    --overwrite)."""
+    import shutil
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{flag} {str(folder)!r} is a file; give a folder (it is created if missing).")
+    found = earlier_outputs(folder, patterns) if folder.is_dir() else []
+    if found and not overwrite:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        remedy = remedy or f"Give a new {flag}, or pass --overwrite to replace them."
+        raise InputError(f"{flag} {str(folder)!r} holds an earlier run's outputs ({shown}). {remedy}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"{flag} {str(folder)!r} cannot be written ({error.strerror or error}).") from None
+    for name in found:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return found
+
+
 def resolved_path(path):
     """A local path made absolute (the same folder named two ways is one setting); a hub id or None unchanged."""
     return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
