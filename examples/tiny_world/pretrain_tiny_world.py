@@ -13,16 +13,16 @@ The two bases the demo and the learning tests use ship, built by this script, in
 (examples/tiny_world/README.md). To rebuild them in place, with the thread count each was built with (it decides
 the rounding: another count builds a slightly different base):
 
-    OMP_NUM_THREADS=1 python -m examples.tiny_world.pretrain_tiny_world --output_dir examples/tiny_world/bases
+    OMP_NUM_THREADS=1 python -m examples.tiny_world.pretrain_tiny_world --output_dir examples/tiny_world/bases --force
     # -> examples/tiny_world/bases/tiny-world-sdxl: README command 1's base, tests/conftest.py's `tiny_world`
     OMP_NUM_THREADS=2 python -m examples.tiny_world.pretrain_tiny_world --output_dir examples/tiny_world/bases \
-        --position_caption_share 1.0 --position_caption_noise 0.3 --snr_gamma 5 --train_steps 3000
+        --force --position_caption_share 1.0 --position_caption_noise 0.3 --snr_gamma 5 --train_steps 3000
     # -> examples/tiny_world/bases/tiny-world-positional-sdxl: the DDSPO learning test's base
 
 Each folder is a whole pipeline (StableDiffusionXLPipeline.from_pretrained reads it) with tiny_world.json: the
 fingerprint, recipe version, settings, thread count, torch and diffusers versions, and timings. A folder whose
 fingerprint matches (the settings, this recipe's source, world.py's pieces, the torch and diffusers versions) is
-kept as it is, --force rebuilds it anyway; anything else is rebuilt. About 6 and 8 minutes on 2 idle cores; two
+kept as it is, --force rebuilds it anyway; anything else is rebuilt. About 6 and 7 minutes on 2 idle cores; two
 threads on cores that other processes keep busy run several times slower. TINY_WORLD_REBUILD=1 pytest
 tests/learning/test_tiny_world_bases.py rebuilds both into a scratch folder and checks that they draw what the shipped
 ones draw.

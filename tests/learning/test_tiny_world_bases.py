@@ -12,7 +12,7 @@ Without TINY_WORLD_REBUILD=1 it is skipped. It builds each base again with its r
 into a scratch folder, samples the same seeds from the shipped and the rebuilt base (32 images for each of the base's
 captions, guidance 5) and asks the toy_ball judge: the rebuilt base finds the ball and matches the caption's colour in
 0.95 of its images or more, and its top-half share for each group of captions is within MAX_TOP_SHARE_GAP of the
-shipped base's. On this project's machines a rebuild gives identical weights (printed). Builds with another thread
+shipped base's (whether the weights are identical is printed). Builds with another thread
 count round differently: their top-half shares differed by up to 5 points (0.45 / 0.46 / 0.50 for the plain
 captions, 0.45 / 0.50 for the positional base's "at the top"), so the gap allowed is 15 points: that and about twice
 the 95 % half-width of one share at 192 images (0.07).
@@ -60,6 +60,17 @@ def test_each_shipped_base_records_the_settings_that_rebuild_it_in_place(base):
     assert args.pipeline_folder == base
     assert (TINY_WORLD_BASES / base / "model_index.json").is_file()
     assert (TINY_WORLD_BASES / base / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_each_shipped_base_was_built_by_the_current_recipe(base):
+    """Its fingerprint (settings, the recipe's source, torch and diffusers versions) is the one the rebuild command
+    computes now: a change to the recipe fails here until the bases are rebuilt with it."""
+    info = json.loads((TINY_WORLD_BASES / base / pretrain_tiny_world.INFO_FILE).read_text())
+    args = pretrain_tiny_world.parse_args(["--output_dir", str(TINY_WORLD_BASES), *recorded(base)[0]])
+    assert info["fingerprint"] == pretrain_tiny_world.fingerprint(args), (
+        f"{base} was built by another recipe: rebuild it with the command in examples/tiny_world/README.md"
+    )
 
 
 @pytest.mark.slow
