@@ -1,8 +1,10 @@
 """Shared fixtures: tiny assets and models built once per session, and module-scoped set-ups that several test files
 use. The helpers the tests call are in kit.py."""
 
+import fcntl
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +19,27 @@ HF_HOME = tempfile.mkdtemp(prefix="preference-tests-hf-")
 os.environ.update({"HF_HOME": HF_HOME, "HF_DATASETS_CACHE": os.path.join(HF_HOME, "datasets")})
 
 
+def built_once(tmp_path_factory, name, build):
+    """The folder `name`, made by `build(folder)` once per test session: under pytest-xdist the workers share it (the
+    first to ask builds it while the others wait on a lock), so a tiny model is not built once per worker. Tests
+    only read these folders."""
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None  # the workers' temporary folders share a parent
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
+    folder, done = Path(root, f"shared-{name}"), Path(root, f"shared-{name}.done")
+    with open(Path(root, f"shared-{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """The default tiny SDXL pipeline and tiny Pick-a-Pic dataset (examples/tiny_world/make_tiny_assets.py)."""
     from examples.tiny_world import make_tiny_assets
 
-    root = tmp_path_factory.mktemp("tiny")
-    make_tiny_assets.main(["--output_dir", str(root)])
+    root = built_once(tmp_path_factory, "tiny", lambda folder: make_tiny_assets.main(["--output_dir", str(folder)]))
     return {"model": str(root / "tiny-sdxl"), "dataset": str(root / "tiny-pickapic"), "root": root}
 
 
@@ -40,9 +56,8 @@ def tiny_sdxl(tmp_path_factory):
     runs."""
     from examples.tiny_world import world
 
-    path = tmp_path_factory.mktemp("tiny_pipeline") / "tiny-sdxl"
-    world.build_tiny_sdxl_pipeline(path, vae_fit_steps=0)
-    return path
+    build = lambda folder: world.build_tiny_sdxl_pipeline(folder / "tiny-sdxl", vae_fit_steps=0)  # noqa: E731
+    return built_once(tmp_path_factory, "tiny_pipeline", build) / "tiny-sdxl"
 
 
 @pytest.fixture(scope="session")
@@ -52,14 +67,11 @@ def tiny_sd(tmp_path_factory):
     on 2 cores)."""
     from examples.tiny_world import world
 
-    root, folders = tmp_path_factory.mktemp("tiny-sd"), {}
-
     def folder(prediction_type):
-        if prediction_type not in folders:
-            path = str(root / prediction_type)
-            world.build_tiny_sd_pipeline(path, prediction_type=prediction_type, vae_fit_steps=20)
-            folders[prediction_type] = path
-        return folders[prediction_type]
+        def build(path):
+            world.build_tiny_sd_pipeline(str(path), prediction_type=prediction_type, vae_fit_steps=20)
+
+        return str(built_once(tmp_path_factory, f"tiny-sd-{prediction_type}", build))
 
     return folder
 
@@ -67,9 +79,10 @@ def tiny_sd(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_rewards(tmp_path_factory):
     """Every tiny reward stand-in (examples/tiny_world/tiny_rewards.py): {reward name: folder}."""
-    from examples.tiny_world.tiny_rewards import write_tiny_reward_models
+    from examples.tiny_world.tiny_rewards import STAND_INS, write_tiny_reward_models
 
-    return write_tiny_reward_models(tmp_path_factory.mktemp("tiny_rewards"))
+    folder = built_once(tmp_path_factory, "tiny_rewards", write_tiny_reward_models)
+    return {name: str(folder / name) for name in STAND_INS}  # where write_tiny_reward_models put each one
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,26 @@
 """MaPO personalization learns a subject in the tiny world, judged on the images it generates (not on its loss).
 
-The subject is a look the base model draws only some of the time: a red ball in the top half. Six target images of
-it, rendered by the tiny world's own renderer (world.make_image, as pretrain_tiny_world.py draws its
-training images) and captioned "a photo of <sks> ball", train `train_mapo_personalization_sdxl.py` with the
-paper's recipe (UNet and text-encoder LoRA, textual inversion of <sks> from "ball", beta 1024, the whole set in every
-batch) at learning rates the tiny model needs. The trained model then draws "a photo of <sks> ball" for 64 seeds
+The subject is a look the base model draws only some of the time: a red ball in the bottom half. Six target images
+of it, rendered by the tiny world's own renderer (world.make_image, as pretrain_tiny_world.py draws its training
+images) and captioned "a photo of <sks> ball", train `train_mapo_personalization_sdxl.py` with the paper's recipe
+(UNet and text-encoder LoRA, textual inversion of <sks> from "ball", beta 1024, the whole set in every batch) at
+learning rates the tiny model needs. The trained model then draws "a photo of <sks> ball" for 64 seeds
 (examples/eval/generate.py --lora_path, which loads the new token too) and the toy_ball judge says where each ball
 sits and which colour it is. Two baselines draw the same seeds with the base model: "a photo of ball ball", the
 prompt the rejected samples were drawn with, and "a photo of a red ball", the base's own words for the colour, so
 that only the subject's half is left to learn.
 
-Measured with these settings (64 images per prompt, the tiny world base of conftest): the base draws the subject
-0.00 of the time for "a photo of ball ball" (always a yellow ball, in the top half 0.48) and 0.39 for "a photo of a
-red ball"; after 800 steps at learning rate 1e-3 (UNet LoRA, and text-encoder LoRA and token: 20x and 200x the
-paper's 5e-5 and 5e-6), training seeds 0 / 1 / 2 give 0.89 / 0.86 / 0.81, every ball red (500 steps at 2e-3: 0.84 /
-0.84 / 0.75). The test asks for 20 points above either baseline and 0.9 red: the smallest measured rise is 42 points,
-and the 95 % interval of one share at 64 images is about +-0.1. Broken by hand in a copy of the script, the test
-fails: with the sign of the MaPO margin flipped the share is 0.03 (red 0.58), with chosen and rejected swapped 0.00.
-It does not tell MaPO from fine-tuning on the targets alone (the margin term dropped: 0.66, which passes).
+Measured with these settings (64 images per prompt, the shipped tiny-world-sdxl base): the base draws the subject
+0.33 of the time for "a photo of ball ball" (a red ball, mostly in the top half) and 0.52 for "a photo of a red
+ball"; after 800 steps at learning rate 1e-3 (UNet LoRA, and text-encoder LoRA and token: 20x and 200x the paper's
+5e-5 and 5e-6), training seeds 0 / 1 / 2 give 0.91 / 0.95 / 0.95 (red 0.94 / 1.00 / 1.00). The test asks for 20
+points above either baseline and 0.9 red: the smallest measured rise is 39 points, and the 95 % interval of one
+share at 64 images is about +-0.1. On this base a subject of another colour is a poorer test: "ball ball" is drawn
+red, and a blue ball in the top half rose only from 0.50 to 0.64 (800 steps) and 0.69 (1200 steps). On the base
+this test was first written for (built locally before the bases shipped, where "ball ball" was drawn yellow and the
+subject was a red ball in the top half), broken by hand in a copy of the script the test failed: with the sign of
+the MaPO margin flipped the share was 0.03, with chosen and rejected swapped 0.00; it did not tell MaPO from
+fine-tuning on the targets alone (the margin term dropped: 0.66, which passes).
 """
 
 import numpy as np
@@ -30,7 +33,7 @@ from examples.tiny_world.world import make_image
 
 pytestmark = pytest.mark.slow
 
-SUBJECT_COLOR, SUBJECT_HALF = "red", "top"
+SUBJECT_COLOR, SUBJECT_HALF = "red", "bottom"
 PLACEHOLDER, INITIALIZER = "<sks>", "ball"
 CAPTION = f"a photo of {PLACEHOLDER} ball"
 BASE_PROMPTS = [CAPTION.replace(PLACEHOLDER, INITIALIZER), f"a photo of a {SUBJECT_COLOR} ball"]
