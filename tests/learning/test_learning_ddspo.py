@@ -18,11 +18,12 @@ batch 8, 150 steps, beta 1000, paired negatives. beta is far below the authors' 
 predictions for c and c⁻ differ by ~1e-4 in MSE, and with 16000 the loss saturates within a few steps.
 
 Measured (192 images, guidance 5) on the shipped positional base (examples/tiny_world/bases/, built with two
-threads): base 0.45 in the top half for c, 0.36 for c⁻; after 150 steps DDSPO 0.70 and 0.71 (training seeds 0 and 1)
-with colour match 0.896 and 0.85, flipped 0.27 and 0.27 with colour 0.91 and 0.86; after 125 steps 0.66 and 0.66,
-flipped 0.29 and 0.32, colour 0.89 to 0.96; after 100 steps (seed 0) 0.63, flipped 0.34, colour 0.93 and 1.00. A
-one-thread build of the same recipe (base 0.50 for c, 0.38 for c⁻) after 150 steps: DDSPO 0.69 (colour 0.92),
-flipped 0.33 (colour 0.77). Earlier builds (base 0.58 with two threads, 0.54 with one) moved to 0.72-0.78 and
+threads by the current recipe): base 0.58 in the top half for c; after 150 steps (training seed 0) DDSPO 0.78 with
+colour match 0.92, flipped 0.41 with colour 0.98. Earlier builds of the recipe, all with the settings above: one
+with two threads (base 0.45 for c, 0.36 for c⁻) moved to 0.70 and 0.71 (training seeds 0 and 1, colour 0.90 and
+0.85), flipped 0.27 and 0.27 (colour 0.91 and 0.86); after 125 steps 0.66 and 0.66, flipped 0.29 and 0.32; after
+100 steps 0.63, flipped 0.34. A one-thread build (base 0.50 for c, 0.38 for c⁻) after 150 steps: DDSPO 0.69 (colour
+0.92), flipped 0.33 (colour 0.77); others (base 0.58 with two threads, 0.54 with one) moved to 0.72-0.78 and
 0.30-0.39 with colour 0.92 or more; on the one-thread one, with the sign of ddspo_loss's logit flipped, the first
 DDSPO test failed (0.54 -> 0.32). With lr 2e-5 or 200 steps the colour match fell to 0.83-0.88. The thresholds are
 test_learning's.
