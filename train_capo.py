@@ -13,7 +13,8 @@ independent noise for the two images,
     dpo:  loss = -logsigmoid(logit)         ipo: loss = (1 - logit)^2      # Eq. 22
 
 With LoRA the reference is the UNet with its adapters off; with full fine-tuning, a frozen copy. Example (SDXL,
-the paper's settings: Adam, batch 256, lr 1e-5, 1000 warm-up steps, beta 500 from the sweep {300, 500, 1000}):
+the paper's settings: Adam, batch 256, lr 1e-5, 1000 warm-up steps, beta 500 from the sweep {300, 500, 1000}; the
+optimizer defaults are the paper's Adam, no weight decay, and no gradient clipping, which the paper does not mention):
 
     accelerate launch train_capo.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
       --dataset_name capo-pairs --objective capo --beta_capo 500 --train_batch_size 8 \\
@@ -33,7 +34,9 @@ import re
 import resource
 import shutil
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 
@@ -57,6 +60,9 @@ BETA_SWEEPS = {
 }
 DEFAULT_BETA = {objective: float(sweep[1]) for objective, sweep in BETA_SWEEPS["SDXL"].items()}
 DEFAULT_SIGMOID_BIAS = 1.5  # SDXL (App. B.2); -1.0 is SD3-M's
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# What a run writes in --output_dir (and its --logging_dir): a folder holding any of them holds an earlier run.
+OUTPUT_NAMES = ["training_summary.json", "unet", LORA_WEIGHT_NAME, "README.md", "validation"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,6 +75,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def finite_float(text):
+    """argparse type of a value meant as a real number: 'nan', 'inf' and '-inf' are refused as usage errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def parse_args(input_args=None):
@@ -116,7 +133,7 @@ def parse_args(input_args=None):
     )
     method.add_argument(
         "--beta_capo",
-        type=float,
+        type=finite_float,
         default=None,
         help="beta of the chosen --objective (default: the middle of the paper's SDXL sweep: capo "
         + ", ".join(f"{o} {DEFAULT_BETA[o]:g}" for o in OBJECTIVES).removeprefix("capo ")
@@ -132,7 +149,7 @@ def parse_args(input_args=None):
     )
     method.add_argument(
         "--sigmoid_bias",
-        type=float,
+        type=finite_float,
         default=DEFAULT_SIGMOID_BIAS,
         help="b of the sigmoid weighting (the paper: 1.5 for SDXL, -1.0 for SD3-M).",
     )
@@ -147,9 +164,10 @@ def parse_args(input_args=None):
     data.add_argument(
         "--dataset_name",
         type=str,
-        default="yuvalkirstain/pickapic_v2",
-        help="A datasets hub name, a local folder (parquet/arrow/csv/json files, or save_to_disk output) or a "
-        "single data file.",
+        default=None,
+        help="Required: the calibrated pairs (examples/capo/select_pairs.py writes caption, jpg_pos, jpg_neg, "
+        "reward_pos, reward_neg), as a datasets hub name, a local folder (parquet/arrow/csv/json files, or "
+        "save_to_disk output) or a single data file.",
     )
     data.add_argument("--dataset_split_name", type=str, default="train", help="Split to train on.")
     data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
@@ -184,9 +202,11 @@ def parse_args(input_args=None):
         help="Crop at random (default: center). Both images of a pair share the crop.",
     )
     data.add_argument(
-        "--no_hflip",
+        "--random_flip",
         action="store_true",
-        help="Disable random horizontal flips (otherwise both images of a pair flip together).",
+        help="Flip both images of a pair together, horizontally, half the time (default: no flips: the pairs are the "
+        "base model's own draws, scored unflipped, and left and right matter for GenEval Position and T2I-CompBench "
+        "Spatial).",
     )
     data.add_argument(
         "--vae_encode_batch_size",
@@ -230,7 +250,13 @@ def parse_args(input_args=None):
         "--output_dir",
         type=str,
         default="capo",
-        help="Where checkpoints, weights, logs and the model card go.",
+        help="Where checkpoints, weights, logs and the model card go. A folder holding an earlier run's outputs is "
+        "refused unless the run resumes it (--resume_from_checkpoint) or --overwrite replaces them.",
+    )
+    training.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the outputs an earlier run left in --output_dir: they are deleted before training starts.",
     )
     training.add_argument(
         "--seed",
@@ -250,7 +276,7 @@ def parse_args(input_args=None):
     )
     training.add_argument(
         "--learning_rate",
-        type=float,
+        type=finite_float,
         default=1e-5,
         help="Peak learning rate (after --scale_lr if given); the paper: 1e-5 for SDXL at batch 256.",
     )
@@ -269,17 +295,24 @@ def parse_args(input_args=None):
     training.add_argument(
         "--lr_warmup_steps", type=int, default=1000, help="Warm-up steps of the schedule (the paper: 1000)."
     )
-    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    training.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    # The paper trains with Adam (App. B.2: Optax, TPU) and prints none of its settings: the betas and epsilon are
+    # Adam's published defaults (Optax's too), and no weight decay or clipping, which plain Adam does not have.
+    training.add_argument("--adam_beta1", type=finite_float, default=0.9, help="Adam beta1.")
+    training.add_argument("--adam_beta2", type=finite_float, default=0.999, help="Adam beta2.")
+    training.add_argument(
+        "--adam_weight_decay",
+        type=finite_float,
+        default=0.0,
+        help="Decoupled weight decay (AdamW); 0 is the paper's Adam.",
+    )
+    training.add_argument("--adam_epsilon", type=finite_float, default=1e-8, help="Adam epsilon.")
     training.add_argument(
         "--max_grad_norm",
-        type=float,
-        default=1.0,
-        help="Gradient clipping norm (0 disables clipping; the norm is still logged).",
+        type=finite_float,
+        default=0.0,
+        help="Gradient clipping norm (0: no clipping, as the paper's Adam; the norm is logged either way).",
     )
-    training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (same settings).")
     training.add_argument(
         "--gradient_checkpointing",
         action="store_true",
@@ -342,7 +375,10 @@ def parse_args(input_args=None):
         "--validation_inference_steps", type=int, default=25, help="Sampling steps for validation images."
     )
     logs.add_argument(
-        "--validation_guidance_scale", type=float, default=5.0, help="Classifier-free guidance for validation images."
+        "--validation_guidance_scale",
+        type=finite_float,
+        default=5.0,
+        help="Classifier-free guidance for validation images.",
     )
 
     hub = parser.add_argument_group("hub")
@@ -379,19 +415,34 @@ def check_args(args):
             f"--resolution must be a positive multiple of 8 (the VAE downsamples 8x), got {args.resolution}."
         )
     positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"]
-    positive += ["preference_eval_timesteps", "vae_encode_batch_size", "num_train_epochs"]
+    positive += ["preference_eval_timesteps", "preference_eval_max_samples", "vae_encode_batch_size"]
+    positive += ["num_train_epochs"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
-    if args.max_train_steps is not None and args.max_train_steps <= 0:
-        raise InputError(f"--max_train_steps must be positive, got {args.max_train_steps}.")
+    for name in ("max_train_steps", "max_train_samples"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise InputError(f"--output_dir {args.output_dir!r} is a file; give a folder (it is created if missing).")
+    if args.overwrite and args.resume_from_checkpoint is not None:
+        raise InputError(
+            "--overwrite deletes the earlier run's outputs that --resume_from_checkpoint continues; give one of them."
+        )
     check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, PIPELINE_FILES)
     if args.pretrained_vae_model_name_or_path is not None:
         check_local_path(
             "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, ["config.json"]
         )
-    check_local_path("--dataset_name", args.dataset_name, [])
+    resuming = args.resume_from_checkpoint is not None
     args.resume_from_checkpoint = resolve_checkpoint(args)
+    if args.dataset_name is None:
+        raise InputError(
+            "--dataset_name is required: the calibrated pairs to train on (examples/capo/select_pairs.py writes "
+            "caption, jpg_pos, jpg_neg, reward_pos and reward_neg; Pick-a-Pic's labels are not calibrated rewards)."
+        )
+    check_local_path("--dataset_name", args.dataset_name, [])
+    check_output_dir(args, resuming)
 
 
 def beta_range_warning(objective, beta):
@@ -433,6 +484,67 @@ def check_local_path(flag, value, required_files):
         raise InputError(f"{flag} {value!r} lacks {missing}; found {found}. Expected a diffusers folder.")
 
 
+def earlier_outputs(args):
+    """The names in --output_dir that a run of this script writes there (OUTPUT_NAMES, checkpoint-N, the
+    --logging_dir folder), sorted; anything else in the folder (a user's notes) is not an output."""
+    folder = Path(args.output_dir)
+    if not folder.is_dir():
+        return []
+    names = list(OUTPUT_NAMES)
+    logging_dir = Path(args.logging_dir)
+    if not logging_dir.is_absolute() and logging_dir.parts and logging_dir.parts[0] != "..":
+        names.append(logging_dir.parts[0])
+    found = {name for name in names if (folder / name).exists()}
+    found |= {path.name for path in folder.glob("checkpoint-*")}
+    return sorted(found)
+
+
+def check_output_dir(args, resuming):
+    """--output_dir (not a file: check_args) must be a folder this run may write, checked before anything loads, not
+    at the final save: without an earlier run's outputs unless the run resumes it or --overwrite replaces them, and
+    writable (probed where it is, or in its nearest existing parent when it is yet to be made, so that a refused run
+    leaves no folder behind)."""
+    found = earlier_outputs(args)
+    if found and not args.overwrite and args.resume_from_checkpoint is None:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        remedy = (
+            "Resume it with --resume_from_checkpoint latest, give a new --output_dir, or pass --overwrite to replace "
+            "them."
+        )
+        if resuming:  # 'latest' found no checkpoint-N to continue from
+            remedy = (
+                "It has no checkpoint-N to resume: give a new --output_dir, or pass --overwrite (without "
+                "--resume_from_checkpoint) to replace them."
+            )
+        raise InputError(f"--output_dir {args.output_dir!r} holds an earlier run's outputs ({shown}). {remedy}")
+    path = Path(args.output_dir).absolute()
+    nearest = path
+    while not os.path.lexists(nearest):
+        nearest = nearest.parent
+    try:
+        if nearest == path:
+            probe = path / f".write-check.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-check.", dir=nearest))
+    except OSError as error:
+        raise InputError(f"--output_dir {args.output_dir!r} cannot be written ({error.strerror or error}).") from None
+
+
+def delete_earlier_outputs(args):
+    """--overwrite: delete what an earlier run wrote in --output_dir (earlier_outputs), nothing else. Returns the
+    names deleted."""
+    found = earlier_outputs(args)
+    for name in found:
+        path = Path(args.output_dir, name)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
+
+
 def list_checkpoints(output_dir):
     """The checkpoint-N folders of `output_dir`, oldest first."""
     found = [path for path in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_NAME.fullmatch(path.name)]
@@ -450,22 +562,95 @@ def resolve_checkpoint(args):
         return None
     if value == "latest":
         found = list_checkpoints(args.output_dir)
-        return str(found[-1]) if found else None
-    for candidate in (Path(value), Path(args.output_dir, value)):
-        if CHECKPOINT_NAME.fullmatch(candidate.name) and candidate.is_dir():
-            break
+        if not found:
+            return None
+        candidate = found[-1]
     else:
-        found = [path.name for path in list_checkpoints(args.output_dir)]
-        raise InputError(
-            f"--resume_from_checkpoint {value!r}: expected a checkpoint-N folder (a path, or a name inside "
-            f"--output_dir {args.output_dir!r}) or 'latest'; --output_dir holds {found or 'no checkpoints'}."
-        )
-    has_lora = (candidate / "pytorch_lora_weights.safetensors").is_file()
-    if has_lora and not args.lora_rank:
-        raise InputError(f"{candidate} holds LoRA weights; resume it with the --lora_rank of the run that wrote it.")
-    if args.lora_rank and not has_lora and (candidate / "unet").is_dir():
-        raise InputError(f"{candidate} holds a full UNet (full fine-tuning); resume it without --lora_rank.")
+        for candidate in (Path(value), Path(args.output_dir, value)):
+            if CHECKPOINT_NAME.fullmatch(candidate.name) and candidate.is_dir():
+                break
+        else:
+            found = [path.name for path in list_checkpoints(args.output_dir)]
+            raise InputError(
+                f"--resume_from_checkpoint {value!r}: expected a checkpoint-N folder (a path, or a name inside "
+                f"--output_dir {args.output_dir!r}) or 'latest'; --output_dir holds {found or 'no checkpoints'}."
+            )
+    check_checkpoint(candidate, args)
     return str(candidate)
+
+
+def check_checkpoint(checkpoint, args):
+    """A checkpoint resumes only a run of its own kind and settings, from intact files: refuse a LoRA checkpoint
+    without --lora_rank or with another rank, a full UNet with --lora_rank, a missing optimizer state, and a weights
+    file that is truncated or not safetensors (read from the headers, before anything loads)."""
+    lora_file = checkpoint / LORA_WEIGHT_NAME
+    remedy = "resume from another checkpoint, or start a new run in a new --output_dir."
+    # DeepSpeed and FSDP save the model and optimizer in their own files (pytorch_model*, optimizer_*)
+    saved_by_engine = any(checkpoint.glob("pytorch_model*"))
+    if lora_file.is_file():
+        rank = lora_rank_of(lora_file)
+        if not args.lora_rank:
+            rank_flag = f"--lora_rank {rank}" if rank else "the --lora_rank of the run that wrote it"
+            raise InputError(f"{checkpoint} holds LoRA weights; resume it with {rank_flag}.")
+        if rank is not None and rank != args.lora_rank:
+            raise InputError(
+                f"{checkpoint} holds LoRA weights of rank {rank}, and this run has --lora_rank {args.lora_rank}; "
+                f"resume it with --lora_rank {rank}."
+            )
+    elif args.lora_rank and (checkpoint / "unet").is_dir():
+        raise InputError(f"{checkpoint} holds a full UNet (full fine-tuning); resume it without --lora_rank.")
+    elif args.lora_rank and not saved_by_engine:
+        raise InputError(f"{checkpoint} lacks {LORA_WEIGHT_NAME}, the LoRA weights a resumed run loads; {remedy}")
+    elif not args.lora_rank and not saved_by_engine and not (checkpoint / "unet" / "config.json").is_file():
+        raise InputError(f"{checkpoint} lacks unet/config.json, the full UNet a resumed run loads; {remedy}")
+    weight_files = [lora_file] if lora_file.is_file() else sorted((checkpoint / "unet").glob("*.safetensors"))
+    for path in weight_files:
+        problem = safetensors_problem(path)
+        if problem:
+            raise InputError(f"{path} {problem}; {remedy}")
+    optimizer = checkpoint / "optimizer.bin"
+    if not optimizer.is_file() and not saved_by_engine and not (checkpoint / "optimizer_0").is_dir():
+        found = sorted(path.name for path in checkpoint.iterdir())
+        raise InputError(
+            f"{checkpoint} lacks optimizer.bin, the optimizer state a resumed run restores (found {found}); {remedy}"
+        )
+    if optimizer.is_file() and not zipfile.is_zipfile(optimizer):
+        raise InputError(f"{optimizer} is not a complete torch file (cut short?); {remedy}")
+
+
+def safetensors_header(path):
+    """The JSON header of a .safetensors file and the size its tensors' bytes must add up to: (header, size)."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size)) if header_size <= os.fstat(f.fileno()).st_size else None
+    if not isinstance(header, dict):
+        raise ValueError("no safetensors header")
+    data_size = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    return header, 8 + header_size + data_size
+
+
+def safetensors_problem(path):
+    """Why the weights file `path` cannot be loaded (not safetensors, or truncated), or None; reads its header only."""
+    try:
+        _, expected_size = safetensors_header(path)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        return f"is not a readable safetensors file ({type(error).__name__})"
+    size = path.stat().st_size
+    if size != expected_size:
+        return f"is truncated or damaged: {size} bytes, where its header names {expected_size}"
+    return None
+
+
+def lora_rank_of(path):
+    """The rank of a saved LoRA (the first dimension of its down-projections), or None when the file is unreadable."""
+    try:
+        header, _ = safetensors_header(path)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    for key, entry in header.items():
+        if ".lora.down." in key or ".lora_A." in key:
+            return int(entry["shape"][0])
+    return None
 
 
 if __name__ == "__main__":
@@ -594,15 +779,27 @@ def load_split(dataset_name, split, cache_dir=None):
             builder = DATA_FILE_BUILDERS.get(path.suffix)
             if builder is None:
                 raise InputError(f"Expected a .parquet, .arrow, .csv or .json(l) data file, found {dataset_name!r}.")
+            empty = empty_parquet_split([path])
+            if empty is not None:
+                return empty
             return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
         if path.is_dir():
             # Name the folder's data files explicitly: the datasets cache is keyed on the files' modification times
             # only then. A folder whose README.md declares `configs:` (the data tools' cards do) is otherwise
             # keyed on the file patterns alone, and a rewritten folder would silently load its stale first version.
             builder = datasets.load_dataset_builder(str(path), cache_dir=cache_dir)
-            files = {name: list(paths) for name, paths in (builder.config.data_files or {}).items()}
+            files = {str(name): list(paths) for name, paths in (builder.config.data_files or {}).items()}
+            empty = empty_parquet_split(files.get(split, []))
+            if empty is not None:
+                return empty
             return datasets.load_dataset(str(path), data_files=files or None, split=split, cache_dir=cache_dir)
         return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
+    except datasets.exceptions.DatasetGenerationError as error:  # a data file datasets cannot turn into rows
+        cause = error.__cause__ or error
+        raise InputError(
+            f"Could not read split {split!r} of {dataset_name!r}: {type(cause).__name__}: "
+            f"{' '.join(str(cause).split())[:300]}. Expected parquet/arrow/csv/json files of rows."
+        ) from error
     except (OSError, ValueError) as error:  # FileNotFoundError, ConnectionError, "Unknown split"
         if isinstance(error, InputError):
             raise
@@ -611,6 +808,26 @@ def load_split(dataset_name, split, cache_dir=None):
             f"Could not load split {split!r} of {dataset_name!r}: {reason}. Expected a hub dataset reachable from "
             "here, a folder of parquet/arrow/csv/json files named by split, a save_to_disk folder or a data file."
         ) from error
+
+
+def empty_parquet_split(paths):
+    """A split of 0 rows, with its columns, when every one of `paths` is a parquet file without rows (datasets fails
+    to generate a split from those), so that the run can say how many rows it read; None otherwise."""
+    import pyarrow.parquet as pq
+    from datasets.table import InMemoryTable
+
+    if not paths or any(Path(path).suffix != ".parquet" for path in paths):
+        return None
+    schemas = []
+    try:
+        for path in paths:
+            parquet = pq.ParquetFile(path)
+            if parquet.metadata.num_rows:
+                return None
+            schemas.append(parquet.schema_arrow)
+    except (OSError, ValueError):  # not a readable parquet file: datasets says why
+        return None
+    return datasets.Dataset(InMemoryTable(schemas[0].empty_table()))
 
 
 SKIP_REASONS = {
@@ -635,11 +852,23 @@ def prepare_rows(dataset, args, split):
             "reward_pos, reward_neg); name other columns with --caption_column, --image_pos_column, "
             "--image_neg_column, --reward_pos_column, --reward_neg_column."
         )
+    rows_read = len(dataset)
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+
+    def no_usable_row():
+        reasons = ", ".join(f"{count} {SKIP_REASONS[reason]}" for reason, count in skipped.items() if count)
+        return InputError(
+            f"Split {split!r} of {args.dataset_name!r} has no usable row: {rows_read} rows read, "
+            f"{'dropped: ' + reasons if reasons else 'none dropped'}; expected rows with a caption, two different "
+            "images and finite calibrated rewards."
+        )
+
+    if rows_read == 0:
+        raise no_usable_row()
     # Keep images undecoded: decoding happens in the loader, where a broken image is skipped and counted.
     for column in (args.image_pos_column, args.image_neg_column):
         if isinstance(dataset.features[column], datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    skipped = dict.fromkeys(SKIP_REASONS, 0)
     keep, outside = [], []
     rewards = np.stack(
         [
@@ -665,14 +894,10 @@ def prepare_rows(dataset, args, split):
             f"[0, 1] (first: row {row}, {args.reward_pos_column}={pos:g}, {args.reward_neg_column}={neg:g}); CaPO "
             "regresses onto win-rates (Eq. 7), so raw scores must be calibrated first (examples/capo/select_pairs.py)."
         )
+    if not keep:
+        raise no_usable_row()
     if len(keep) < len(dataset):
         dataset = dataset.select(keep)
-    if len(dataset) == 0:
-        reasons = ", ".join(f"{count} {SKIP_REASONS[reason]}" for reason, count in skipped.items() if count)
-        raise InputError(
-            f"Split {split!r} of {args.dataset_name!r} has no usable row left ({reasons or 'it is empty'}); expected "
-            "rows with a caption, two different images and finite calibrated rewards."
-        )
     return dataset, skipped
 
 
@@ -780,7 +1005,7 @@ class CaPOPairs(torch.utils.data.Dataset):
         # Augmentation randomness depends on (seed, epoch, index) only: resumable and worker-independent.
         rng = np.random.default_rng([self.seed, self.epoch, int(index), 0])
         pixel_values, time_ids = crop_and_flip_pair(
-            images, args.resolution, args.random_crop and self.augment, not args.no_hflip and self.augment, rng
+            images, args.resolution, args.random_crop and self.augment, args.random_flip and self.augment, rng
         )
         return {
             "pixel_values": pixel_values,  # (2, 3, H, W): positive, negative
@@ -887,7 +1112,7 @@ def encode_images(vae, pixel_values, batch_size):
 
 def latents_cache_path(args, train_split, storage_dtype):
     """One folder per (data, model, resolution, augmentation, dtype): a changed setting never reads a stale cache."""
-    augmentation_is_random = args.random_crop or not args.no_hflip
+    augmentation_is_random = args.random_crop or args.random_flip
     key = {
         "data": train_split._fingerprint,
         "model": args.pretrained_model_name_or_path,
@@ -896,7 +1121,7 @@ def latents_cache_path(args, train_split, storage_dtype):
         "vae": args.pretrained_vae_model_name_or_path,
         "resolution": args.resolution,
         "random_crop": args.random_crop,
-        "hflip": not args.no_hflip,
+        "hflip": args.random_flip,
         "augmentation_seed": args.seed if augmentation_is_random else None,
         "caption_column": args.caption_column,
         "image_columns": [args.image_pos_column, args.image_neg_column],
@@ -1232,6 +1457,19 @@ class PeakMemory:
             self.switch(outer)
 
 
+def write_atomically(path, write):
+    """`write(temporary path)` in the same folder, then rename it to `path`: an error exit leaves the earlier file or
+    none, never half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
 def add_lora_adapters(unet, rank, alpha, mixed_precision):
     """LoRA on the UNet's attention projections, base weights frozen; under fp16 the adapters train in float32."""
     from peft import LoraConfig
@@ -1296,7 +1534,7 @@ Metrics of the last optimizer step:
 |---|---|
 {metrics}
 """
-    Path(args.output_dir, "README.md").write_text(card)
+    write_atomically(Path(args.output_dir, "README.md"), lambda path: path.write_text(card))
 
 
 def steps(count):
@@ -1463,10 +1701,12 @@ def main(args):
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(model)
             # the adapter's config (rank, alpha) goes into the file: without it a loader takes alpha = rank
-            pipeline_class.save_lora_weights(
-                folder,
-                unet_lora_layers=lora_state_dict(model),
-                unet_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+            layers, metadata = lora_state_dict(model), model.peft_config["default"].to_dict()
+            write_atomically(
+                Path(folder, LORA_WEIGHT_NAME),
+                lambda path: pipeline_class.save_lora_weights(
+                    folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, weight_name=path.name
+                ),
             )
 
     def save_model_hook(models, weights, output_dir):
@@ -1513,7 +1753,7 @@ def main(args):
 
         optimizer_class = bnb.optim.AdamW8bit
     else:
-        optimizer_class = torch.optim.AdamW
+        optimizer_class = torch.optim.AdamW  # with --adam_weight_decay 0 (the default) it is Adam, the paper's
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     optimizer = optimizer_class(
         params_to_optimize,
@@ -1532,17 +1772,20 @@ def main(args):
         cache_path = latents_cache_path(args, train_split, storage_dtype)
         reusing = (cache_path / "complete.json").exists()
         logger.info(f"--cache_latents: {'reusing' if reusing else 'building'} {cache_path}")
-        if args.random_crop or not args.no_hflip:
-            logger.info(
-                "--cache_latents: each pair's crop and flip are drawn once and cached (pass --no_hflip to train "
-                "without flips)."
-            )
+        if args.random_crop or args.random_flip:
+            logger.info("--cache_latents: each pair's crop and flip are drawn once and cached.")
         with memory.phase("cache_build"):
             train_dataset, cache_skipped = build_latents_cache(
                 accelerator, args, train_dataset, vae, text_encoders, tokenizers, cache_path, storage_dtype
             )
         for index, reason in cache_skipped:
             logger.warning(f"Skipped pair {index} while caching: undecodable image ({reason}).")
+        if len(train_dataset) == 0:
+            index, reason = cache_skipped[0]
+            raise InputError(
+                f"Every one of the {len(cache_skipped)} pairs of {args.dataset_name!r} has an undecodable image "
+                f"(pair {index}: {reason}); expected encoded images in the image columns."
+            )
     eval_dataset = CaPOPairs(eval_split, args, augment=False) if eval_split is not None else None
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -1582,6 +1825,11 @@ def main(args):
     )
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
 
+    if accelerator.is_main_process and args.overwrite:  # late: a run stopped by its data or models deletes nothing
+        deleted = delete_earlier_outputs(args)
+        if deleted:
+            logger.info(f"--overwrite: deleted the earlier run's {', '.join(deleted)} in {args.output_dir}")
+    accelerator.wait_for_everyone()  # nothing is written into --output_dir before the earlier outputs are gone
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
@@ -1651,9 +1899,10 @@ def main(args):
                 for index, reason in batch["skipped"]:
                     logger.warning(f"Skipped pair {index}: undecodable image ({reason}).", main_process_only=False)
             if "index" not in batch:
-                raise RuntimeError(
-                    f"Every pair of a batch had an undecodable image ({skipped_total} skipped so far); check the "
-                    "dataset's image columns."
+                index, reason = batch["skipped"][0]
+                raise InputError(
+                    f"Every pair of a batch of {args.dataset_name!r} had an undecodable image ({skipped_total} "
+                    f"skipped so far; pair {index}: {reason}); expected encoded images in the image columns."
                 )
             with accelerator.accumulate(unet):
                 generators = sample_generators(args.seed, epoch, batch["index"], accelerator.device)
@@ -1788,7 +2037,8 @@ def main(args):
                 "peak_memory_kind": memory.kind,
             }
         )
-        Path(args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
+        text = json.dumps(summary, indent=2)
+        write_atomically(Path(args.output_dir, "training_summary.json"), lambda path: path.write_text(text))
         write_model_card(args, summary)
         if args.push_to_hub:
             from huggingface_hub import upload_folder

@@ -27,7 +27,9 @@ import re
 import resource
 import shutil
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 
@@ -54,6 +56,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def finite_float(text):
+    """argparse type of a value meant as a real number: 'nan', 'inf' and '-inf' are refused as usage errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def parse_args(input_args=None):
@@ -92,14 +105,14 @@ def parse_args(input_args=None):
     method = parser.add_argument_group("method")
     method.add_argument(
         "--beta_mapo",
-        type=float,
+        type=finite_float,
         default=8.0,
         help="beta of MaPO Eq. 5-7: exponent of phi and 1/beta weight of the margin. Paper Table 3: 8 preference "
         "alignment (Pick-a-Pic), 32 culture, 64 safety and style, 1024 personalization.",
     )
     method.add_argument(
         "--snr_value",
-        type=float,
+        type=finite_float,
         default=0.5,
         help="s of MaPO Appendix A, a constant scale of the errors inside phi (the authors' default).",
     )
@@ -201,6 +214,11 @@ def parse_args(input_args=None):
         "--output_dir", type=str, default="mapo-sdxl", help="Where checkpoints, weights, logs and the model card go."
     )
     training.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the outputs an earlier run left in --output_dir: they are deleted before training starts.",
+    )
+    training.add_argument(
         "--seed",
         type=int,
         default=None,
@@ -217,7 +235,7 @@ def parse_args(input_args=None):
         "--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs."
     )
     training.add_argument(
-        "--learning_rate", type=float, default=1e-7, help="Peak learning rate (after --scale_lr if given)."
+        "--learning_rate", type=finite_float, default=1e-7, help="Peak learning rate (after --scale_lr if given)."
     )
     training.add_argument(
         "--scale_lr",
@@ -232,13 +250,13 @@ def parse_args(input_args=None):
         help="Learning-rate schedule.",
     )
     training.add_argument("--lr_warmup_steps", type=int, default=200, help="Warm-up steps of the schedule.")
-    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    training.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    training.add_argument("--adam_beta1", type=finite_float, default=0.9, help="AdamW beta1.")
+    training.add_argument("--adam_beta2", type=finite_float, default=0.999, help="AdamW beta2.")
+    training.add_argument("--adam_weight_decay", type=finite_float, default=1e-2, help="AdamW weight decay.")
+    training.add_argument("--adam_epsilon", type=finite_float, default=1e-8, help="AdamW epsilon.")
     training.add_argument(
         "--max_grad_norm",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="Gradient clipping norm (0 disables clipping; the norm is still logged).",
     )
@@ -305,7 +323,10 @@ def parse_args(input_args=None):
         "--validation_inference_steps", type=int, default=25, help="Sampling steps for validation images."
     )
     logs.add_argument(
-        "--validation_guidance_scale", type=float, default=5.0, help="Classifier-free guidance for validation images."
+        "--validation_guidance_scale",
+        type=finite_float,
+        default=5.0,
+        help="Classifier-free guidance for validation images.",
     )
 
     hub = parser.add_argument_group("hub")
@@ -351,15 +372,24 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
-    if args.max_train_steps is not None and args.max_train_steps <= 0:
-        raise InputError(f"--max_train_steps must be positive, got {args.max_train_steps}.")
+    for name in ("max_train_steps", "max_train_samples"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
     check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, PIPELINE_FILES)
     if args.pretrained_vae_model_name_or_path is not None:
         check_local_path(
             "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, ["config.json"]
         )
     check_local_path("--dataset_name", args.dataset_name, [])
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise InputError(f"--output_dir {args.output_dir!r} is a file; give a folder (it is created if missing).")
+    if args.overwrite and args.resume_from_checkpoint is not None:
+        raise InputError(
+            "--overwrite deletes the earlier run's outputs that --resume_from_checkpoint continues; give one of them."
+        )
+    resuming = args.resume_from_checkpoint is not None
     args.resume_from_checkpoint = resolve_checkpoint(args)
+    check_output_dir(args, resuming)
 
 
 def names_local_path(value):
@@ -395,10 +425,12 @@ def resolve_checkpoint(args):
     value = args.resume_from_checkpoint
     if value is None:
         return None
+    candidates = (Path(value), Path(args.output_dir, value))
     if value == "latest":
-        found = list_checkpoints(args.output_dir)
-        return str(found[-1]) if found else None
-    for candidate in (Path(value), Path(args.output_dir, value)):
+        candidates = list_checkpoints(args.output_dir)[-1:]
+        if not candidates:
+            return None
+    for candidate in candidates:
         if CHECKPOINT_NAME.fullmatch(candidate.name) and candidate.is_dir():
             break
     else:
@@ -407,12 +439,154 @@ def resolve_checkpoint(args):
             f"--resume_from_checkpoint {value!r}: expected a checkpoint-N folder (a path, or a name inside "
             f"--output_dir {args.output_dir!r}) or 'latest'; --output_dir holds {found or 'no checkpoints'}."
         )
-    has_lora = (candidate / "pytorch_lora_weights.safetensors").is_file()
-    if has_lora and not args.lora_rank:
-        raise InputError(f"{candidate} holds LoRA weights; resume it with the --lora_rank of the run that wrote it.")
-    if args.lora_rank and not has_lora and (candidate / "unet").is_dir():
-        raise InputError(f"{candidate} holds a full UNet (full fine-tuning); resume it without --lora_rank.")
+    check_checkpoint(candidate, args)
     return str(candidate)
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+# What a run of this script writes into --output_dir, besides its --logging_dir folder. Another run's are refused
+# unless it is resumed (--resume_from_checkpoint) or replaced (--overwrite); a user's other files there do not count.
+RUN_OUTPUTS = ["training_summary.json", "README.md", LORA_WEIGHTS, "unet", "checkpoint-*", "validation"]
+
+
+def earlier_outputs(args):
+    """The names in --output_dir that a run of this script writes there (RUN_OUTPUTS, the --logging_dir folder)."""
+    folder = Path(args.output_dir)
+    if not folder.is_dir():
+        return []
+    found = {path.name for pattern in RUN_OUTPUTS for path in folder.glob(pattern)}
+    logs = Path(folder, args.logging_dir).resolve()
+    if logs.exists() and logs.is_relative_to(folder.resolve()) and logs != folder.resolve():
+        found.add(logs.relative_to(folder.resolve()).parts[0])
+    return sorted(found)
+
+
+def check_output_dir(args, resuming):
+    """Refuse an --output_dir that holds an earlier run's outputs (unless this run resumes it or passes --overwrite)
+    or that cannot be written: before anything loads, not at the final save."""
+    found = earlier_outputs(args)
+    if found and not args.overwrite and args.resume_from_checkpoint is None:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        remedy = (
+            "Resume it with --resume_from_checkpoint latest, give a new --output_dir, or pass --overwrite to "
+            "replace them."
+        )
+        if resuming:  # 'latest' found no checkpoint-N to continue from
+            remedy = (
+                "It has no checkpoint-N to resume: give a new --output_dir, or pass --overwrite (without "
+                "--resume_from_checkpoint) to replace them."
+            )
+        raise InputError(f"--output_dir {args.output_dir!r} holds an earlier run's outputs ({shown}). {remedy}")
+    path = Path(args.output_dir).absolute()
+    nearest = path
+    while not os.path.lexists(nearest):
+        nearest = nearest.parent
+    try:
+        if nearest == path:
+            probe = path / f".write-check.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        else:  # created when the run starts: probe where it will be, so that a refused run leaves no folder behind
+            os.rmdir(tempfile.mkdtemp(prefix=".write-check.", dir=nearest))
+    except OSError as error:
+        raise InputError(f"--output_dir {args.output_dir!r} cannot be written ({error.strerror or error}).") from None
+
+
+def remove_earlier_outputs(args):
+    """--overwrite: delete what an earlier run left in --output_dir (earlier_outputs), and nothing else."""
+    found = earlier_outputs(args)
+    for name in found:
+        path = Path(args.output_dir, name)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
+
+
+def write_atomically(path, write):
+    """`write(temporary path)` in the same folder, then rename it to `path`: an error exit leaves the earlier file
+    or none, never half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def safetensors_header(path):
+    """The JSON header of a .safetensors file (tensor names, shapes, offsets), read with the standard library; a file
+    that is cut short or not one stops the run with one line naming it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            if size < 8 or length > size - 8:
+                raise ValueError(f"{size} bytes, shorter than its header")
+            header = json.loads(file.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            raise ValueError(f"{size} bytes of the {8 + length + end} its header describes")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        raise InputError(
+            f"{path} is not a complete .safetensors file ({error}): cut short or not one. Resume from another "
+            "checkpoint-N, or start anew in a new --output_dir."
+        ) from None
+    return header
+
+
+def check_optimizer_state(checkpoint):
+    """accelerate's optimizer.bin, a torch zip file (DeepSpeed keeps the optimizer in pytorch_model/, sharded FSDP
+    in optimizer_0/)."""
+    optimizer = checkpoint / "optimizer.bin"
+    if not optimizer.exists():
+        if (checkpoint / "pytorch_model").is_dir() or (checkpoint / "optimizer_0").is_dir():
+            return
+        raise InputError(
+            f"{checkpoint} has no optimizer.bin, so it cannot be resumed (a save that did not finish?); resume from "
+            "another checkpoint-N, or start anew in a new --output_dir."
+        )
+    if not zipfile.is_zipfile(optimizer):
+        raise InputError(
+            f"{optimizer} is not a complete torch file (cut short?); resume from another checkpoint-N, or start anew "
+            "in a new --output_dir."
+        )
+
+
+def check_checkpoint(checkpoint, args):
+    """A checkpoint must be of this run's kind (LoRA of its --lora_rank, or a full UNet) and hold complete files: what
+    differs is named in one line, before anything loads."""
+    has_lora = (checkpoint / LORA_WEIGHTS).is_file()
+    if has_lora and not args.lora_rank:
+        raise InputError(f"{checkpoint} holds LoRA weights; resume it with the --lora_rank of the run that wrote it.")
+    if args.lora_rank and not has_lora and (checkpoint / "unet").is_dir():
+        raise InputError(f"{checkpoint} holds a full UNet (full fine-tuning); resume it without --lora_rank.")
+    if args.lora_rank:
+        if not has_lora:
+            raise InputError(
+                f"{checkpoint} holds no {LORA_WEIGHTS}; expected a checkpoint of a LoRA run of this script."
+            )
+        header = safetensors_header(checkpoint / LORA_WEIGHTS)
+        ranks = {entry["shape"][0] for key, entry in header.items() if re.search(r"^unet\..*(lora_A|lora\.down)", key)}
+        if ranks and ranks != {args.lora_rank}:
+            rank = ", ".join(map(str, sorted(ranks)))
+            raise InputError(
+                f"{checkpoint} holds LoRA weights of rank {rank}, not the --lora_rank {args.lora_rank} of this run; "
+                f"resume it with --lora_rank {rank}."
+            )
+    else:
+        weights = sorted((checkpoint / "unet").glob("*.safetensors"))
+        if not weights:
+            raise InputError(
+                f"{checkpoint} holds neither {LORA_WEIGHTS} nor unet/*.safetensors; expected a checkpoint-N folder "
+                "that this script wrote."
+            )
+        for path in weights:
+            safetensors_header(path)
+    check_optimizer_state(checkpoint)
 
 
 if __name__ == "__main__":
@@ -525,18 +699,34 @@ def load_split(dataset_name, split, cache_dir=None):
             files = {name: list(paths) for name, paths in (builder.config.data_files or {}).items()}
             return datasets.load_dataset(str(path), data_files=files or None, split=split, cache_dir=cache_dir)
         return datasets.load_dataset(dataset_name, split=split, cache_dir=cache_dir)
-    except (OSError, ValueError) as error:  # FileNotFoundError, ConnectionError, "Unknown split"
-        if isinstance(error, InputError):
-            raise
-        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+    except InputError:
+        raise
+    except Exception as error:  # datasets raises many kinds: a missing split or file, a file it cannot parse
+        cause = error.__cause__ if error.__cause__ is not None else error  # DatasetGenerationError wraps the reason
+        reason = " ".join(str(cause).split()).rstrip(".")[:300] or type(cause).__name__
+        if path.is_file() and data_file_rows(path) == 0:
+            reason = "the file has 0 rows"
         raise InputError(
             f"Could not load split {split!r} of {dataset_name!r}: {reason}. Expected a hub dataset reachable from "
             "here, a folder of parquet/arrow/csv/json files named by split, a save_to_disk folder or a data file."
         ) from error
 
 
+def data_file_rows(path):
+    """The rows of an empty or parquet data file (0 for an empty file); None when they cannot be told cheaply."""
+    if path.stat().st_size == 0:
+        return 0
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        with contextlib.suppress(Exception):  # not a parquet file: datasets' own message says so
+            return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+    return None
+
+
 def prepare_pairs(dataset, args, split):
-    """Check the columns, drop ties and unlabeled rows (counted), and order every row as (winner, loser) columns.
+    """Check the columns, drop ties and rows whose label is missing or not 0, 0.5 or 1 (counted), and order every row
+    as (winner, loser) columns.
 
     Returns the dataset and a dict of counts of what was dropped.
     """
@@ -551,20 +741,25 @@ def prepare_pairs(dataset, args, split):
             "Name the columns with --caption_column, --image_0_column/--image_1_column/--label_column "
             "(Pick-a-Pic schema) or --chosen_column/--rejected_column (ordered pairs)."
         )
-    dropped = {"ties": 0, "unlabeled": 0}
+    rows_read = len(dataset)
+    if rows_read == 0:
+        raise InputError(
+            f"Split {split!r} of {args.dataset_name!r} has 0 rows; expected at least one preference pair."
+        )
+    dropped = {"ties": 0, "bad_labels": 0}
     if args.chosen_column is None:
-        labels = np.array([np.nan if label is None else float(label) for label in dataset[args.label_column]])
+        labels = np.array([label_value(label) for label in dataset[args.label_column]], dtype=np.float64)
         is_tie = labels == 0.5
-        is_unlabeled = np.isnan(labels)
-        dropped = {"ties": int(is_tie.sum()), "unlabeled": int(is_unlabeled.sum())}
-        keep = np.flatnonzero(~is_tie & ~is_unlabeled)
+        is_bad = ~np.isin(labels, (0.0, 0.5, 1.0))  # missing, NaN, infinite or not a preference: never trained on
+        dropped = {"ties": int(is_tie.sum()), "bad_labels": int(is_bad.sum())}
+        keep = np.flatnonzero(~is_tie & ~is_bad)
         if len(keep) < len(dataset):
             dataset = dataset.select(keep)
     if len(dataset) == 0:
         raise InputError(
             f"Split {split!r} of {args.dataset_name!r} has no preference pairs left after dropping "
-            f"{dropped['ties']} ties and {dropped['unlabeled']} unlabeled rows; expected at least one pair with "
-            "label 0 or 1."
+            f"{dropped['ties']} ties and {dropped['bad_labels']} rows whose {args.label_column!r} is missing or not "
+            f"0, 0.5 or 1, of the {rows_read} rows read; expected at least one pair with label 0 or 1."
         )
     # Keep images undecoded: decoding happens in the loader, where a broken image is skipped and counted.
     image_columns = (
@@ -576,6 +771,14 @@ def prepare_pairs(dataset, args, split):
         if isinstance(dataset.features[column], datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
     return dataset, dropped
+
+
+def label_value(label):
+    """A preference label as a float; NaN for one that is missing or not a number (then the row is dropped)."""
+    try:
+        return float(label)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def decode_image(value):
@@ -1086,7 +1289,7 @@ Metrics of the last optimizer step:
 |---|---|
 {metrics}
 """
-    Path(args.output_dir, "README.md").write_text(card)
+    write_atomically(Path(args.output_dir, "README.md"), lambda path: path.write_text(card))
 
 
 def steps(count):
@@ -1153,8 +1356,8 @@ def main(args):
             eval_split, _ = prepare_pairs(eval_split, args, args.preference_eval_split)
             eval_split = eval_split.select(range(min(args.preference_eval_max_samples, len(eval_split))))
     logger.info(
-        f"Training on {len(train_split)} pairs; dropped {dropped['ties']} ties and {dropped['unlabeled']} "
-        "unlabeled rows."
+        f"Training on {len(train_split)} pairs; dropped {dropped['ties']} ties and {dropped['bad_labels']} rows "
+        "whose label is missing or not 0, 0.5 or 1."
     )
 
     if accelerator.is_main_process:
@@ -1234,11 +1437,14 @@ def main(args):
     def save_lora(model, folder):
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(model)
+            layers = lora_state_dict(model)
             # the adapter's config (rank, alpha) goes into the file: without it a loader takes alpha = rank
-            StableDiffusionXLPipeline.save_lora_weights(
-                folder,
-                unet_lora_layers=lora_state_dict(model),
-                unet_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+            metadata = model.peft_config["default"].to_dict()
+            write_atomically(
+                Path(folder, LORA_WEIGHTS),
+                lambda path: StableDiffusionXLPipeline.save_lora_weights(
+                    folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, weight_name=path.name
+                ),
             )
 
     def save_model_hook(models, weights, output_dir):
@@ -1315,6 +1521,12 @@ def main(args):
             )
         for index, reason in cache_skipped:
             logger.warning(f"Skipped pair {index} while caching: undecodable image ({reason}).")
+        if len(train_dataset) == 0:
+            index, reason = cache_skipped[0]
+            raise InputError(
+                f"Every one of the {len(cache_skipped)} pairs of {args.dataset_name!r} has an undecodable image "
+                f"(pair {index}: {reason}); expected encoded images in the image columns."
+            )
     eval_dataset = PreferencePairs(eval_split, args, augment=False) if eval_split is not None else None
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -1354,6 +1566,11 @@ def main(args):
     )
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
 
+    if accelerator.is_main_process and args.overwrite:
+        removed = remove_earlier_outputs(args)
+        if removed:
+            logger.info(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {args.output_dir}")
+    accelerator.wait_for_everyone()  # nothing is written into --output_dir before the earlier outputs are gone
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
@@ -1423,9 +1640,10 @@ def main(args):
                 for index, reason in batch["skipped"]:
                     logger.warning(f"Skipped pair {index}: undecodable image ({reason}).", main_process_only=False)
             if "index" not in batch:
-                raise RuntimeError(
-                    f"Every pair of a batch had an undecodable image ({skipped_total} skipped so far); check the "
-                    "dataset's image columns."
+                index, reason = batch["skipped"][0]
+                raise InputError(
+                    f"Every pair of a batch of {args.dataset_name!r} had an undecodable image ({skipped_total} "
+                    f"skipped so far; pair {index}: {reason}); expected encoded images in the image columns."
                 )
             with accelerator.accumulate(unet):
                 generators = sample_generators(args.seed, epoch, batch["index"], accelerator.device)
@@ -1536,6 +1754,7 @@ def main(args):
                 "cache_latents": args.cache_latents,
                 "skipped_pairs": skipped_total,
                 "dropped_ties": dropped["ties"],
+                "skipped_bad_labels": dropped["bad_labels"],
                 # After the first two steps (allocation, kernel selection), as a benchmark would count them.
                 "seconds_per_step_median": float(np.median(step_seconds[2:] or step_seconds)),
                 "peak_memory_bytes": memory.peaks["training"],  # the training loop's own peak
@@ -1543,7 +1762,8 @@ def main(args):
                 "peak_memory_kind": memory.kind,
             }
         )
-        Path(args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
+        text = json.dumps(summary, indent=2)
+        write_atomically(Path(args.output_dir, "training_summary.json"), lambda path: path.write_text(text))
         write_model_card(args, summary)
         if args.push_to_hub:
             from huggingface_hub import upload_folder
@@ -1569,7 +1789,10 @@ def print_summary(args, summary):
         )
     finals = ", ".join(f"{key} {value:.4g}" for key, value in summary["last_step_metrics"].items())
     lines.append(f"   last step: {finals}")
-    lines.append(f"   dropped ties: {summary['dropped_ties']}, skipped undecodable pairs: {summary['skipped_pairs']}")
+    lines.append(
+        f"   dropped ties: {summary['dropped_ties']}, skipped bad labels: {summary['skipped_bad_labels']}, "
+        f"skipped undecodable pairs: {summary['skipped_pairs']}"
+    )
     peaks = ", ".join(
         f"{phase} {value / 2**30:.2f} GiB" for phase, value in summary["peak_memory_by_phase_bytes"].items()
     )

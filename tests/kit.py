@@ -445,3 +445,65 @@ def generate_and_judge(tiny_world, output_dir, model_name, *weights, prompts=PRO
     result = run_python("examples/eval/generate.py", args)
     assert result.returncode == 0, result.stdout[-4000:]
     return judge_run(Path(output_dir) / model_name)
+
+
+def tree_bytes(folder):
+    """{path relative to `folder`: bytes} of every file under it: compare two to see that a refused run left an
+    earlier run's outputs exactly as they were."""
+    folder = Path(folder)
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def error_in_process(tool, args, capsys):
+    """A tool's refusal, run in this process as `python -m` runs it (examples/lib/cli.run_tool over the module's
+    `main` and `parse_args`), without starting an interpreter: exit status 2, no traceback, one `error:` line
+    (argparse's usage error or run_tool's line), which it returns. `tool` is the imported module, `capsys` pytest's
+    fixture."""
+    import pytest
+
+    from examples.lib.cli import run_tool as run_tool_in_process
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool_in_process(tool.main, lambda: tool.parse_args([str(arg) for arg in args]))
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert exit_info.value.code == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1, output[-3000:]
+    return errors[0]
+
+
+def parse_args_refusal(script, argv, capsys):
+    """A training script's parse_args (`script`: its module name), in-process, refusing `argv`: the single `error:`
+    line it prints (exit status 2, no traceback)."""
+    import importlib
+
+    import pytest
+
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(script).parse_args([str(arg) for arg in argv])
+    assert stopped.value.code == 2
+    output = capsys.readouterr()
+    errors = [line for line in (output.out + output.err).splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in output.err, output.err
+    return errors[0]
+
+
+def bad_prompt_source(tmp_path, kind):
+    """A --prompts value that cannot be read, of the kind: missing, binary (a .txt that is not UTF-8),
+    broken_parquet (text under a parquet name) or folder (a folder without a data file datasets reads)."""
+    if kind == "missing":
+        return tmp_path / "nowhere" / "prompts.txt"
+    if kind == "binary":
+        path = tmp_path / "prompts.txt"
+        path.write_bytes(bytes(range(128, 256)) * 4)
+        return path
+    if kind == "broken_parquet":
+        path = tmp_path / "prompts.parquet"
+        path.write_text("caption\na red ball\n")
+        return path
+    folder = tmp_path / "prompt_folder"
+    folder.mkdir()
+    (folder / "notes.bin").write_bytes(b"\x00\x01")
+    return folder

@@ -9,7 +9,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from kit import launch, launch_with_config, max_abs_diff, run_python, summary_of, tiny_args, unet_weights
+from kit import (
+    launch,
+    launch_with_config,
+    max_abs_diff,
+    parse_args_refusal,
+    png_bytes,
+    run_python,
+    summary_of,
+    tiny_args,
+    unet_weights,
+)
 from safetensors.torch import load_file
 
 import train_capo
@@ -87,9 +97,45 @@ def test_a_beta_from_another_objectives_sweep_is_named_with_the_papers_sweeps():
     assert "sweep for dpo (2000, 3000, 4000)" in warning and "SDXL (300, 500, 1000)" in warning
 
 
-def test_default_beta_is_the_middle_of_each_objectives_sdxl_sweep():
+def capo_flags(tmp_path, *extra):
+    """train_capo.parse_args for flags that pass its checks (the models are hub ids, never loaded here)."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    argv = ["--dataset_name", tmp_path / "data", "--output_dir", tmp_path / "out", "--seed", 0, *extra]
+    return train_capo.parse_args([str(arg) for arg in argv])
+
+
+def test_default_beta_is_the_middle_of_each_objectives_sdxl_sweep(tmp_path):
     for objective, beta in {"capo": 500, "ipo": 1000, "dpo": 3000}.items():
-        assert train_capo.parse_args(["--objective", objective, "--dataset_name", "x"]).beta_capo == beta
+        assert capo_flags(tmp_path, "--objective", objective).beta_capo == beta
+
+
+def test_the_optimizer_defaults_are_the_papers_adam_without_weight_decay_or_clipping(tmp_path):
+    args = capo_flags(tmp_path)
+    assert (args.adam_weight_decay, args.max_grad_norm) == (0, 0)  # AdamW without decay is Adam; no clipping
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.999, 1e-8)  # Adam's own defaults
+    assert (args.learning_rate, args.lr_warmup_steps, args.lr_scheduler) == (1e-5, 1000, "constant_with_warmup")
+
+
+def test_without_dataset_name_the_run_asks_for_calibrated_pairs(tmp_path, capsys):
+    # Its old default, Pick-a-Pic v2, has labels, not the calibrated rewards CaPO regresses onto.
+    line = parse_args_refusal("train_capo", ["--output_dir", tmp_path / "out"], capsys)
+    assert "--dataset_name is required: the calibrated pairs to train on (examples/capo/select_pairs.py" in line
+
+
+def test_pairs_are_not_flipped_unless_random_flip_is_given(tmp_path):
+    import datasets
+
+    left_half_dark = np.zeros((16, 16, 3))
+    left_half_dark[:, 8:] = 255
+    rows = {"caption": ["a ball on the left"] * 16, "reward_pos": [0.8] * 16, "reward_neg": [0.2] * 16}
+    rows |= {"jpg_pos": [png_bytes(left_half_dark)] * 16, "jpg_neg": [png_bytes(255 - left_half_dark)] * 16}
+    flipped = {}
+    for name, extra in (("default", []), ("random_flip", ["--random_flip"])):
+        args = capo_flags(tmp_path, "--resolution", 16, *extra)
+        pairs = train_capo.CaPOPairs(train_capo.prepare_rows(datasets.Dataset.from_dict(rows), args, "train")[0], args)
+        positives_left = [pairs[i]["pixel_values"][0, :, :, :8].mean().item() for i in range(16)]
+        flipped[name] = sum(left < 0 for left in positives_left) < 16  # a flip puts the bright half on the left
+    assert flipped == {"default": False, "random_flip": True}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +247,7 @@ def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_bat
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_with_the_lora_weights_of_an_uninterrupted_one(tiny_assets, capo_pairs, tmp_path):
+def test_resumed_run_ends_with_the_lora_weights_of_an_uninterrupted_one(tiny_assets, capo_pairs, tmp_path, capsys):
     import shutil
 
     common = ["--max_train_steps", 5, "--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_samples", 12]
@@ -214,6 +260,10 @@ def test_resumed_run_ends_with_the_lora_weights_of_an_uninterrupted_one(tiny_ass
     first = load_file(tmp_path / "uninterrupted" / "pytorch_lora_weights.safetensors")
     second = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
     assert max_abs_diff(first, second) == 0
+    # the rank is read from the checkpoint the run saved: another --lora_rank is refused before anything loads
+    argv = tiny_args(assets, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest", "--lora_rank", 8)
+    line = parse_args_refusal("train_capo", argv, capsys)
+    assert "checkpoint-4 holds LoRA weights of rank 4, and this run has --lora_rank 8" in line
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """train_ddspo.py: the objective against docs/METHODS.md, and the script end to end on tiny SD1.x and SDXL."""
 
 import math
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from kit import launch, run_python, summary_of, tiny_args
+from kit import REPO, launch, png_bytes, run_python, summary_of, tiny_args
 
+import train_ddspo
 from examples.tiny_world import world
 from train_ddspo import ddspo_loss, rand_removal
 
@@ -65,6 +68,81 @@ def test_rand_removal_used_by_the_script_is_the_one_the_data_tool_uses():
     for _ in range(50):
         kept = rand_removal("a photo of a red ball on the grass", rng).split()
         assert 1 <= len(kept) <= 7
+
+
+# ----------------------------------------------------------------------------------------------
+# The release's recipe: steps, batch, beta, resolution, flips
+# ----------------------------------------------------------------------------------------------
+def guide_commands():
+    """Each `train_ddspo.py` command of examples/ddspo/README.md as {flag: value} (switches map to None)."""
+    text = (REPO / "examples" / "ddspo" / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            if "train_ddspo.py" not in command.split("#", 1)[0]:
+                continue
+            words, flags = shlex.split(command.split("#", 1)[0]), {}
+            for index, word in enumerate(words):
+                if word.startswith("--"):
+                    following = words[index + 1] if index + 1 < len(words) else "--"
+                    flags[word] = None if following.startswith("--") else following
+            yield flags
+
+
+def test_the_guides_commands_run_the_releases_steps_and_warmup_at_total_batch_2048():
+    steps = {}
+    for flags in guide_commands():
+        total = int(flags["--num_processes"]) * int(flags["--train_batch_size"])
+        total *= int(flags["--gradient_accumulation_steps"])
+        family = "SDXL" if "xl" in flags["--pretrained_model_name_or_path"] else "SD1.x"
+        assert total == 2048 and flags["--lr_warmup_steps"] == "100", flags
+        assert flags["--beta_ddspo"] == "16000" and flags["--learning_rate"] == "2.5e-9" and "--scale_lr" in flags
+        steps[family] = int(flags["--max_train_steps"])
+    assert steps == {"SD1.x": 200, "SDXL": 500}  # the release's train_ddspo.sh
+    doc = " ".join(train_ddspo.__doc__.split())
+    assert "--lr_warmup_steps 100 --max_train_steps 200" in doc and "total batch 2048 = 8 processes x 16 pairs" in doc
+
+
+def ddspo_flags(tmp_path, *extra):
+    """train_ddspo.parse_args for flags that pass its checks (the models are hub ids, never loaded here)."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    argv = ["--dataset_name", tmp_path / "data", "--output_dir", tmp_path / "out", "--seed", 0, *extra]
+    return train_ddspo.parse_args([str(arg) for arg in argv])
+
+
+def test_beta_defaults_to_the_releases_value_for_each_target_source(tmp_path):
+    assert ddspo_flags(tmp_path).beta_ddspo == 16000
+    policies = ["--target_source", "policies", "--winning_policy", tmp_path, "--losing_policy", tmp_path]
+    assert ddspo_flags(tmp_path, *policies).beta_ddspo == 8000  # the release's train_ddspo_lora_target.sh
+    assert ddspo_flags(tmp_path, *policies, "--beta_ddspo", 500).beta_ddspo == 500
+
+
+def test_resolution_defaults_to_the_native_size_of_the_family_found():
+    assert train_ddspo.native_resolution("SD1.x/SD2.x", "epsilon") == 512
+    assert train_ddspo.native_resolution("SD1.x/SD2.x", "v_prediction") == 768
+    assert train_ddspo.native_resolution("SDXL", "epsilon") == 1024
+
+
+def test_resolution_is_left_to_the_family_when_not_given(tmp_path):
+    assert ddspo_flags(tmp_path).resolution is None  # main() sets it once the pipeline's family is known
+    assert ddspo_flags(tmp_path, "--resolution", 256).resolution == 256
+
+
+def test_pairs_are_not_flipped_unless_random_flip_is_given(tmp_path):
+    import datasets
+
+    left_half_dark = np.zeros((16, 16, 3))
+    left_half_dark[:, 8:] = 255
+    rows = {"caption": ["a ball on the left"] * 16, "negative_caption": ["a ball"] * 16}
+    rows |= {"jpg_w": [png_bytes(left_half_dark)] * 16, "jpg_l": [png_bytes(255 - left_half_dark)] * 16}
+    flipped = {}
+    for name, extra in (("default", []), ("random_flip", ["--random_flip"])):
+        args = ddspo_flags(tmp_path, "--resolution", 16, *extra)
+        pairs = train_ddspo.DDSPOPairs(
+            train_ddspo.prepare_rows(datasets.Dataset.from_dict(rows), args, "train")[0], args
+        )
+        winners_left = [pairs[i]["pixel_values"][0, :, :, :8].mean().item() for i in range(16)]
+        flipped[name] = sum(left < 0 for left in winners_left) < 16  # a flip puts the bright half on the left
+    assert flipped == {"default": False, "random_flip": True}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,8 +213,15 @@ def test_ddspo_first_step_loss_is_exactly_log2_in_every_mode_and_family(
 def test_ddspo_lora_trains_and_its_output_loads_into_a_stock_sd_pipeline(tiny_sd, ddspo_pairs, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    args = ["--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 4, "--beta_ddspo", 1000]
+    # --overwrite over an earlier full fine-tune's folder: its unet/ and checkpoints go, the user's notes stay
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    (tmp_path / "checkpoint-9").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    args = ["--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 4, "--beta_ddspo", 1000, "--overwrite"]
     launch("train_ddspo.py", tiny_args({"model": tiny_sd("epsilon"), "dataset": ddspo_pairs}, tmp_path, *args))
+    assert not (tmp_path / "unet").exists() and not (tmp_path / "checkpoint-9").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     assert summary_of(tmp_path)["last_step_metrics"]["model_mse_w"] > 0  # the policy left the reference
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd("epsilon"), safety_checker=None)
     pipeline.load_lora_weights(str(tmp_path))

@@ -114,4 +114,4 @@ def test_help_shows_groups_in_the_order_of_main_defaults_and_an_example(script):
     positions = [result.stdout.find(f"\n{group}\n") for group in groups]
     assert -1 not in positions and positions == sorted(positions), positions
     text = " ".join(result.stdout.split())  # argparse wraps at the terminal's width
-    assert "(default: 1024)" in text and "(default: None)" not in text and f"accelerate launch {script}" in text
+    assert "(default: 1e-08)" in text and "(default: None)" not in text and f"accelerate launch {script}" in text

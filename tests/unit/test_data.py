@@ -35,7 +35,7 @@ def test_ties_and_unlabeled_rows_are_dropped_and_counted(script):
         }
     )
     pairs, dropped = script.prepare_pairs(dataset, args_for(script), "train")
-    assert dropped == {"ties": 2, "unlabeled": 1}
+    assert dropped == {"ties": 2, "bad_labels": 1}
     assert pairs["caption"] == ["a", "c"]
 
 
@@ -58,7 +58,7 @@ def test_ordered_pair_schema_uses_chosen_and_rejected_columns(script):
     args = args_for(script, "--chosen_column", "chosen", "--rejected_column", "rejected", "--caption_column", "prompt")
     pairs, dropped = script.prepare_pairs(dataset, args, "train")
     example = script.PreferencePairs(pairs, args)[0]
-    assert dropped == {"ties": 0, "unlabeled": 0}
+    assert dropped == {"ties": 0, "bad_labels": 0}
     assert example["caption"] == "x" and example["pixel_values"][0].mean() < example["pixel_values"][1].mean()
 
 
