@@ -7,28 +7,43 @@ r"""Degraded ("negative") prompts c⁻ for DDSPO, without labels: random word re
 writes `OUTPUT_DIR/train.parquet` (columns caption, negative_caption, prompt_index, variant; one row
 per negative prompt, so `datasets.load_dataset(OUTPUT_DIR)` reads it) and `degrade_config.json`.
 
+- `--variants_per_prompt K` (5, as the authors' release, KU-MIIL/DDSPO data_prep/): up to K distinct
+  negative prompts per prompt, one row each; generate_pairs.py draws one of them per prompt for its pair,
+  as the release's prepare_latents.py does. Fewer distinct ones than K is counted, not an error.
 - `--mode rand_removal` (default; the paper's Rand-removal, §4.2, §4.4): each variant removes a
   fraction of the prompt's words drawn uniformly in [--min_removal, --max_removal] (paper: 40-70 %),
-  at least one word and never all, keeping the order of the rest. Prompts of fewer than 2 words
-  cannot be degraded and are skipped (counted).
+  int(fraction · words) of them as the release counts, at least one and never all, keeping the order of
+  the rest. Prompts of fewer than 2 words cannot be degraded and are skipped (counted).
 - `--mode llm` (the paper's LLaMA (TA) and LLaMA (AQ), §4.3, §4.4): a `transformers` causal LM
-  rewrites each prompt following the `[alignment]` or `[aesthetics]` section of
-  --instruction_template. The first non-empty line of its answer, quotes stripped, is c⁻; an empty
-  answer, or one equal to the prompt, is skipped (counted).
-- `--variants_per_prompt K`: up to K distinct negative prompts per prompt (in llm mode K > 1 needs
-  --temperature > 0). Fewer distinct ones than K is counted, not an error.
+  answers the `[alignment]` or `[aesthetics]` section of --instruction_template filled with each prompt,
+  sampled at --temperature (0.7, the release's). The answer lists the negative prompts on a line
+  `Negative prompts: [...]` (a JSON list of strings), as the shipped template asks; the first K distinct
+  ones that are neither empty nor the prompt are kept. Answers without such a list, empty lists, and
+  the entries left out are counted by reason, as are prompts too long for the model's positions.
 - Seeds: the removals of prompt i come from a generator seeded with (--seed, i), so they do not depend
   on the other prompts, on --max_prompts or on K (variant k is the same whatever K). LLM sampling is
   seeded once with --seed and repeats for the same --seed and --llm_batch_size.
+- An --output_dir that holds an earlier run's train.parquet or degrade_config.json is refused before
+  any work, unless --overwrite; so is one that is a file or cannot be written.
 """
 
 import argparse
 import json
+import re
 from pathlib import Path
 
-from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
-from examples.lib.files import write_atomically
-from examples.lib.lm import PLACEHOLDER, check_llm_args, clean_rewrite, read_instruction_template, rewritten_batches
+from examples.lib.cli import HelpFormatter, InputError, finite_float, parse_checked_args, run_tool
+from examples.lib.files import OVERWRITE_HELP, check_safetensors_in, prepare_output_folder, write_atomically
+from examples.lib.lm import (
+    PLACEHOLDER,
+    check_llm_args,
+    clean_rewrite,
+    fill_template,
+    llm_input_texts,
+    normalized,
+    read_instruction_template,
+    rewritten_batches,
+)
 from examples.lib.prompts import PROMPT_SET_NAMES, prompt_settings, read_prompts
 from train_ddspo import rand_removal  # the training script's not_paired mode draws the same way
 
@@ -36,6 +51,9 @@ from train_ddspo import rand_removal  # the training script's not_paired mode dr
 MODES = ("rand_removal", "llm")
 LLM_TARGETS = ("alignment", "aesthetics")  # the paper's TA and AQ rewrites (Table 3a)
 DEFAULT_INSTRUCTION_TEMPLATE = Path(__file__).resolve().parent / "llm_instruction.txt"
+OUTPUTS = ("train.parquet", "degrade_config.json")
+# the label of the answer's list of negative prompts, in any case, with markdown emphasis around it tolerated
+ANSWER_LIST = re.compile(r"negative prompts[*_ ]*:[*_ ]*", re.IGNORECASE)
 TRIES_PER_VARIANT = 10  # rand_removal draws at most K * 10 times per prompt to find K distinct variants
 SKIP_REASONS = {
     "rand_removal": {
@@ -43,9 +61,14 @@ SKIP_REASONS = {
         "not_distinct": "variants short of --variants_per_prompt (no new distinct variant in {tries} draws)",
     },
     "llm": {
-        "empty": "rewrites empty",
-        "same_as_prompt": "rewrites equal to the prompt",
-        "repeated": "rewrites repeating another variant of the same prompt",
+        "too_long": "prompts too long for the model's positions (with --max_new_tokens)",
+        "cut": "answers cut at --max_new_tokens before their list closed",
+        "unreadable": "answers without a 'Negative prompts: [...]' list of strings",
+        "empty_list": "answers with an empty list (nothing to degrade)",
+        "empty": "listed negatives empty",
+        "same_as_prompt": "listed negatives equal to the prompt",
+        "repeated": "listed negatives repeating another of the same prompt",
+        "beyond_variants": "listed negatives beyond --variants_per_prompt",
     },
 }
 EXAMPLES_SHOWN = 3
@@ -61,6 +84,21 @@ def removal_variants(prompt, rng, count, min_ratio, max_ratio):
         if variant not in variants:
             variants.append(variant)
     return variants
+
+
+def listed_negatives(answer):
+    """The JSON list of strings after the first 'Negative prompts:' of a model's answer, or None when there is none
+    (no such line, a list cut short, or something else than strings)."""
+    label = ANSWER_LIST.search(answer)
+    if label is None:
+        return None
+    try:
+        listed, _ = json.JSONDecoder().raw_decode(answer[label.end() :].lstrip())
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
+        return None
+    return listed
 
 
 def parse_args(input_args=None):
@@ -109,8 +147,9 @@ def parse_args(input_args=None):
     degrading.add_argument(
         "--variants_per_prompt",
         type=int,
-        default=1,
-        help="K: distinct negative prompts per prompt, one row each.",
+        default=5,
+        help="K: up to K distinct negative prompts per prompt, one row each (the authors' release: up to 5; "
+        "generate_pairs.py draws one per prompt).",
     )
     degrading.add_argument(
         "--seed", type=int, default=0, help="Removals of prompt i use a generator seeded with (seed, i); LLM sampling."
@@ -118,10 +157,10 @@ def parse_args(input_args=None):
 
     removal = parser.add_argument_group("rand_removal")
     removal.add_argument(
-        "--min_removal", type=float, default=0.4, help="Smallest fraction of the words removed (paper: 40 %%)."
+        "--min_removal", type=finite_float, default=0.4, help="Smallest fraction of the words removed (paper: 40 %%)."
     )
     removal.add_argument(
-        "--max_removal", type=float, default=0.7, help="Largest fraction of the words removed (paper: 70 %%)."
+        "--max_removal", type=finite_float, default=0.7, help="Largest fraction of the words removed (paper: 70 %%)."
     )
 
     llm = parser.add_argument_group("llm")
@@ -145,12 +184,20 @@ def parse_args(input_args=None):
         type=str,
         default=str(DEFAULT_INSTRUCTION_TEMPLATE),
         help="Instruction file: an [alignment] and an [aesthetics] section (or one template for any target), "
-        f"each with {PLACEHOLDER} where the prompt goes.",
+        f"each with {PLACEHOLDER} where the prompt goes, asking for a line 'Negative prompts: [...]'.",
     )
     llm.add_argument(
-        "--temperature", type=float, default=0.0, help="0: greedy decoding; above 0: plain temperature sampling."
+        "--temperature",
+        type=finite_float,
+        default=0.7,
+        help="Sampling temperature (the authors' release: 0.7); 0: greedy decoding.",
     )
-    llm.add_argument("--max_new_tokens", type=int, default=96, help="Longest answer generated per prompt.")
+    llm.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=256,
+        help="Longest answer generated per prompt (the release's); a list cut there is counted, not kept.",
+    )
     llm.add_argument("--llm_batch_size", type=int, default=16, help="Prompts per generate call.")
     llm.add_argument("--device", type=str, default=None, help="Device of the model (default: cuda if available).")
     llm.add_argument(
@@ -165,11 +212,12 @@ def parse_args(input_args=None):
     output.add_argument(
         "--output_dir", type=str, required=True, help="Folder for train.parquet and degrade_config.json."
     )
+    output.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parse_checked_args(parser, check_args, input_args)
 
 
 def check_args(args):
-    """Refuse bad settings before any prompt set is read or model loaded."""
+    """Refuse bad settings before any prompt set is read or model loaded; then make --output_dir ready."""
     if not (0 < args.min_removal < 1 and 0 < args.max_removal < 1):
         raise InputError(
             f"--min_removal and --max_removal must lie strictly between 0 and 1, got {args.min_removal} and "
@@ -186,9 +234,11 @@ def check_args(args):
         raise InputError(f"--max_prompts must be at least 1, got {args.max_prompts}.")
     if args.seed < 0:
         raise InputError(f"--seed must be non-negative (it seeds numpy generators), got {args.seed}.")
-    if (Path(args.output_dir) / "train.parquet").exists():
+    prompts_path = Path(args.prompts).resolve()
+    if any(prompts_path == (Path(args.output_dir) / name).resolve() for name in OUTPUTS):
         raise InputError(
-            f"{Path(args.output_dir) / 'train.parquet'} already exists; choose another --output_dir or delete it."
+            f"--prompts {args.prompts!r} is an output of --output_dir {args.output_dir!r}, which this run replaces; "
+            "copy it elsewhere or choose another --output_dir."
         )
     if args.mode == "llm":
         if args.llm_model_name_or_path is None:
@@ -197,11 +247,23 @@ def check_args(args):
                 "e.g. meta-llama/Meta-Llama-3-8B-Instruct."
             )
         check_llm_args(args, args.llm_target)
-        if args.variants_per_prompt > 1 and args.temperature == 0:
-            raise InputError(
-                f"--variants_per_prompt {args.variants_per_prompt} needs --temperature above 0: greedy decoding "
-                "gives the same rewrite every time."
-            )
+        check_safetensors_in(args.llm_model_name_or_path, "--llm_model_name_or_path")
+    prepare_output_folder(args.output_dir, OUTPUTS, args.overwrite)
+
+
+def read_prompt_set(args):
+    """--prompts as (prompts, counts); InputError, naming it, for anything that cannot be read as prompts."""
+    try:
+        return read_prompts(args)
+    except InputError:
+        raise
+    except Exception as error:  # a named set's download (the hub offline), or anything examples/lib/prompts.py lets by
+        raise InputError(
+            f"--prompts {args.prompts!r} could not be read as prompts ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]}); expected one of {PROMPT_SET_NAMES}, a UTF-8 .txt file (one "
+            "prompt a line), a .csv/.tsv/.json/.jsonl/.parquet file, a dataset folder or a hub dataset id reachable "
+            "from here."
+        ) from error
 
 
 def degrade_by_removal(args, prompts):
@@ -225,26 +287,83 @@ def degrade_by_removal(args, prompts):
     return variants, skipped
 
 
+def prompts_within_positions(args, prompts):
+    """(indices of the prompts whose model input and longest answer fit in the model's positions, indices of those
+    that do not). A prompt beyond them would stop generation with an IndexError; it is skipped and counted instead."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(args.llm_model_name_or_path, cache_dir=args.cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(args.llm_model_name_or_path, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"--llm_model_name_or_path {args.llm_model_name_or_path!r} could not be loaded as a causal LM with its "
+            f"tokenizer ({' '.join(str(error).split())[:300]}); expected a folder or hub id of such a model."
+        ) from error
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is None:  # no learned position table (nothing to overrun)
+        return list(range(len(prompts))), []
+    template = read_instruction_template(args.instruction_template, args.llm_target)
+    texts, add_special_tokens = llm_input_texts(tokenizer, [fill_template(template, prompt) for prompt in prompts])
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+    fit, too_long = [], []
+    for prompt_index, length in enumerate(lengths):
+        (fit if length + args.max_new_tokens <= positions else too_long).append(prompt_index)
+    if too_long:
+        longest = max(lengths[index] for index in too_long)
+        print(
+            f"{len(too_long)} prompts skipped: with --max_new_tokens {args.max_new_tokens} they need more than the "
+            f"model's {positions} positions (the longest input: {longest} tokens), e.g. "
+            f"{[prompts[index][:80] for index in too_long[:EXAMPLES_SHOWN]]}",
+            flush=True,
+        )
+    return fit, too_long
+
+
+def negatives_from_answer(answer, ended, prompt, count):
+    """(the negative prompts kept from one answer, [(skip reason, text)] for what was left out): the first `count`
+    distinct entries of its listed_negatives that are neither empty nor the prompt (up to case and spacing). An
+    answer without a list is one skip, 'cut' when it did not `ended` by itself, and an empty list is one skip."""
+    listed = listed_negatives(answer)
+    if listed is None:
+        return [], [("unreadable" if ended else "cut", answer)]
+    if not listed:
+        return [], [("empty_list", answer)]
+    kept, left_out = [], []
+    for item in listed:
+        negative, reason = clean_rewrite(item, prompt)
+        if reason is None and normalized(negative) in {normalized(other) for other in kept}:
+            reason = "repeated"
+        if reason is None and len(kept) == count:
+            reason = "beyond_variants"
+        if reason is None:
+            kept.append(negative)
+        else:
+            left_out.append((reason, item))
+    return kept, left_out
+
+
 def degrade_by_llm(args, prompts):
-    """{prompt_index: [negative prompts]} and the skip counts, from K answers of the LLM per prompt."""
-    variants, skipped, skip_examples = {}, {"empty": 0, "same_as_prompt": 0, "repeated": 0}, []
-    batches = rewritten_batches(args, args.llm_target, prompts, num_return_sequences=args.variants_per_prompt)
-    for start, answers, _ in batches:
-        for offset, answer in enumerate(answers):
-            prompt_index = start + offset // args.variants_per_prompt  # generate returns K answers per prompt in a row
-            rewrite, reason = clean_rewrite(answer, prompts[prompt_index])
-            kept = variants.setdefault(prompt_index, [])
-            if reason is None and rewrite in kept:
-                reason = "repeated"
-            if reason is not None:
+    """{prompt_index: [negative prompts]} and the skip counts, from the list in one answer of the LLM per prompt."""
+    skipped = dict.fromkeys(SKIP_REASONS["llm"], 0)
+    variants, examples = {}, []
+    fit, too_long = prompts_within_positions(args, prompts)
+    skipped["too_long"] = len(too_long)
+    if not fit:
+        return variants, skipped
+    for start, answers, finished in rewritten_batches(args, args.llm_target, [prompts[index] for index in fit]):
+        for offset, (answer, ended) in enumerate(zip(answers, finished)):
+            prompt_index = fit[start + offset]
+            kept, left_out = negatives_from_answer(answer, ended, prompts[prompt_index], args.variants_per_prompt)
+            if kept:
+                variants[prompt_index] = kept
+            for reason, text in left_out:
                 skipped[reason] += 1
-                if len(skip_examples) < EXAMPLES_SHOWN:
-                    skip_examples.append((reason, prompts[prompt_index], answer))
-                continue
-            kept.append(rewrite)
-    for reason, prompt, answer in skip_examples:
-        print(f"skipped ({reason}): {prompt!r} -> {answer!r}", flush=True)
-    return {index: kept for index, kept in variants.items() if kept}, skipped
+                if len(examples) < EXAMPLES_SHOWN and reason != "beyond_variants":
+                    examples.append((reason, prompts[prompt_index], text))
+    for reason, prompt, text in examples:
+        print(f"skipped ({reason}): {prompt!r} -> {text!r}", flush=True)
+    return variants, skipped
 
 
 def degrade_settings(args, prompt_counts):
@@ -292,14 +411,13 @@ def write_rows(output_dir, prompts, variants):
             ("variant", pa.int64()),
         ]
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pydict(rows, schema=schema)
     write_atomically(output_dir / "train.parquet", lambda path: pq.write_table(table, path))
     return len(rows["caption"])
 
 
 def main(args):
-    prompts, counts = read_prompts(args)
+    prompts, counts = read_prompt_set(args)
 
     if args.mode == "rand_removal":
         variants, skipped = degrade_by_removal(args, prompts)
@@ -321,7 +439,8 @@ def main(args):
     n_rows = write_rows(output_dir, prompts, variants)
     settings = degrade_settings(args, counts)
     settings.update(rows=n_rows, prompts_with_rows=prompts_with_rows, skipped=skipped)
-    (output_dir / "degrade_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+    config = json.dumps(settings, indent=2, ensure_ascii=False)
+    write_atomically(output_dir / "degrade_config.json", lambda path: path.write_text(config, encoding="utf-8"))
     print(
         f"== degrade_prompts finished: {n_rows} rows written for {prompts_with_rows} prompts "
         f"(of {len(prompts)}) to {output_dir / 'train.parquet'}; skipped {skip_report}",

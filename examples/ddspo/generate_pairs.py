@@ -2,7 +2,7 @@
 r"""DDSPO's image pairs: the reference model draws x0_w from the caption c and x0_l from its degraded c⁻, same seed.
 
     accelerate launch -m examples.ddspo.generate_pairs --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
-        --dataset diffusiondb-rand-removal --resolution 512 --guidance_scale 7.5 --output_dir diffusiondb-pairs
+        --dataset diffusiondb-rand-removal --resolution 512 --output_dir diffusiondb-pairs
 
 reads a degraded-prompt dataset (the folder examples/ddspo/degrade_prompts.py writes, or any dataset or
 .parquet/.csv/.json/.jsonl file with the columns --caption_column and --negative_caption_column) and writes
@@ -10,11 +10,17 @@ reads a degraded-prompt dataset (the folder examples/ddspo/degrade_prompts.py wr
 seed and row_index, plus `pairs_config.json` and a `README.md` dataset card, so that
 `datasets.load_dataset(OUTPUT_DIR, split="train")` reads every shard.
 
+- One pair per prompt (--negatives_per_prompt one, the default): the rows that share a `prompt_index` (the up to
+  5 negatives degrade_prompts.py writes for one prompt) make one pair, from one of their usable rows drawn with a
+  generator seeded with (--seed, prompt_index), as the authors' release (KU-MIIL/DDSPO, prepare_latents.py) draws
+  one of a prompt's negatives; the rows not drawn are counted. `all`: every row makes a pair. A dataset without
+  a `prompt_index` column makes a pair of every row.
 - Pairs (paper §3.3): for row r, x0_w ~ ref(·|c) and x0_l ~ ref(·|c⁻) start from the same noise, drawn from a
   generator seeded with SeedSequence((--seed, r)); so the two images differ only through the prompt, and the seed
   does not depend on the batch size, the number of processes or the other rows.
 - Any SD1.x/2.x or SDXL pipeline (the class its model_index.json names), sampled with --scheduler,
-  --num_inference_steps, --guidance_scale, --resolution, --batch_size, --mixed_precision, as examples/eval/generate.py.
+  --num_inference_steps, --guidance_scale, --resolution, --batch_size, --mixed_precision, as examples/eval/generate.py,
+  but with the release's 25 steps and guidance 7.5 (for SD1.x and SDXL alike) by default.
   A batch of --batch_size rows is two pipeline calls, the winners then the losers; batches never cross shards.
 - Rows whose negative caption is missing, empty or equal to the caption (ignoring case and spacing), and rows with
   no caption, are skipped and counted, never dropped silently.
@@ -28,7 +34,14 @@ import argparse
 from pathlib import Path
 
 from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
-from examples.lib.files import check_data_file, load_table, resolved_path, write_atomically
+from examples.lib.files import (
+    check_data_file,
+    check_safetensors_in,
+    load_table,
+    prepare_output_folder,
+    resolved_path,
+    write_atomically,
+)
 from examples.lib.pair_shards import (
     SHARDS_CARD_HEADER,
     draw_pairs,
@@ -60,7 +73,11 @@ SKIP_REASONS = {
     "no_caption": "with a missing or empty caption",
     "no_negative_caption": "with a missing or empty negative caption",
     "negative_equals_caption": "with a negative caption equal to the caption",
+    "not_drawn": "not drawn (another negative of the same prompt_index makes its pair)",
 }
+PROMPT_INDEX_COLUMN = "prompt_index"  # degrade_prompts.py's: the rows of one prompt's negatives share it
+DRAW_STREAM = 1  # (seed, prompt_index, DRAW_STREAM) seeds the draw; (seed, row) seeds the images
+SAMPLING_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 7.5}  # the release's prepare_latents.py
 DATASET_CARD = (
     SHARDS_CARD_HEADER
     + """# DDSPO image pairs
@@ -93,12 +110,22 @@ def parse_args(input_args=None):
     data.add_argument(
         "--negative_caption_column", type=str, default="negative_caption", help="Column of the degraded prompts c⁻."
     )
+    data.add_argument(
+        "--negatives_per_prompt",
+        type=str,
+        default="one",
+        choices=["one", "all"],
+        help=f"one: the rows sharing a {PROMPT_INDEX_COLUMN} (a prompt's negatives, from degrade_prompts.py) make one "
+        "pair, from one of them drawn with (--seed, prompt_index), as the authors' release does; all: every row "
+        f"makes a pair. Without a {PROMPT_INDEX_COLUMN} column, every row makes a pair.",
+    )
 
     sampling = parser.add_argument_group("sampling (as examples/eval/generate.py)")
     sampling.add_argument(
         "--seed", type=int, default=0, help="Base seed; both images of row r start from SeedSequence((seed, r))."
     )
     add_sampling_arguments(sampling)
+    sampling.set_defaults(**SAMPLING_DEFAULTS)
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -114,7 +141,7 @@ def parse_args(input_args=None):
 
 
 def check_args(args):
-    """Refuse bad settings before any dataset is read or model loaded."""
+    """Refuse bad settings before any dataset is read or model loaded; then make --output_dir ready."""
     check_sampling_args(args)
     if args.shard_size <= 0:
         raise InputError(f"--shard_size must be positive, got {args.shard_size}.")
@@ -126,19 +153,24 @@ def check_args(args):
             "name the column of the prompts and the column of their degraded versions."
         )
     check_pipeline_path(args.pretrained_model_name_or_path)
+    check_safetensors_in(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    if args.pretrained_vae_model_name_or_path is not None:
+        check_safetensors_in(args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path")
     check_data_file("--dataset", args.dataset)
     dataset, output = Path(args.dataset), Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        raise InputError(f"--output_dir {args.output_dir!r} is a file; expected a folder (new or of an earlier run).")
     if dataset.exists() and output.resolve() in (dataset.resolve(), *dataset.resolve().parents):
         raise InputError(
             f"--output_dir {args.output_dir!r} holds --dataset {args.dataset!r}; the pairs' dataset card would hide "
             "the degraded prompts from datasets.load_dataset. Choose an --output_dir of its own."
         )
+    # an earlier run's shards are resumed (their settings are checked against pairs_config.json before any model
+    # loads), so no output name is refused here: only a file in the folder's place, or a folder that cannot be written
+    prepare_output_folder(args.output_dir, patterns=())
 
 
 def read_prompt_pairs(args):
-    """(captions, negative captions) of every row of --dataset, in order; raises InputError when unreadable."""
+    """(captions, negative captions, prompt indices or None) of every row of --dataset, in order; raises InputError
+    when unreadable. The prompt indices (PROMPT_INDEX_COLUMN) are read for --negatives_per_prompt one, when there."""
     table = load_table(
         args.dataset,
         args.dataset_split_name,
@@ -153,7 +185,31 @@ def read_prompt_pairs(args):
             "name the right ones with --caption_column and --negative_caption_column."
         )
     columns = table.data  # the Arrow table: whole columns as lists at once
-    return columns.column(args.caption_column).to_pylist(), columns.column(args.negative_caption_column).to_pylist()
+    captions = columns.column(args.caption_column).to_pylist()
+    negative_captions = columns.column(args.negative_caption_column).to_pylist()
+    if args.negatives_per_prompt == "all" or PROMPT_INDEX_COLUMN not in table.column_names:
+        return captions, negative_captions, None
+    prompt_indices = columns.column(PROMPT_INDEX_COLUMN).to_pylist()
+    check_prompt_indices(args.dataset, captions, prompt_indices)
+    return captions, negative_captions, prompt_indices
+
+
+def check_prompt_indices(dataset, captions, prompt_indices):
+    """Prompt indices must be non-negative integers (they seed the draw), and rows sharing one share their caption."""
+    caption_of_prompt = {}
+    for row, (caption, prompt_index) in enumerate(zip(captions, prompt_indices)):
+        if not isinstance(prompt_index, int) or isinstance(prompt_index, bool) or prompt_index < 0:
+            raise InputError(
+                f"--dataset {dataset!r}: row {row} has {PROMPT_INDEX_COLUMN} {prompt_index!r}; expected non-negative "
+                "integers (degrade_prompts.py's prompt positions), or pass --negatives_per_prompt all."
+            )
+        first_row, first_caption = caption_of_prompt.setdefault(prompt_index, (row, caption))
+        if caption != first_caption:
+            raise InputError(
+                f"--dataset {dataset!r}: rows {first_row} and {row} share {PROMPT_INDEX_COLUMN} {prompt_index} but "
+                f"not their caption ({first_caption!r}, {caption!r}); the rows of one prompt must have its caption, "
+                "or pass --negatives_per_prompt all."
+            )
 
 
 def skip_reason(caption, negative_caption):
@@ -168,9 +224,37 @@ def skip_reason(caption, negative_caption):
     return None
 
 
-def plan_shards(captions, negative_captions, shard_size):
-    """({shard index: [usable row indices]} for the shards with at least one usable row, skip counts, examples)."""
-    return shards_of_usable_rows(list(zip(captions, negative_captions)), skip_reason, SKIP_REASONS, shard_size)
+def plan_shards(captions, negative_captions, shard_size, prompt_indices=None, seed=0):
+    """({shard index: [row indices that make a pair]} for the shards with at least one, skip counts, examples).
+
+    With `prompt_indices`, one usable row per prompt index makes a pair (`draw_one_per_prompt`)."""
+    rows = list(zip(captions, negative_captions))
+    shards, skipped, examples = shards_of_usable_rows(rows, skip_reason, SKIP_REASONS, shard_size)
+    if prompt_indices is not None:
+        shards, skipped["not_drawn"] = draw_one_per_prompt(shards, prompt_indices, seed)
+    return shards, skipped, examples
+
+
+def draw_one_per_prompt(shards, prompt_indices, seed):
+    """Keep one of the usable rows of each prompt index, drawn uniformly by a generator seeded with
+    (seed, prompt_index, DRAW_STREAM): the same row whatever the shard size, the processes or the other prompts.
+    Returns the shards that keep a row and the number of rows not drawn."""
+    import numpy as np
+
+    rows_of_prompt = {}
+    for shard in sorted(shards):
+        for row in shards[shard]:
+            rows_of_prompt.setdefault(prompt_indices[row], []).append(row)
+    drawn = set()
+    for prompt_index, rows in rows_of_prompt.items():
+        rng = np.random.default_rng((seed, prompt_index, DRAW_STREAM))
+        drawn.add(rows[int(rng.integers(len(rows)))])
+    kept_shards = {}
+    for shard, rows in shards.items():
+        kept = [row for row in rows if row in drawn]
+        if kept:
+            kept_shards[shard] = kept
+    return kept_shards, sum(len(rows) for rows in rows_of_prompt.values()) - len(drawn)
 
 
 def make_shard(pipeline, rows, captions, negative_captions, args, progress):
@@ -197,12 +281,16 @@ def main(args):
     log = accelerator.print
 
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
-        captions, negative_captions = read_prompt_pairs(args)
-    shards, skipped, skip_examples = plan_shards(captions, negative_captions, args.shard_size)
+        captions, negative_captions, prompt_indices = read_prompt_pairs(args)
+    shards, skipped, skip_examples = plan_shards(
+        captions, negative_captions, args.shard_size, prompt_indices, args.seed
+    )
     skip_report = ", ".join(f"{skipped[reason]} {label}" for reason, label in SKIP_REASONS.items())
     log(f"rows: {len(captions)} in {args.dataset}; skipped {sum(skipped.values())} ({skip_report})")
     for example in skip_examples:
         log(f"  skipped {example}")
+    if args.negatives_per_prompt == "one" and prompt_indices is None:
+        log(f"{args.dataset} has no {PROMPT_INDEX_COLUMN} column: every row is a prompt of its own and makes a pair")
     if not shards:
         raise InputError(
             f"None of the {len(captions)} rows of {args.dataset} can make a pair (skipped: {skip_report}); "
@@ -210,7 +298,7 @@ def main(args):
         )
 
     output_dir = Path(args.output_dir)
-    settings = pair_settings(args, weight_dtype)
+    settings = {**pair_settings(args, weight_dtype), "negatives_per_prompt": args.negatives_per_prompt}
     on_disk = finished_pairs(  # on every process, so that all of them stop together
         output_dir,
         settings,
