@@ -65,8 +65,11 @@ import sys
 import time
 from pathlib import Path
 
+from examples.lib.cli import InputError, finite_float, run_tool
+from examples.lib.files import prepare_output_folder
 
-REPO = Path(__file__).resolve().parents[1]
+
+REPO = Path(__file__).resolve().parents[2]  # the repository root (this file is examples/benchmark/...)
 # dataset: "pickapic" runs on --dataset_name, "ddspo" on --ddspo_dataset_name (caption, negative_caption, jpg_w,
 # jpg_l), "capo" on --capo_dataset_name (caption, jpg_pos, jpg_neg, reward_pos, reward_neg). pieces: the script
 # whose LoRA set-up, reference forward and PeakMemory the floor takes (MaPO has no reference forward; its other
@@ -227,7 +230,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--memory_budget_gb",
-        type=float,
+        type=finite_float,
         default=None,
         help=(
             "Memory budget for the largest-batch column, GiB (default: the GPU's memory, or the machine's RAM on the "
@@ -262,6 +265,12 @@ def parse_args(argv=None):
         help="Start the scripts with plain python (one process) or `accelerate launch --num_processes 1`.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of every run and of the floor's inputs.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace benchmark.md, benchmark.json and runs/ of an earlier benchmark in --output_dir (they are "
+        "deleted first); its assets/ and latents_cache/ are reused either way.",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="Reduced setting for tests: the tiny UNet at 8x8 latents and a few steps."
     )
@@ -472,16 +481,37 @@ def child_env(args):
     }
 
 
+class ChildRunError(InputError):
+    """A child run failed: one line naming the run and the child's own last words; `log_tail` keeps the rest."""
+
+    def __init__(self, message, log_tail):
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+def own_message(log_text):
+    """The line a failed child ended with: its last `error:` line (our tools' and scripts' one line), else its last
+    line (an exception's type and message)."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:") or " error: " in line]
+    chosen = errors[-1] if errors else (lines[-1] if lines else "(no output)")
+    return chosen[:400]
+
+
 def run(cmd, args, log_path):
-    """Run a child process, keep its output in `log_path`, and stop with the tail of the log if it fails."""
+    """Run a child process, keep its output in `log_path`, and stop with one line if it fails."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         result = subprocess.run(
             [str(c) for c in cmd], cwd=REPO, env=child_env(args), stdout=log, stderr=subprocess.STDOUT
         )
     if result.returncode != 0:
-        tail = Path(log_path).read_text()[-4000:]
-        raise RuntimeError(
-            f"{' '.join(str(c) for c in cmd)} failed with exit code {result.returncode}; log {log_path}:\n{tail}"
+        text = Path(log_path).read_text(errors="replace")
+        name = Path(log_path).parent.name if Path(log_path).name == "train.log" else Path(log_path).stem
+        raise ChildRunError(
+            f"the benchmark's run {name} failed (exit code {result.returncode}): {own_message(text)} "
+            f"(full log: {log_path})",
+            text[-4000:],
         )
 
 
@@ -590,7 +620,11 @@ def run_floor(args, method, batch_size, output_path):
         passthrough += ["--gradient_checkpointing"]
     if args.use_8bit_adam:
         passthrough += ["--use_8bit_adam"]
-    run([sys.executable, Path(__file__).resolve(), *passthrough], args, Path(output_path).with_suffix(".log"))
+    run(
+        [sys.executable, "-m", "examples.benchmark.benchmark_efficiency", *passthrough],
+        args,
+        Path(output_path).with_suffix(".log"),
+    )
     return json.loads(Path(output_path).read_text())
 
 
@@ -691,8 +725,8 @@ def search_max_batch_gpu(args, method, cached, budget, start, cap, work_dir):
                 max(3, args.memory_probe_steps),
                 Path(work_dir, f"batch-{batch_size}"),
             )
-        except RuntimeError as error:
-            if "out of memory" in str(error).lower():
+        except ChildRunError as error:
+            if "out of memory" in error.log_tail.lower():
                 return False
             raise
         return summary["peak_memory_bytes"] <= budget
@@ -806,6 +840,7 @@ def build_assets(args):
                 8,
                 "--num_ties",
                 0,
+                "--overwrite",  # only run when the assets are incomplete: a half-built one is replaced
                 "--seed",
                 args.seed,
             ],
@@ -895,7 +930,8 @@ def prepare_derived_dataset(args, kind):
         run(
             [
                 sys.executable,
-                Path(__file__).resolve(),
+                "-m",
+                "examples.benchmark.benchmark_efficiency",  # run from REPO: the module finds examples.lib
                 "--pretrained_model_name_or_path",
                 args.pretrained_model_name_or_path,
                 "--dataset_name",
@@ -923,7 +959,8 @@ def main(args):
     if args.derive_dataset is not None:
         return derive_dataset(args.derive_dataset, args.dataset_name, args.derive_output, args.seed)
 
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    # the assets and latents caches of an earlier benchmark are reused; its report and runs are not mixed with ours
+    prepare_output_folder(args.output_dir, ["benchmark.md", "benchmark.json", "runs"], args.overwrite)
     if args.pretrained_model_name_or_path is None:
         build_assets(args)
     for kind in DERIVED_DATASETS:
@@ -933,6 +970,7 @@ def main(args):
     on_gpu = info["cuda"]
     budget = memory_budget_bytes(args, info)
     runs_dir = Path(args.output_dir, "runs")
+    runs_dir.mkdir(parents=True, exist_ok=True)  # the floors write here even when no run made it first
     batch, probe_batch = args.train_batch_size, args.memory_probe_batch_size
 
     if "cached" in args.latents:
@@ -985,7 +1023,7 @@ def main(args):
         if on_gpu:
             num_pairs = runs[0]["num_train_pairs"]
             if num_pairs is None:
-                raise RuntimeError(
+                raise InputError(
                     f"No 'Num pairs = N' in the log of {runs_dir / f'{method}-{latents}-0'}: the batch search needs "
                     "the dataset's number of training pairs (its cap)."
                 )
@@ -1094,4 +1132,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_tool(main, parse_args)

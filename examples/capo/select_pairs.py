@@ -37,9 +37,16 @@ from pathlib import Path
 import numpy as np
 
 from examples.lib.calibration import KINDS, SELECTIONS, calibrate, prompt_rng, select_pairs
-from examples.lib.cli import InputError, parse_checked_args, run_tool
-from examples.lib.files import temporary_path
-from examples.lib.runs import ID_COLUMNS, SOURCES_SUFFIX, check_run_dirs, read_sources, source_identity
+from examples.lib.cli import InputError, finite_float, parse_checked_args, run_tool
+from examples.lib.files import OVERWRITE_HELP, prepare_output_folder, temporary_path, write_atomically
+from examples.lib.runs import (
+    ID_COLUMNS,
+    SOURCES_SUFFIX,
+    check_run_dirs,
+    read_manifest,
+    read_sources,
+    source_identity,
+)
 
 
 # The units each reward's score is written in by examples/rewards (score.py's columns). The Bradley-Terry
@@ -64,6 +71,7 @@ IMAGE_SKIPS = {
     "no_file": "image file missing",
     "listed_twice": "listed twice in a group",
 }
+OUTPUT_NAMES = ["train.parquet", "README.md"]  # what a run writes in --output_dir (--overwrite replaces them)
 WRITE_BATCH = 64  # pairs per Parquet row group: the image bytes of a large dataset never sit in memory at once
 
 
@@ -116,7 +124,7 @@ def parse_args(input_args=None):
     )
     calibration.add_argument(
         "--alpha",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="Exponent of Eq. 28 for probability-like rewards (default: 1, the paper's).",
     )
@@ -142,6 +150,7 @@ def parse_args(input_args=None):
     output.add_argument(
         "--output_dir", type=str, required=True, help="Receives train.parquet and the dataset card README.md."
     )
+    output.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parse_checked_args(parser, check_args, input_args)
 
 
@@ -236,6 +245,7 @@ def check_args(args):
             f"--selection {args.selection} gives one pair per prompt (top-1 and worst-1); "
             "--pairs_per_prompt applies to --selection frontier."
         )
+    prepare_output_folder(args.output_dir, OUTPUT_NAMES, args.overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,17 +282,13 @@ def parse_score(cell):
     return value if math.isfinite(value) else None
 
 
-def read_run(run_dir, scores_filename, reward_models, image_skips):
+def read_run(run_dir, scores_filename, reward_models, reward_kinds, image_skips):
     """One run folder -> list of groups {prompt, prompt_index, images: [name], scores: (N, L)}, in prompt order.
 
     Images without a usable score or without a file are left out and added to `image_skips`
     ({reason: [description]})."""
     run_dir = Path(run_dir)
-    manifest = [
-        json.loads(line)
-        for line in (run_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
+    manifest = read_manifest(run_dir)
     with open(run_dir / scores_filename, newline="", encoding="utf-8") as f:
         score_rows = {row["image"]: row for row in csv.DictReader(f)}
     groups = {}
@@ -307,6 +313,13 @@ def read_run(run_dir, scores_filename, reward_models, image_skips):
         if not (run_dir / name).is_file():
             image_skips["no_file"].append(f"{run_dir / name}")
             continue
+        for reward, value in zip(reward_models, values):
+            if reward_kinds[reward] == "probability" and not 0 <= value <= 1:
+                raise InputError(
+                    f"{run_dir / scores_filename}: the {reward} score of {name} is {value}, outside [0, 1], but "
+                    f"{reward} is calibrated as a probability (Eq. 28); pass --reward_kinds {reward}=bradley_terry "
+                    "if it is a logit-scale reward, or rescore the run."
+                )
         group["images"].append(name)
         group["scores"].append(values)
     ordered = sorted(groups.values(), key=lambda group: group["prompt_index"])
@@ -492,13 +505,12 @@ def same_file(run_dir, first, second):
 def main(args):
     runs, image_skips = [], {key: [] for key in IMAGE_SKIPS}
     for run_dir in args.run_dirs:
-        groups = read_run(run_dir, args.scores_filename, args.reward_models, image_skips)
+        groups = read_run(run_dir, args.scores_filename, args.reward_models, args.reward_kinds, image_skips)
         sources = recorded_sources(run_dir, args.scores_filename)
         runs.append({"dir": str(run_dir), "groups": groups, "sources": sources})
     check_sources_agree(runs, args.reward_models)
 
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     writer = PairWriter(output_dir / "train.parquet", args.reward_models)
     prompt_skips = {key: 0 for key in PROMPT_SKIPS}
     counts = {"not_higher": 0, "short_of_pairs": 0}
@@ -531,7 +543,7 @@ def main(args):
         raise
     writer.close()
     card = dataset_card(args, runs, counts, image_skips, prompt_skips, writer.count, num_groups)
-    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    write_atomically(output_dir / "README.md", lambda path: path.write_text(card, encoding="utf-8"))
 
     lines = [
         f"== select_pairs finished: {writer.count} pairs from {num_groups - sum(prompt_skips.values())} of "

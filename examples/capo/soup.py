@@ -31,12 +31,14 @@ import json
 import math
 from pathlib import Path
 
-from examples.lib.cli import InputError, parse_checked_args, run_tool
+from examples.lib.cli import InputError, finite_float, parse_checked_args, run_tool
+from examples.lib.files import OVERWRITE_HELP, check_safetensors, prepare_output_folder, write_atomically
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"
 PARALLEL_SIN = 1e-6  # below this sin(Omega), SLERP's coefficients are 0/0: use their limit, lerp
+OUTPUT_NAMES = ["unet", "soup_config.json"]  # what a soup writes in --output_dir (--overwrite replaces them)
 SAVE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -110,7 +112,7 @@ def parse_args(input_args=None):
     )
     parser.add_argument(
         "--lambdas",
-        type=float,
+        type=finite_float,
         nargs="+",
         default=None,
         help="SLERP coefficient of each merge, weighing the model merged in (default: the paper's 1/2, then 1/3).",
@@ -123,6 +125,7 @@ def parse_args(input_args=None):
         help="Precision of the saved UNet (default: fp32).",
     )
     parser.add_argument("--output_dir", type=str, required=True, help="Receives unet/ and soup_config.json.")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parse_checked_args(parser, check_args, input_args)
 
 
@@ -140,17 +143,22 @@ def check_args(args):
         raise InputError(f"--lambdas must lie strictly between 0 and 1 (Eq. 29), got {args.lambdas}.")
     args.model_kinds = [model_kind(model) for model in args.models]
     base_location(args.pretrained_model_name_or_path)
+    prepare_output_folder(args.output_dir, OUTPUT_NAMES, args.overwrite)
 
 
 def model_kind(path):
     """("lora", file) or ("unet", folder with config.json) for a fine-tuned model given on the command line."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
+        check_safetensors(path, "Model")
         return "lora", path
     if (path / LORA_WEIGHT_NAME).is_file():
+        check_safetensors(path / LORA_WEIGHT_NAME, "Model")
         return "lora", path / LORA_WEIGHT_NAME
     for folder in (path / "unet", path):
         if (folder / "config.json").is_file() and unet_weight_files(folder):
+            for file in sorted(set(unet_weight_files(folder).values())):
+                check_safetensors(file, "Model")
             return "unet", folder
     if not path.exists():
         raise InputError(f"Model {str(path)!r} does not exist; expected a LoRA file or folder, or a UNet folder.")
@@ -191,6 +199,7 @@ def unet_weight_files(folder):
     if (folder / UNET_WEIGHT_NAME).is_file():
         from safetensors import safe_open
 
+        check_safetensors(folder / UNET_WEIGHT_NAME, "Model")
         with safe_open(folder / UNET_WEIGHT_NAME, framework="pt") as weights:
             return {name: folder / UNET_WEIGHT_NAME for name in weights.keys()}
     return {}
@@ -278,6 +287,9 @@ def main(args):
     from diffusers import UNet2DConditionModel
 
     path, subfolder = base_location(args.pretrained_model_name_or_path)
+    if Path(path).is_dir():
+        for file in sorted(Path(path, subfolder or "").glob("*.safetensors")):
+            check_safetensors(file, "--pretrained_model_name_or_path: the base UNet's weight file")
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, dtype=torch.float32)
     except OSError as error:
@@ -331,7 +343,8 @@ def main(args):
         "save_dtype": args.save_dtype,
         "diffusers_version": diffusers.__version__,
     }
-    (output_dir / "soup_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(config, indent=2) + "\n"
+    write_atomically(output_dir / "soup_config.json", lambda path: path.write_text(text, encoding="utf-8"))
     print(
         f"== soup finished: {len(args.models)} models merged, {num_tensors} tensors x {len(args.lambdas)} merges: "
         f"{paths['slerp']} SLERP, {paths['parallel']} linear (task vectors nearly parallel), {paths['zero']} linear "

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from examples.lib.cli import InputError, parse_checked_args, run_tool
+from examples.lib.cli import InputError, finite_float, parse_checked_args, run_tool
+from examples.lib.files import prepare_output_folder, write_atomically
 from examples.lib.runs import ID_COLUMNS
 
 
@@ -56,12 +57,15 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--num_bootstrap", type=int, default=10000, help="Bootstrap resamples of the prompts for the intervals."
     )
-    parser.add_argument("--confidence", type=float, default=0.95, help="Coverage of the bootstrap intervals.")
+    parser.add_argument("--confidence", type=finite_float, default=0.95, help="Coverage of the bootstrap intervals.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap resampling.")
     parser.add_argument(
         "--output_prefix", type=str, default="comparison", help="Writes PREFIX.md, PREFIX.json and PREFIX.png."
     )
     parser.add_argument("--title", type=str, default=None, help="Title of the chart.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace PREFIX.md, PREFIX.json and PREFIX.png of an earlier run."
+    )
     return parse_checked_args(parser, check_args, input_args)
 
 
@@ -79,6 +83,15 @@ def check_args(args):
         raise InputError(f"--num_bootstrap must be positive, got {args.num_bootstrap}.")
     if not 0 < args.confidence < 1:
         raise InputError(f"--confidence must lie strictly between 0 and 1, got {args.confidence}.")
+    prefix = Path(args.output_prefix)
+    if not prefix.name or prefix.is_dir():
+        raise InputError(f"--output_prefix {args.output_prefix!r} is a folder; give a path and a file name stem.")
+    outputs = [f"{prefix.name}.{suffix}" for suffix in OUTPUT_SUFFIXES]
+    remedy = "Give another --output_prefix, or pass --overwrite to replace them."
+    prepare_output_folder(prefix.parent, outputs, args.overwrite, flag="--output_prefix's folder", remedy=remedy)
+
+
+OUTPUT_SUFFIXES = ("md", "json", "png")
 
 
 def run_name(run):
@@ -97,16 +110,27 @@ def read_score_table(path):
         return list(reader), [column for column in reader.fieldnames if column not in ID_COLUMNS]
 
 
-def scores_by_prompt(rows, metric):
-    """{prompt: array of the scores of its images}; empty cells are left out and counted."""
-    groups, empty = {}, 0
+def scores_by_prompt(rows, metric, source="the score table"):
+    """({prompt: array of the scores of its images}, unscored cells): empty and non-finite (nan, inf) cells are left
+    out and counted; a cell that is not a number is an InputError naming `source`."""
+    groups, unscored = {}, 0
     for row in rows:
         value = row.get(metric)
         if value in (None, ""):
-            empty += 1
+            unscored += 1
             continue
-        groups.setdefault(row["prompt"], []).append(float(value))
-    return {prompt: np.asarray(values) for prompt, values in groups.items()}, empty
+        try:
+            number = float(value)
+        except ValueError:
+            raise InputError(
+                f"{source}: the {metric} cell of {row.get('image') or row['prompt']!r} is {value!r}, not a number; "
+                "rescore the run with score.py."
+            ) from None
+        if not np.isfinite(number):
+            unscored += 1
+            continue
+        groups.setdefault(row["prompt"], []).append(number)
+    return {prompt: np.asarray(values) for prompt, values in groups.items()}, unscored
 
 
 def win_rate(model_scores, baseline_scores):
@@ -143,7 +167,7 @@ def summarize(tables, metrics, baseline, num_bootstrap=10000, confidence=0.95, s
     for metric in metrics:
         grouped, empty_cells = {}, {}
         for name, rows in tables.items():
-            grouped[name], empty_cells[name] = scores_by_prompt(rows, metric)
+            grouped[name], empty_cells[name] = scores_by_prompt(rows, metric, f"run {name}")
         shared = sorted(set.intersection(*(set(groups) for groups in grouped.values())))
         if not shared:
             raise InputError(
@@ -154,7 +178,7 @@ def summarize(tables, metrics, baseline, num_bootstrap=10000, confidence=0.95, s
             "dropped": {
                 name: len(groups) - len(shared) for name, groups in grouped.items()
             },  # prompts not in every run
-            "empty_cells": empty_cells,  # images without a score (score.py --skip_missing_images)
+            "empty_cells": empty_cells,  # images without a finite score (score.py --skip_missing_images; nan, inf)
         }
         for name, groups in grouped.items():
             prompt_means = np.array([groups[prompt].mean() for prompt in shared])  # (P,)
@@ -297,14 +321,13 @@ def main(args):
             )
         unscored = {name: count for name, count in info["empty_cells"].items() if count}
         if unscored:
-            print(f"{metric}: images without a score, left out: {unscored}")
+            print(f"{metric}: images without a finite score (empty, nan or inf), left out: {unscored}")
 
-    outputs = {suffix: Path(f"{args.output_prefix}.{suffix}") for suffix in ("md", "json", "png")}
-    outputs["md"].parent.mkdir(parents=True, exist_ok=True)
+    outputs = {suffix: Path(f"{args.output_prefix}.{suffix}") for suffix in OUTPUT_SUFFIXES}
     table = markdown_tables(summary)
-    outputs["md"].write_text(table, encoding="utf-8")
-    outputs["json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    draw_chart(summary, outputs["png"], args.title)
+    write_atomically(outputs["md"], lambda path: path.write_text(table, encoding="utf-8"))
+    write_atomically(outputs["json"], lambda path: path.write_text(json.dumps(summary, indent=2), encoding="utf-8"))
+    write_atomically(outputs["png"], lambda path: draw_chart(summary, path, args.title))
     print(table)
     print(f"== compare finished: {outputs['md']}, {outputs['json']}, {outputs['png']}")
 

@@ -28,8 +28,16 @@ import argparse
 import json
 from pathlib import Path
 
-from examples.lib.cli import InputError, parse_checked_args, run_tool
-from examples.lib.files import check_settings_unchanged, resolved_path, write_atomically
+from examples.lib.cli import InputError, finite_float, parse_checked_args, run_tool
+from examples.lib.files import (
+    check_safetensors,
+    check_safetensors_in,
+    check_settings_unchanged,
+    check_writable_folder,
+    image_problem,
+    resolved_path,
+    write_atomically,
+)
 from examples.lib.prompts import PROMPT_SET_NAMES, read_prompts
 from examples.lib.sampling import (
     LORA_WEIGHT_NAME,
@@ -70,7 +78,10 @@ def parse_args(input_args=None):
         help=f"LoRA weights to apply: a training output folder holding {LORA_WEIGHT_NAME}, or a .safetensors file.",
     )
     parser.add_argument(
-        "--lora_scale", type=float, default=1.0, help="Scale of the LoRA update when it is fused into the weights."
+        "--lora_scale",
+        type=finite_float,
+        default=1.0,
+        help="Scale of the LoRA update when it is fused into the weights.",
     )
     parser.add_argument(
         "--textual_inversion_path",
@@ -148,6 +159,7 @@ def check_args(args):
     if args.images_per_prompt <= 0:
         raise InputError(f"--images_per_prompt must be positive, got {args.images_per_prompt}.")
     check_sampling_args(args)
+    check_safetensors_in(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     if args.max_prompts is not None and args.max_prompts <= 0:
         raise InputError(f"--max_prompts must be positive, got {args.max_prompts}.")
     if args.lora_path is not None and args.unet_path is not None:
@@ -163,15 +175,23 @@ def check_args(args):
             )
         if not lora.exists():
             raise InputError(f"--lora_path {args.lora_path!r} does not exist.")
+        check_safetensors(lora / LORA_WEIGHT_NAME if lora.is_dir() else lora, "--lora_path")
     args.textual_inversion_path = textual_inversion_file(args.textual_inversion_path, args.lora_path)
+    if args.textual_inversion_path is not None and Path(args.textual_inversion_path).is_file():
+        check_safetensors(args.textual_inversion_path, "--textual_inversion_path")
     if args.unet_path is not None and Path(args.unet_path).exists():
-        unet_subfolder(args.unet_path)  # a hub id is checked when the model loads
+        subfolder = unet_subfolder(args.unet_path)  # a hub id is checked when the model loads
+        for weights in sorted(Path(args.unet_path, subfolder or "").glob("*.safetensors")):
+            check_safetensors(weights, "--unet_path: the weight file")
     if (
         not args.model_name
         or any(character in args.model_name for character in "/\\")
         or args.model_name.startswith(".")
     ):
         raise InputError(f"--model_name must be a plain folder name (no slashes), got {args.model_name!r}.")
+    # a resumable folder: an earlier run's images are kept (and checked against its settings in main)
+    check_writable_folder(args.output_dir)
+    check_writable_folder(Path(args.output_dir) / args.model_name, flag="--output_dir/--model_name")
 
 
 def image_filename(prompt_index, k):
@@ -212,6 +232,15 @@ def check_run_folder(run_dir, settings, prompts):
             )
 
 
+def images_to_draw(run_dir, items):
+    """(the (prompt_index, k) of `items` to draw, those of them on disk but unreadable): an image on disk is done only
+    when it is whole; a truncated or empty file (an interrupted copy, a full disk) is drawn again."""
+    present = {item for item in items if (run_dir / image_filename(*item)).is_file()}
+    broken = [item for item in items if item in present and image_problem(run_dir / image_filename(*item))]
+    redraw = set(broken)
+    return [item for item in items if item not in present or item in redraw], broken
+
+
 def main(args):
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -228,7 +257,7 @@ def main(args):
     settings = generation_settings(args, weight_dtype)
     check_run_folder(run_dir, settings, prompts)  # on every process, so that all of them stop together
     all_items = [(prompt_index, k) for prompt_index in range(len(prompts)) for k in range(args.images_per_prompt)]
-    pending = [item for item in all_items if not (run_dir / image_filename(*item)).is_file()]
+    pending, broken = images_to_draw(run_dir, all_items)
     accelerator.wait_for_everyone()  # every process has listed the missing images before any is written
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,6 +277,7 @@ def main(args):
     log(
         f"{args.model_name}: {len(pending)} images to generate, "
         f"{len(all_items) - len(pending)} already in {run_dir} (skipped)"
+        + (f"; {len(broken)} on disk but unreadable (truncated or empty) are drawn again" if broken else "")
     )
 
     generated = 0

@@ -4,7 +4,8 @@ A tool is a leaf: it parses flags and calls code from here (as diffusers' script
 never another tool's module. Each module's docstring names the tools that use it.
 
 - cli: the InputError every tool stops with, the --help formatter, the one-line exit on an InputError.
-- files: atomic writes, the settings guard of resumable output folders, data files read as tables.
+- files: atomic writes, the output-folder policy (prepare_output_folder, check_writable_folder), the settings
+  guard of resumable output folders, data files read as tables, whole-file checks of weights and images.
 - prompts: prompt sets (named benchmarks, files, dataset columns).
 - sampling: loading a text-to-image pipeline and drawing seeded images.
 - pair_shards: image-pair datasets written shard by shard (DDSPO's and MaPO's pair tools).

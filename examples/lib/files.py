@@ -1,8 +1,11 @@
-"""Files of resumable runs: atomic writes, the settings guard of an output folder, data files read as tables.
+"""Files of runs: atomic writes, the output-folder policy, the settings guard of a resumable folder, data files read
+as tables, and whether a weight file or an image is whole.
 
-Used by the tools that write run folders or pair datasets (eval/generate.py, eval/score.py, ddspo/*.py, mapo/*.py,
-capo/select_pairs.py) and by those that read a dataset given as a folder, a hub id or one data file
-(ddspo/generate_pairs.py, mapo/measure_mismatch.py).
+Used by every tool that writes an output folder (prepare_output_folder: a folder of whole outputs, refused when it
+holds an earlier run's unless --overwrite; check_writable_folder: a resumable one), by those that read a dataset
+given as a folder, a hub id or one data file (ddspo/generate_pairs.py, mapo/measure_mismatch.py), and by those that
+read weights or images another run wrote (check_safetensors, image_problem: eval/generate.py, capo/soup.py,
+mapo/build_pairs.py, lib/runs.py).
 """
 
 import json
@@ -36,6 +39,21 @@ def earlier_outputs(folder, patterns):
     return sorted({path.name for pattern in patterns for path in Path(folder).glob(pattern)})
 
 
+def check_writable_folder(folder, flag="--output_dir"):
+    """Refuse, without creating anything, a `folder` that is a file or could not be created or written: the check of
+    a resumable tool's folder, which is made when the work starts (see prepare_output_folder)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{flag} {str(folder)!r} is a file; give a folder (it is created if missing).")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {str(folder)!r} cannot be written ({str(existing)!r} is a file).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {str(folder)!r} cannot be written (no write permission on {str(existing)!r}).")
+
+
 def prepare_output_folder(folder, patterns, overwrite=False, flag="--output_dir", remedy=None):
     """Make `folder` ready to be written before any work: refuse a file, a folder holding an earlier run's outputs
     (names matching `patterns`) unless `overwrite` (then they are deleted), and a folder that cannot be written.
@@ -45,8 +63,7 @@ def prepare_output_folder(folder, patterns, overwrite=False, flag="--output_dir"
     import shutil
 
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{flag} {str(folder)!r} is a file; give a folder (it is created if missing).")
+    check_writable_folder(folder, flag)
     found = earlier_outputs(folder, patterns) if folder.is_dir() else []
     if found and not overwrite:
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
@@ -122,3 +139,71 @@ def load_table(name, split, cache_dir, flag, expected):
             f"{flag} {name!r} (split {split!r}) could not be read "
             f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); expected {expected}."
         ) from error
+
+
+def safetensors_problem(path):
+    """Why `path` is not a whole safetensors file ('empty', 'truncated: ...', 'not a safetensors file: ...'), or None
+    when its header parses and the file is as long as the header says. Reads the header only, not the tensors."""
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file"
+    with open(path, "rb") as f:
+        start = f.read(8)
+        if len(start) < 8:
+            return f"not a safetensors file ({size} bytes)"
+        (header_size,) = struct.unpack("<Q", start)
+        if header_size > size - 8:
+            return f"not a safetensors file, or truncated (its header claims {header_size} bytes, the file has {size})"
+        try:
+            header = json.loads(f.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "not a safetensors file (its header is not a JSON object)"
+    ends = [
+        entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__" and "data_offsets" in entry
+    ]
+    expected = 8 + header_size + max(ends, default=0)
+    if size < expected:
+        return f"truncated ({size} of {expected} bytes)"
+    return None
+
+
+def check_safetensors(path, what):
+    """InputError '<what> <path> is <problem>; ...' when `path` is not a whole safetensors file."""
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise InputError(
+            f"{what} {str(path)!r} is {problem}; expected a whole .safetensors file (copy or save it again)."
+        )
+
+
+def check_safetensors_in(folder, what):
+    """check_safetensors for every .safetensors file under a local `folder` (a pipeline, a UNet); a hub id passes."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in sorted(folder.rglob("*.safetensors")):
+            check_safetensors(path, f"{what}: the weight file")
+
+
+def image_problem(path):
+    """Why the image file `path` is unusable (missing, empty, not an image, truncated), or None when it is whole.
+
+    PIL's verify() reads every chunk and checks its CRC without decoding pixels: cheap enough to run on every image of
+    a run before a model loads."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "an empty file"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, struct.error, ...
+        return f"not a readable image ({type(error).__name__}: {' '.join(str(error).split())[:120]})"
+    return None

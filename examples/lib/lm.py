@@ -60,7 +60,7 @@ def check_llm_args(args, section):
     if not Path(args.instruction_template).is_file():
         raise InputError(f"--instruction_template {args.instruction_template!r}: no such file.")
     read_instruction_template(args.instruction_template, section)
-    if args.temperature < 0:
+    if not args.temperature >= 0 or args.temperature == float("inf"):  # also refuses nan
         raise InputError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}.")
 
 
@@ -176,6 +176,32 @@ def end_token_ids(tokenizer, model):
     return ids - {None}
 
 
+def position_limit(model):
+    """The most positions the model can attend to (its position embeddings), or None when its config names none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def check_input_lengths(tokenizer, model, texts, add_special_tokens, max_new_tokens, prompts):
+    """InputError naming the first prompt whose model input plus --max_new_tokens outnumbers the model's positions
+    (a small model would fail on it with an IndexError), before anything is generated."""
+    limit = position_limit(model)
+    if limit is None:
+        return
+    for index, text in enumerate(texts):
+        length = len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        if length + max_new_tokens > limit:
+            raise InputError(
+                f"Prompt {index} ({prompts[index][:60]!r}) makes a model input of {length} tokens, which with "
+                f"--max_new_tokens {max_new_tokens} needs {length + max_new_tokens} positions; "
+                f"{model.config.name_or_path or 'the model'} has {limit}. Shorten or drop the prompt, lower "
+                "--max_new_tokens, or use a model with more positions."
+            )
+
+
 def rewritten_batches(args, section, prompts, **decoding):
     """The answers of --llm_model_name_or_path to the `section` of --instruction_template filled with each prompt,
     batch by batch of --llm_batch_size: yields (index of the batch's first prompt, answers as text, whether each
@@ -189,6 +215,7 @@ def rewritten_batches(args, section, prompts, **decoding):
     tokenizer, model = load_llm(args)
     texts, add_special_tokens = llm_input_texts(tokenizer, [fill_template(template, prompt) for prompt in prompts])
     print(f"first model input:\n{texts[0]}", flush=True)
+    check_input_lengths(tokenizer, model, texts, add_special_tokens, args.max_new_tokens, prompts)
     settings = decoding_settings(args, tokenizer, model, **decoding)
     end_ids = torch.tensor(sorted(end_token_ids(tokenizer, model)))
     torch.manual_seed(args.seed)

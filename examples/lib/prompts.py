@@ -36,6 +36,22 @@ PROMPT_SET_NAMES = sorted([*NAMED_DATASET_SETS, "hpdv2", *(f"hpdv2_{style}" for 
 DEFAULT_COLUMNS = ("prompt", "caption", "Prompt", "text")
 
 
+# what a prompt file of each suffix should hold
+PROMPT_FILE_KINDS = {
+    ".txt": "UTF-8 text, one prompt a line",
+    ".csv": "a UTF-8 CSV file with a header row",
+    ".tsv": "a UTF-8 tab-separated file with a header row",
+    ".json": "a JSON list of strings or of objects",
+    ".jsonl": "JSON lines, one object a line",
+    ".parquet": "a parquet file",
+}
+
+
+def looks_local(spec):
+    """A path that cannot be a hub dataset id (`owner/name`): absolute, relative with ./ or ../, or deeper."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1
+
+
 class PromptSetError(InputError):
     """A prompt set that cannot be read: the message says what was expected, what was found and what to do."""
 
@@ -141,11 +157,30 @@ def read_prompt_set(spec, column=None, split=None, cache_dir=None):
         return metadata["prompt"]
     path = Path(spec)
     if path.is_file():
-        if path.suffix.lower() == ".txt":
-            return path.read_text(encoding="utf-8").splitlines()
-        return _read_table_file(path, column)
+        try:
+            if path.suffix.lower() == ".txt":
+                return path.read_text(encoding="utf-8").splitlines()
+            return _read_table_file(path, column)
+        except PromptSetError:
+            raise
+        except (UnicodeDecodeError, ValueError, OSError) as error:  # binary text, bad JSON, a broken parquet file
+            raise PromptSetError(
+                f"--prompts {spec!r} could not be read as a {path.suffix or 'suffix-less'} prompt file "
+                f"({type(error).__name__}: {' '.join(str(error).split())[:200]}); expected "
+                f"{PROMPT_FILE_KINDS.get(path.suffix.lower(), 'a .txt/.csv/.tsv/.json/.jsonl/.parquet file')}."
+            ) from None
+    if not path.exists() and (path.suffix.lower() in PROMPT_FILE_KINDS or looks_local(spec)):
+        raise PromptSetError(f"--prompts {spec!r}: no such file or folder.")
     if path.is_dir() or "/" in spec:
-        return _read_dataset(spec, split or "test", column, cache_dir)
+        try:
+            return _read_dataset(spec, split or "test", column, cache_dir)
+        except PromptSetError:
+            raise
+        except Exception as error:  # datasets raises many kinds (no data files, unknown splits, hub offline)
+            raise PromptSetError(
+                f"--prompts {spec!r} could not be read as a dataset ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:200]}); expected a prompt file, a dataset folder or a hub dataset id."
+            ) from None
     raise PromptSetError(
         f"Unknown prompt set {spec!r}: expected one of {PROMPT_SET_NAMES}, a prompt file, a dataset folder "
         "or a hub dataset id."

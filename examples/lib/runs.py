@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from examples.lib.cli import InputError
-from examples.lib.files import write_atomically
+from examples.lib.files import image_problem, write_atomically
 
 
 ID_COLUMNS = ["prompt_index", "k", "seed", "prompt", "image"]
@@ -28,12 +28,31 @@ def check_run_dirs(run_dirs):
             )
 
 
+MANIFEST_FIELDS = ("prompt", "prompt_index", "image")
+
+
 def read_manifest(run_dir):
-    rows = [
-        json.loads(line)
-        for line in (run_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
+    """The rows of a run's manifest.jsonl; InputError naming the line that is not a whole row (a cut file) or when
+    there is none."""
+    path = Path(run_dir) / "manifest.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not text; expected the JSON lines generate.py writes.") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or any(field not in row for field in MANIFEST_FIELDS):
+            raise InputError(
+                f"Line {number} of {path} is not a whole manifest row ({line[:80]!r}); expected JSON objects with "
+                f"{', '.join(MANIFEST_FIELDS)} (a cut file?). Rerun generate.py with the same flags to write it again."
+            )
+        rows.append(row)
     if not rows:
         raise InputError(f"{run_dir / 'manifest.jsonl'} lists no images; run generate.py for this folder first.")
     return rows
@@ -165,6 +184,14 @@ class Run:
         write_scores(self.scores_path, self.manifest, self.scores, self.reward_columns)
 
 
+def check_images(paths):
+    """InputError naming the first image of `paths` that is empty, truncated or not an image, before a model loads."""
+    for path in paths:
+        problem = image_problem(path)
+        if problem is not None:
+            raise InputError(f"{path} is {problem}; rerun generate.py with the same flags, which draws it again.")
+
+
 def fill_column(runs, column, load_scorer, batch_size):
     """Compute the `column` scores the runs' tables lack, batch by batch, each batch saved at once (an interrupted run
     loses at most one). `load_scorer()`, called only when a score is missing, returns a model whose
@@ -177,6 +204,7 @@ def fill_column(runs, column, load_scorer, batch_size):
     if total_pending == 0:
         print(f"{column}: all {already} scores already present, model not loaded")
         return {"computed": 0, "already_present": already}
+    check_images(run.dir / row["image"] for run in runs for row in pending[run.dir])
     scorer = load_scorer()
     progress = tqdm(total=total_pending, desc=f"scoring {column}")
     for run in runs:

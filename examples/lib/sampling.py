@@ -8,7 +8,7 @@ and the split of the work over `accelerate launch`'s processes.
 import io
 from pathlib import Path
 
-from examples.lib.cli import InputError
+from examples.lib.cli import InputError, finite_float
 from examples.lib.files import resolved_path
 
 
@@ -47,7 +47,7 @@ def add_sampling_arguments(parser):
     """The sampler flags, named and defaulted alike in every tool that generates images."""
     parser.add_argument("--scheduler", type=str, default="default", choices=list(SCHEDULERS), help="Sampler.")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps.")
-    parser.add_argument("--guidance_scale", type=float, default=5.0, help="Classifier-free guidance scale.")
+    parser.add_argument("--guidance_scale", type=finite_float, default=5.0, help="Classifier-free guidance scale.")
     parser.add_argument("--resolution", type=int, default=1024, help="Side of the square images.")
     parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call on each process.")
     parser.add_argument(

@@ -36,7 +36,7 @@ import re
 from pathlib import Path
 
 from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
-from examples.lib.files import resolved_path, write_atomically
+from examples.lib.files import check_safetensors_in, check_writable_folder, resolved_path, write_atomically
 from examples.lib.pair_shards import (
     SHARDS_CARD_HEADER,
     draw_pairs,
@@ -212,6 +212,7 @@ def check_args(args):
     if args.seed < 0:
         raise InputError(f"--seed must be non-negative (it seeds numpy's SeedSequence), got {args.seed}.")
     check_pipeline_path(args.pretrained_model_name_or_path)
+    check_safetensors_in(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         raise InputError(f"--output_dir {args.output_dir!r} is a file; expected a folder (new or of an earlier run).")
@@ -221,6 +222,7 @@ def check_args(args):
             f"--output_dir {args.output_dir!r} holds --prompts {args.prompts!r}; the pairs' dataset card would hide "
             "the prompts from datasets.load_dataset. Choose an --output_dir of its own."
         )
+    check_writable_folder(args.output_dir)  # resumable: refuses only a file or a place that cannot be written
 
 
 def normalized(text):

@@ -29,8 +29,8 @@ import json
 import re
 from pathlib import Path
 
-from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
-from examples.lib.files import write_atomically
+from examples.lib.cli import HelpFormatter, InputError, finite_float, parse_checked_args, run_tool
+from examples.lib.files import OVERWRITE_HELP, prepare_output_folder, write_atomically
 from examples.lib.lm import check_llm_args, clean_rewrite, read_instruction_template, rewritten_batches
 from examples.lib.prompts import PROMPT_SET_NAMES, prompt_settings, read_prompts
 
@@ -119,7 +119,10 @@ def parse_args(input_args=None):
         help="Instruction file with {prompt} where the prompt goes (default: the paper's, Appendix E).",
     )
     llm.add_argument(
-        "--temperature", type=float, default=0.0, help="0: greedy decoding; above 0: plain temperature sampling."
+        "--temperature",
+        type=finite_float,
+        default=0.0,
+        help="0: greedy decoding; above 0: plain temperature sampling.",
     )
     llm.add_argument("--seed", type=int, default=0, help="Seeds the sampling (--temperature above 0).")
     llm.add_argument(
@@ -140,6 +143,7 @@ def parse_args(input_args=None):
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", type=str, required=True, help=f"Folder for {OUTPUT_NAME} and {CONFIG_NAME}.")
+    output.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parse_checked_args(parser, check_args, input_args)
 
 
@@ -153,11 +157,7 @@ def check_args(args):
     if args.seed < 0:
         raise InputError(f"--seed must be non-negative, got {args.seed}.")
     check_llm_args(args, TEMPLATE_SECTION)
-    output = Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        raise InputError(f"--output_dir {args.output_dir!r} is a file; expected a folder.")
-    if (output / OUTPUT_NAME).exists():
-        raise InputError(f"{output / OUTPUT_NAME} already exists; choose another --output_dir or delete it.")
+    prepare_output_folder(args.output_dir, [OUTPUT_NAME, CONFIG_NAME], args.overwrite)
 
 
 def rewrite_prompts(args, prompts):
@@ -221,7 +221,8 @@ def main(args):
         "unchanged": unchanged,
         "skipped": skipped,
     }
-    (Path(args.output_dir) / CONFIG_NAME).write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+    text = json.dumps(settings, indent=2, ensure_ascii=False)
+    write_atomically(Path(args.output_dir) / CONFIG_NAME, lambda path: path.write_text(text))
     print(
         f"== context_prompts finished: {written} written (of {len(prompts)} prompts; {unchanged} equal to their "
         f"prompt) to {output_path}; skipped {sum(skipped.values())} ({skip_report}); make pairs with "

@@ -33,8 +33,8 @@ import json
 import re
 from pathlib import Path
 
-from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_tool
-from examples.lib.files import check_settings_unchanged, resolved_path, write_atomically
+from examples.lib.cli import HelpFormatter, InputError, finite_float, parse_checked_args, run_tool
+from examples.lib.files import check_settings_unchanged, check_writable_folder, resolved_path, write_atomically
 from examples.lib.lm import device_and_dtype, fill_template, read_instruction_template
 from examples.lib.pair_shards import CONFIG_NAME as PAIRS_CONFIG_NAME
 from examples.lib.pair_shards import SHARDS_CARD_HEADER
@@ -206,7 +206,7 @@ def parse_args(input_args=None):
     )
     task.add_argument(
         "--threshold",
-        type=float,
+        type=finite_float,
         default=5.0,
         help=f"Keep the pairs scored above it (the paper: 5); on the scale, {LOWEST_RATING} <= t < {HIGHEST_RATING}.",
     )
@@ -269,6 +269,7 @@ def check_args(args):
             f"--output_dir {args.output_dir!r} and --pairs_dir {args.pairs_dir!r} overlap; the kept pairs' shards "
             "and card would mix with the input's. Choose an --output_dir of its own."
         )
+    check_writable_folder(output_dir)  # resumable (its score cache): refuses only a file or an unwritable place
 
 
 def input_shards(pairs_dir):
@@ -491,13 +492,13 @@ def main(args):
         flush=True,
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "shards").mkdir(exist_ok=True)
-    write_atomically(output_dir / CONFIG_NAME, lambda path: path.write_text(json.dumps(settings, indent=2)))
+    if not (output_dir / CONFIG_NAME).is_file():  # the settings the score cache is made with (an earlier run's match)
+        write_atomically(output_dir / CONFIG_NAME, lambda path: path.write_text(json.dumps(settings, indent=2)))
 
     judge = Judge(args) if pending else None  # a rerun with every shard scored loads no model
     to_score = sum(pq.ParquetFile(path).metadata.num_rows for path in pending)
     progress = tqdm(total=to_score, desc="judging", unit="pair")
-    all_rows, counts, skip_examples = [], dict.fromkeys(("kept", "dropped", "undecodable"), 0), []
+    all_rows, counts, skip_examples, kept_by_shard = [], dict.fromkeys(("kept", "dropped", "undecodable"), 0), [], {}
     for path in shards:
         cache_path = cache_dir / f"{path.stem}.csv"
         if path in pending:
@@ -506,8 +507,10 @@ def main(args):
         else:
             rows = read_score_cache(cache_path, pq.read_table(path, columns=["row_index", "caption"]))
         statuses = [status(row["judge_score"], args.threshold) for row in rows]
-        kept = [position for position, row_status in enumerate(statuses) if row_status == "kept"]
-        write_kept_pairs(path, output_dir / "shards" / path.name, rows, kept)
+        kept_by_shard[path] = (
+            rows,
+            [position for position, row_status in enumerate(statuses) if row_status == "kept"],
+        )
         for row, row_status in zip(rows, statuses):
             counts[row_status] += 1
             all_rows.append({"shard": path.stem, **row, "status": row_status})
@@ -515,9 +518,6 @@ def main(args):
                 skip_examples.append(f"{path.name} row {row['row_index']}: {row['caption']!r}")
     progress.close()
 
-    write_csv(output_dir / SCORES_NAME, all_rows, ("shard", *SCORE_FIELDS, "status"))
-    config = {**settings, "threshold": args.threshold, "pairs_config": read_pairs_config(pairs_dir), "counts": counts}
-    write_atomically(output_dir / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2)))
     for example in skip_examples:
         print(f"  skipped {example} (chosen image undecodable)", flush=True)
     scores = [row["judge_score"] for row in all_rows if row["judge_score"] is not None]
@@ -525,11 +525,20 @@ def main(args):
     report = (
         f"{counts['kept']} of {len(all_rows)} pairs kept (scored above {args.threshold}), {counts['dropped']} dropped "
         f"(at or below it), skipped {counts['undecodable']} ({counts['undecodable']} {SKIP_REASONS['undecodable']}); "
-        f"{score_range}; every score in {output_dir / SCORES_NAME}"
+        f"{score_range}"
     )
-    if counts["kept"] == 0:
-        (output_dir / "README.md").unlink(missing_ok=True)
-        raise InputError(f"No pair kept: {report}. Lower --threshold (the scores are cached: a rerun is quick).")
+    if counts["kept"] == 0:  # stops before any output is written: an earlier run's pairs, card and config stay
+        raise InputError(
+            f"No pair kept: {report}; nothing written but the score cache {cache_dir}. Lower --threshold (the scores "
+            "are cached: a rerun is quick)."
+        )
+    report += f"; every score in {output_dir / SCORES_NAME}"
+    (output_dir / "shards").mkdir(exist_ok=True)
+    for path, (rows, kept) in kept_by_shard.items():
+        write_kept_pairs(path, output_dir / "shards" / path.name, rows, kept)
+    write_csv(output_dir / SCORES_NAME, all_rows, ("shard", *SCORE_FIELDS, "status"))
+    config = {**settings, "threshold": args.threshold, "pairs_config": read_pairs_config(pairs_dir), "counts": counts}
+    write_atomically(output_dir / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2)))
     card = DATASET_CARD.format(
         pairs_dir=pairs_dir,
         model=args.vlm_model_name_or_path,

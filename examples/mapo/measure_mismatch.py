@@ -11,15 +11,15 @@ writes `OUTPUT_DIR/generated/<row>.png` (the model's draws), `generation_config.
 seed of each row drawn), and `mismatch.json` (per-row similarities, mean, standard deviation, the β suggestion).
 
 - The dataset's image of a row: --image_column, or by default the chosen image of the Pick-a-Pic schema (jpg_0
-  where label_0 is 1, jpg_1 where it is 0; ties and unlabeled rows are skipped and counted). The first
-  --max_samples usable rows are measured.
+  where label_0 is 1, jpg_1 where it is 0; ties, unlabeled rows and images that do not decode are skipped and
+  counted). The first --max_samples usable rows are measured.
 - The model's image of a row is drawn with the sampler flags of examples/eval/generate.py, from the seed in
   --seed_column when given (build_pairs.py and generate_pairs.py store each pair's seed in `seed`), else from
   SeedSequence((--seed, row)). A dataset of the model's own draws from the same seeds measures 1.0.
 - Embedding: transformers' Dinov2Model (a hub id or a local folder with its image processor), the pooled output
   (the layer-normed CLS token), L2-normalised; cosine similarity = dot product.
-- Resumable: images already drawn are not drawn again, and a rerun with other sampler settings stops with one line;
-  another --dinov2_model_name_or_path only re-embeds.
+- Resumable: images already drawn (and whole) are not drawn again, and a rerun with other sampler settings stops
+  with one line; another --dinov2_model_name_or_path only re-embeds.
 - `accelerate launch` splits the drawing over the processes; the main process embeds.
 
 The β suggestion reads MaPO's numbers: Table 3 gives the best β per task, and Fig. 2 orders the tasks by reference
@@ -36,7 +36,10 @@ from examples.lib.cli import HelpFormatter, InputError, parse_checked_args, run_
 from examples.lib.embeddings import embed, load_dinov2
 from examples.lib.files import (
     check_data_file,
+    check_safetensors_in,
     check_settings_unchanged,
+    check_writable_folder,
+    image_problem,
     load_table,
     resolved_path,
     write_atomically,
@@ -68,6 +71,7 @@ SKIP_REASONS = {
     "no_caption": "with a missing or empty caption",
     "no_preference": "with a tie or no label (no chosen image)",
     "no_image": "with no image",
+    "bad_image": "whose image does not decode (empty, truncated or not an image)",
 }
 CONFIG_NAME = "generation_config.json"
 
@@ -139,6 +143,7 @@ def check_args(args):
         raise InputError(f"--seed must be non-negative (it seeds numpy's SeedSequence), got {args.seed}.")
     args.task_similarities = parse_task_similarities(args.task_similarities)
     check_pipeline_path(args.pretrained_model_name_or_path)
+    check_safetensors_in(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     dinov2 = Path(args.dinov2_model_name_or_path)
     if dinov2.is_dir() and not (dinov2 / "config.json").is_file():
         raise InputError(
@@ -146,9 +151,7 @@ def check_args(args):
             "expected a Dinov2Model folder (save_pretrained, with its preprocessor_config.json) or a hub id."
         )
     check_data_file("--dataset", args.dataset)
-    output = Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        raise InputError(f"--output_dir {args.output_dir!r} is a file; expected a folder (new or of an earlier run).")
+    check_writable_folder(args.output_dir)  # resumable: refuses only a file or a place that cannot be written
 
 
 def parse_task_similarities(items):
@@ -166,6 +169,8 @@ def parse_task_similarities(items):
             raise InputError(
                 f"--task_similarities {item!r}: expected TASK=SIMILARITY with a number, e.g. style_learning=0.42."
             ) from None
+        if not -1 <= similarities[task] <= 1:  # also refuses nan and inf
+            raise InputError(f"--task_similarities {item!r}: a cosine similarity lies in [-1, 1].")
     return similarities
 
 
@@ -248,6 +253,9 @@ def read_rows(args):
         if chosen_images[row_index] is None:
             skipped["no_image"] += 1
             continue
+        if not decodes(chosen_images[row_index]):
+            skipped["bad_image"] += 1
+            continue
         seed = int(seeds[row_index]) if seeds is not None else image_seed(args.seed, row_index)
         rows.append((row_index, caption, chosen_images[row_index], seed))
     return rows, skipped
@@ -264,6 +272,15 @@ def decode_image(value):
     image = Image.open(io.BytesIO(value)) if isinstance(value, (bytes, bytearray)) else value
     image = Image.open(image) if isinstance(image, str) else image
     return image.convert("RGB")
+
+
+def decodes(value):
+    """Whether a dataset image value decodes to pixels (a truncated or empty file does not)."""
+    try:
+        decode_image(value)
+    except Exception:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...; bad values a TypeError
+        return False
+    return True
 
 
 def generated_path(output_dir, row_index):
@@ -308,7 +325,8 @@ def main(args):
     output_dir = Path(args.output_dir)
     settings = sampler_settings(args, weight_dtype)  # the seed is each row's
     previous = check_output_folder(output_dir, settings, rows)  # every process stops
-    pending = [row for row in rows if not generated_path(output_dir, row[0]).is_file()]
+    # a draw on disk counts only when it is whole: a truncated or empty file is drawn again
+    pending = [row for row in rows if image_problem(generated_path(output_dir, row[0])) is not None]
     accelerator.wait_for_everyone()  # every process has listed the missing images before any is written
     (output_dir / "generated").mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:

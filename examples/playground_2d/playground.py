@@ -20,22 +20,26 @@ import json
 import time
 from pathlib import Path
 
-from examples.lib.cli import HelpFormatter, InputError, parse_checked_args
+from examples.lib.cli import HelpFormatter, InputError, finite_float, parse_checked_args, run_tool
+from examples.lib.files import OVERWRITE_HELP, prepare_output_folder
 
 
 EXPERIMENTS = ("modes", "mismatch", "capo")
 MIN_SEEDS = 5
+OUTPUT_NAMES = ["results.md", "results.json", "modes.png", "mismatch.png", "capo.png"]  # --overwrite replaces them
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     world = parser.add_argument_group("the world")
     world.add_argument("--num_classes", type=int, default=6, help="Classes, one Gaussian mode each, on a circle.")
-    world.add_argument("--radius", type=float, default=2.0, help="Radius of the circle of mode centres.")
-    world.add_argument("--mode_std", type=float, default=0.2, help="Standard deviation of a true mode.")
-    world.add_argument("--noisy_std", type=float, default=0.45, help="Standard deviation of a mode in the noisy data.")
+    world.add_argument("--radius", type=finite_float, default=2.0, help="Radius of the circle of mode centres.")
+    world.add_argument("--mode_std", type=finite_float, default=0.2, help="Standard deviation of a true mode.")
     world.add_argument(
-        "--label_noise", type=float, default=0.2, help="Share of the noisy data drawn from a neighbouring mode."
+        "--noisy_std", type=finite_float, default=0.45, help="Standard deviation of a mode in the noisy data."
+    )
+    world.add_argument(
+        "--label_noise", type=finite_float, default=0.2, help="Share of the noisy data drawn from a neighbouring mode."
     )
     reference = parser.add_argument_group("the reference model")
     reference.add_argument("--hidden", type=int, default=64, help="Width of the MLP's three hidden layers.")
@@ -44,26 +48,34 @@ def parse_args(input_args=None):
     )
     reference.add_argument("--reference_steps", type=int, default=2000, help="Adam steps (linear decay to 0).")
     reference.add_argument("--reference_batch_size", type=int, default=256, help="Points per step and seed.")
-    reference.add_argument("--reference_learning_rate", type=float, default=2e-3, help="Peak learning rate.")
+    reference.add_argument("--reference_learning_rate", type=finite_float, default=2e-3, help="Peak learning rate.")
     finetuning = parser.add_argument_group("fine-tuning: one setting shared by every method")
-    finetuning.add_argument("--learning_rate", type=float, default=1e-4, help="Adam, constant, every method.")
+    finetuning.add_argument("--learning_rate", type=finite_float, default=1e-4, help="Adam, constant, every method.")
     finetuning.add_argument("--finetune_steps", type=int, default=500, help="Steps, every method.")
     finetuning.add_argument("--batch_size", type=int, default=64, help="Pairs per step and seed (drawn with repeats).")
     finetuning.add_argument(
         "--betas",
-        type=float,
+        type=finite_float,
         nargs="+",
         default=[100.0, 1000.0, 5000.0],
         help="β grid of Diffusion-DPO, DDSPO, CaPO and its DPO baseline (one meaning: the logit's scale).",
     )
     finetuning.add_argument(
-        "--mapo_betas", type=float, nargs="+", default=[8.0, 64.0], help="β grid of MaPO (an exponent: Table 3)."
+        "--mapo_betas",
+        type=finite_float,
+        nargs="+",
+        default=[8.0, 64.0],
+        help="β grid of MaPO (an exponent: Table 3).",
     )
     experiments = parser.add_argument_group("experiments")
     experiments.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
     experiments.add_argument("--pairs_per_class", type=int, default=2, help="modes: pairs per class (DDSPO: N = 2).")
     experiments.add_argument(
-        "--shifts", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0], help="mismatch: shifts d of the winners."
+        "--shifts",
+        type=finite_float,
+        nargs="+",
+        default=[0.0, 1.0, 2.0, 4.0],
+        help="mismatch: shifts d of the winners.",
     )
     experiments.add_argument("--mismatch_pairs_per_class", type=int, default=16, help="mismatch: pairs per class.")
     experiments.add_argument("--capo_groups_per_class", type=int, default=8, help="capo: groups (prompts) per class.")
@@ -74,6 +86,7 @@ def parse_args(input_args=None):
     evaluation.add_argument("--samples_per_class", type=int, default=200, help="Generated points per class and seed.")
     evaluation.add_argument("--sampling_steps", type=int, default=50, help="DDPM sampling steps.")
     evaluation.add_argument("--output_dir", type=str, default="toy2d-output", help="Receives the table and figures.")
+    evaluation.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parse_checked_args(parser, check_args, input_args)
 
 
@@ -103,10 +116,11 @@ def check_args(args):
         raise InputError(f"--label_noise is a share in [0, 1], got {args.label_noise}.")
     if any(not beta > 0 for beta in args.betas + args.mapo_betas):
         raise InputError(f"--betas and --mapo_betas must be positive, got {args.betas} and {args.mapo_betas}.")
+    prepare_output_folder(args.output_dir, OUTPUT_NAMES, args.overwrite)
 
 
 def settings_of(args):
-    return {key: value for key, value in sorted(vars(args).items()) if key != "output_dir"}
+    return {key: value for key, value in sorted(vars(args).items()) if key not in ("output_dir", "overwrite")}
 
 
 def main(args):
@@ -123,7 +137,6 @@ def main(args):
     settings = settings_of(args)
     summary = report.summarise(results)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     if "modes" in results:
         title = "Diffusion-DPO vs DDSPO, N = %d pairs per class (seed %d)" % (args.pairs_per_class, args.seed)
         report.modes_figure(results, output_dir / "modes.png", title, "modes", ["dpo", "ddspo"])
@@ -141,4 +154,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_tool(main, parse_args)

@@ -5,11 +5,13 @@ says why the reward reads state dicts only, and what the conversion unpickles)."
 import argparse
 from pathlib import Path
 
-from examples.rewards.base import RewardInputError
-from examples.rewards.mps import MPS_CHECKPOINT_FILENAME, MPS_STATE_DICT_FILENAME, convert_checkpoint
+from examples.lib.cli import InputError, parse_checked_args, run_tool
+from examples.lib.files import OVERWRITE_HELP, prepare_output_folder
 
 
-def parse_args(argv=None):
+def parse_args(input_args=None):
+    from examples.rewards.mps import MPS_CHECKPOINT_FILENAME, MPS_STATE_DICT_FILENAME
+
     parser = argparse.ArgumentParser(
         description=(
             "Convert the authors' pickled MPS checkpoint into the state dict the mps reward reads. Only tensors and "
@@ -26,20 +28,38 @@ def parse_args(argv=None):
     parser.add_argument(
         "--output_dir", type=str, required=True, help=f"Folder that receives {MPS_STATE_DICT_FILENAME}."
     )
-    return parser.parse_args(argv)
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    return parse_checked_args(parser, check_args, input_args)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(
-            f"--checkpoint {args.checkpoint!r} does not exist; expected the authors' {MPS_CHECKPOINT_FILENAME}."
+def check_args(args):
+    from examples.rewards.mps import MPS_CHECKPOINT_FILENAME, MPS_STATE_DICT_FILENAME
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise InputError(
+            f"--checkpoint {args.checkpoint!r} {'is a folder' if checkpoint.is_dir() else 'does not exist'}; "
+            f"expected the authors' {MPS_CHECKPOINT_FILENAME}."
         )
+    if checkpoint.stat().st_size == 0:
+        raise InputError(
+            f"--checkpoint {args.checkpoint!r} is empty; expected the authors' {MPS_CHECKPOINT_FILENAME}."
+        )
+    args.created_output_dir = not Path(args.output_dir).exists()
+    prepare_output_folder(args.output_dir, [MPS_STATE_DICT_FILENAME], args.overwrite)
+
+
+def main(args):
+    from examples.rewards.base import RewardInputError
+    from examples.rewards.mps import convert_checkpoint
+
     try:
         print(f"wrote {convert_checkpoint(args.checkpoint, args.output_dir)}")
     except RewardInputError as error:
-        raise SystemExit(str(error)) from None
+        if args.created_output_dir and not any(Path(args.output_dir).iterdir()):
+            Path(args.output_dir).rmdir()  # a refused file leaves nothing behind
+        raise InputError(str(error)) from None
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main, parse_args)

@@ -63,6 +63,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._weights_only_unpickler import _get_allowed_globals
 
+from examples.lib.files import write_atomically
+
 from .base import RewardInputError, RewardModel
 from .clip_rewards import LAION_CLIP_H_14, has_processor_files
 
@@ -336,6 +338,12 @@ def convert_checkpoint(checkpoint, output_dir):
         loaded = torch.load(checkpoint, map_location="cpu", weights_only=False, pickle_module=allow_list_pickle)
     except RewardInputError as refused:
         raise RewardInputError(f"--checkpoint {str(checkpoint)!r} {refused}") from None
+    except Exception as error:  # a text file, a truncated zip or pickle: torch and pickle raise many kinds
+        raise RewardInputError(
+            f"--checkpoint {str(checkpoint)!r} could not be read as a pickled checkpoint ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:200]}); expected the authors' whole {MPS_CHECKPOINT_FILENAME} (a cut "
+            "download?)."
+        ) from None
     state_dict = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
@@ -344,7 +352,8 @@ def convert_checkpoint(checkpoint, output_dir):
     check_mps_state_dict(state_dict, checkpoint)
     output_path = Path(output_dir) / MPS_STATE_DICT_FILENAME
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: value.detach().clone().contiguous() for key, value in state_dict.items()}, output_path)
+    tensors = {key: value.detach().clone().contiguous() for key, value in state_dict.items()}
+    write_atomically(output_path, lambda path: save_file(tensors, path))
     return output_path
 
 

@@ -29,6 +29,8 @@ benchmark measures speed and memory, not whether a preference is learnt.
 import argparse
 import os
 
+from examples.lib.cli import run_tool
+from examples.lib.files import OVERWRITE_HELP, prepare_output_folder
 from examples.tiny_world.world import (
     DEFAULT_RESOLUTION,
     DEFAULT_VAE_FIT_STEPS,
@@ -90,18 +92,40 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed for the model weights and the images.")
     parser.add_argument("--skip_model", action="store_true", help="Only write the dataset.")
     parser.add_argument("--skip_dataset", action="store_true", help="Only write the pipeline.")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     if args.resolution is None:
         args.resolution = DEFAULT_RESOLUTION[args.unet_preset]
     if args.vae_fit_steps is None:
         args.vae_fit_steps = DEFAULT_VAE_FIT_STEPS[args.unet_preset]
-    if args.resolution % 8 != 0:
-        parser.error(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}.")
+    if args.resolution <= 0 or args.resolution % 8 != 0:
+        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples 8x), got {args.resolution}.")
+    for name in ("num_train_pairs", "num_test_pairs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in ("num_ties", "vae_fit_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} cannot be negative, got {getattr(args, name)}.")
+    if args.skip_model and args.skip_dataset:
+        parser.error("--skip_model and --skip_dataset together write nothing; give one of them at most.")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def output_names(args):
+    """The folders this run writes in --output_dir: the pipeline's and the dataset's."""
+    names = []
+    if not args.skip_model:
+        names.append(f"{args.unet_preset}-{'sdxl' if args.family == 'sdxl' else args.family.replace('_', '-')}")
+    if not args.skip_dataset:
+        names.append(f"{args.unet_preset}-pickapic")
+    return names
+
+
+def main(args=None):
+    """Build what the flags ask for; `args` may also be a list of command-line arguments (or None: sys.argv)."""
+    if args is None or isinstance(args, list):
+        args = parse_args(args)
+    prepare_output_folder(args.output_dir, output_names(args), args.overwrite)  # an InputError: one line
     preset = args.unet_preset
     if not args.skip_model:
         common = dict(seed=args.seed, resolution=args.resolution, unet_preset=preset, vae_fit_steps=args.vae_fit_steps)
@@ -133,4 +157,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main, parse_args)

@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from examples.lib.cli import finite_float
 from examples.tiny_world import world
 
 
@@ -81,22 +82,28 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the images and the training draws.")
     vae = parser.add_argument_group("VAE refit")
     vae.add_argument("--vae_refit_steps", type=int, default=500, help="Reconstruction steps (one-cycle Adam).")
-    vae.add_argument("--vae_ball_weight", type=float, default=2.0, help="Extra weight of pixels off the background.")
-    vae.add_argument("--vae_refit_lr", type=float, default=2e-3, help="Peak learning rate of the refit.")
+    vae.add_argument(
+        "--vae_ball_weight", type=finite_float, default=2.0, help="Extra weight of pixels off the background."
+    )
+    vae.add_argument("--vae_refit_lr", type=finite_float, default=2e-3, help="Peak learning rate of the refit.")
     vae.add_argument("--vae_refit_batch_size", type=int, default=16, help="Images per refit step.")
     unet = parser.add_argument_group("UNet pre-training")
     unet.add_argument("--num_train_images", type=int, default=1536, help="Balanced pool: colours x halves.")
     unet.add_argument("--train_steps", type=int, default=1500, help="Optimizer steps.")
     unet.add_argument("--batch_size", type=int, default=64, help="Images per step.")
-    unet.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate (cosine decay).")
+    unet.add_argument("--learning_rate", type=finite_float, default=1e-3, help="Peak learning rate (cosine decay).")
     unet.add_argument("--warmup_steps", type=int, default=100, help="Linear warm-up steps.")
-    unet.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    unet.add_argument("--cfg_dropout", type=float, default=0.1, help="Share of captions replaced by zeros.")
-    unet.add_argument("--snr_gamma", type=float, default=0.0, help="min-SNR-gamma loss weighting; 0: plain MSE.")
-    unet.add_argument("--ema_decay", type=float, default=0.995, help="EMA of the weights that is saved; 0: raw.")
+    unet.add_argument("--weight_decay", type=finite_float, default=1e-2, help="AdamW weight decay.")
+    unet.add_argument("--cfg_dropout", type=finite_float, default=0.1, help="Share of captions replaced by zeros.")
+    unet.add_argument(
+        "--snr_gamma", type=finite_float, default=0.0, help="min-SNR-gamma loss weighting; 0: plain MSE."
+    )
+    unet.add_argument(
+        "--ema_decay", type=finite_float, default=0.995, help="EMA of the weights that is saved; 0: raw."
+    )
     unet.add_argument(
         "--position_caption_share",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="Share of training captions that name the ball's half ('a photo of a red ball at the top'); the rest "
         "are plain. 0: plain captions only (the base of README command 1). The tiny UNet learns the word slowly; "
@@ -107,7 +114,7 @@ def parse_args(argv=None):
     )
     unet.add_argument(
         "--position_caption_noise",
-        type=float,
+        type=finite_float,
         default=0.3,
         help="Share of those positional captions that name the wrong half, so the word is a weak cue to sharpen.",
     )

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from examples.lib.cli import InputError
+from examples.lib.runs import check_images, read_manifest
 
 
 def parse_args(input_args=None):
@@ -56,11 +57,6 @@ def parse_args(input_args=None):
     return args
 
 
-def read_manifest(run_dir):
-    lines = (Path(run_dir) / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def judge_run(run_dir, judge=None):
     """{(prompt_index, k): verdict} for every image of a generate.py folder (see ToyBall.judge), plus its prompt."""
     from PIL import Image
@@ -68,8 +64,9 @@ def judge_run(run_dir, judge=None):
     from examples.rewards import load_reward_model
 
     judge = judge or load_reward_model("toy_ball", device="cpu")
-    verdicts = {}
-    for row in read_manifest(run_dir):
+    verdicts, rows = {}, read_manifest(Path(run_dir))
+    check_images(Path(run_dir) / row["image"] for row in rows)
+    for row in rows:
         with Image.open(Path(run_dir) / row["image"]) as image:
             verdict = judge.judge(image, row["prompt"])
         verdicts[(row["prompt_index"], row["k"])] = {**verdict, "prompt": row["prompt"], "image": row["image"]}

@@ -14,7 +14,7 @@ assets=${TINY_ASSETS_DIR:-tiny_assets}
 out=${DEMO_OUTPUT_DIR:-demo_output}
 python=.venv/bin/python
 if [ ! -f "$assets/tiny-pickapic/test.parquet" ]; then
-  $python -m examples.tiny_world.make_tiny_assets --output_dir "$assets" --skip_model
+  $python -m examples.tiny_world.make_tiny_assets --output_dir "$assets" --skip_model --overwrite
 fi
 base=examples/tiny_world/bases/tiny-world-sdxl
 rm -rf "$out"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from kit import OFFLINE_ENV, REPO, read_csv, run_python, write_run
 from PIL import Image
 
+from examples.lib.cli import InputError
 from examples.rewards import RewardInputError, convert_mps, load_reward_model, mps, reward_weights_source
 from examples.tiny_world.tiny_rewards import write_tiny_mps
 
@@ -284,8 +285,10 @@ def test_the_conversion_refuses_a_global_in_process_too(tmp_path):
     assert not written_by_the_payload.exists()
     assert re.search(r"names io\.open, .*not a checkpoint this converter accepts", str(error.value))
     assert "\n" not in str(error.value)
-    with pytest.raises(SystemExit, match=r"names io\.open, "):
-        convert_mps.main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "converted")])
+    with pytest.raises(InputError, match=r"names io\.open, "):
+        convert_mps.main(
+            convert_mps.parse_args(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "c")])
+        )
     assert not written_by_the_payload.exists()
 
 
