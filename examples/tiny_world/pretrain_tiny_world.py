@@ -22,10 +22,10 @@ the rounding: another count builds a slightly different base):
 Each folder is a whole pipeline (StableDiffusionXLPipeline.from_pretrained reads it) with tiny_world.json: the
 fingerprint, recipe version, settings, thread count, torch and diffusers versions, and timings. A folder whose
 fingerprint matches (the settings, this recipe's source, world.py's pieces, the torch and diffusers versions) is
-kept as it is, --force rebuilds it anyway; anything else is rebuilt. About 6 and 7 minutes on 2 idle cores; two
-threads on cores that other processes keep busy run several times slower. TINY_WORLD_REBUILD=1 pytest
-tests/learning/test_tiny_world_bases.py rebuilds both into a scratch folder and checks that they draw what the shipped
-ones draw.
+kept as it is; one built otherwise is refused (no build is replaced by surprise); --force rebuilds either. About
+6 and 7 minutes on 2 idle cores; two threads on cores that other processes keep busy run several times slower.
+TINY_WORLD_REBUILD=1 pytest tests/learning/test_tiny_world_bases.py rebuilds both into a scratch folder and checks
+that they draw what the shipped ones draw.
 
 Steps (each prints a line at least every 15 s):
 1. build the tiny pipeline with world.build_tiny_sdxl_pipeline (in a scratch folder);
@@ -57,7 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
-from examples.lib.cli import finite_float
+from examples.lib.cli import InputError, finite_float, run_tool
+from examples.lib.files import check_writable_folder
 from examples.tiny_world import world
 
 
@@ -124,7 +125,12 @@ def parse_args(argv=None):
         help=f"Name of the pipeline folder in --output_dir (default: {PIPELINE_FOLDER}, or "
         f"tiny-world-positional-sdxl with --position_caption_share).",
     )
-    parser.add_argument("--force", action="store_true", help="Rebuild even if a matching build exists.")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Rebuild the folder even if it holds a build: one of the same fingerprint, or one of other settings or "
+        "another recipe (refused without --force).",
+    )
     args = parser.parse_args(argv)
     positive = ("vae_refit_batch_size", "num_train_images", "train_steps", "batch_size", "learning_rate")
     for name in positive:
@@ -430,20 +436,18 @@ def build(args):
     output_dir = Path(args.output_dir)
     out_path = output_dir / args.pipeline_folder
     info_path = out_path / INFO_FILE
+    check_writable_folder(out_path, "--output_dir/--pipeline_folder")
     key = fingerprint(args)
     info = json.loads(info_path.read_text()) if info_path.is_file() else None
     if info is not None and info.get("fingerprint") == key and not args.force:
         print(f"tiny world base: {out_path} is up to date (fingerprint {key}), reused")
         return out_path, info
-    reason = (
-        "--force"
-        if info is not None and info.get("fingerprint") == key
-        else (
-            "no earlier build"
-            if info is None
-            else f"settings or recipe changed (fingerprint {info.get('fingerprint')})"
+    if info is not None and info.get("fingerprint") != key and not args.force:
+        raise InputError(
+            f"{out_path} holds a base built by other settings or another recipe (fingerprint "
+            f"{info.get('fingerprint')}, now {key}); pass --force to rebuild it there, or give another --output_dir."
         )
-    )
+    reason = "--force" if info is not None else "no earlier build"
     print(f"tiny world base: building {out_path} ({reason}; fingerprint {key})", flush=True)
     info_path.unlink(missing_ok=True)  # a build interrupted from here on is never taken for a finished one
     timings = {}
@@ -473,9 +477,9 @@ def build(args):
     return out_path, info
 
 
-def main(argv=None):
-    build(parse_args(argv))
+def main(args):
+    build(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main, parse_args)

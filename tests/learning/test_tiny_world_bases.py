@@ -24,7 +24,18 @@ import os
 import subprocess
 
 import pytest
-from kit import DEGRADED, OFFLINE_ENV, PROMPTS, REPO, TINY_WORLD_BASES, TOP, generate_and_judge, python_command, share
+from kit import (
+    DEGRADED,
+    OFFLINE_ENV,
+    PROMPTS,
+    REPO,
+    TINY_WORLD_BASES,
+    TOP,
+    generate_and_judge,
+    one_line_error,
+    python_command,
+    share,
+)
 
 from examples.tiny_world import pretrain_tiny_world
 
@@ -103,3 +114,32 @@ def test_a_rebuilt_base_draws_what_the_shipped_one_draws(base, tmp_path):
         assert share(verdicts["rebuilt"], "found") >= MIN_FOUND_AND_COLOR
         assert share(verdicts["rebuilt"], "color_match") >= MIN_FOUND_AND_COLOR
         assert abs(top["rebuilt"] - top["shipped"]) <= MAX_TOP_SHARE_GAP, f"{base}, {group}: {top}"
+
+
+def test_a_folder_built_by_other_settings_is_refused_not_replaced(tmp_path):
+    """pretrain_tiny_world.py never rebuilds over a base of another fingerprint without --force: one line, and the
+    folder as it was; a folder of the same fingerprint is reused without building anything."""
+    flags, _ = recorded("tiny-world-sdxl")
+    shipped = TINY_WORLD_BASES / "tiny-world-sdxl" / pretrain_tiny_world.INFO_FILE
+    folder = tmp_path / "tiny-world-sdxl"
+    folder.mkdir()
+    info = json.loads(shipped.read_text())
+    (folder / pretrain_tiny_world.INFO_FILE).write_text(json.dumps({**info, "fingerprint": "an-older-recipe"}))
+    before = (folder / pretrain_tiny_world.INFO_FILE).read_bytes()
+    result = subprocess.run(
+        [*python_command("examples/tiny_world/pretrain_tiny_world.py"), "--output_dir", tmp_path, *flags],
+        cwd=REPO,
+        env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    line = one_line_error(result)
+    assert "holds a base built by other settings or another recipe" in line and "--force" in line
+    assert sorted(path.name for path in folder.iterdir()) == [pretrain_tiny_world.INFO_FILE]
+    assert (folder / pretrain_tiny_world.INFO_FILE).read_bytes() == before
+
+    args = pretrain_tiny_world.parse_args(["--output_dir", str(TINY_WORLD_BASES), *flags])
+    path, reused = pretrain_tiny_world.build(args)  # the shipped base's own fingerprint: reused as it is
+    assert path == TINY_WORLD_BASES / "tiny-world-sdxl" and reused == info
