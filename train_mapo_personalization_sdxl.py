@@ -10,13 +10,15 @@ same timestep and noise for both images of a pair, per-sample errors l_w, l_l, a
     phi_beta(l) = (s l / (exp(s l) - 1)) ** beta          # Eq. 7, s = --snr_value
     loss = mean(l_w) - mean(logsigmoid(T (phi_beta(l_w) - phi_beta(l_l)))) / beta
 
-The paper's setting (Table 2, Appendix D, after DCO): LoRA, beta 1024, UNet learning rate 5e-5, text-encoder LoRA
-and textual inversion at 5e-6, the whole training set in every batch. Example (the DreamBooth dog, 5 images):
+The paper's setting (Table 2, Appendix D, "strictly" after DCO): LoRA on the UNet at 5e-5, the text side at 5e-6
+(DCO's release trains the new token's embeddings there, no text-encoder LoRA), beta 1024, the whole training set in
+every batch. Example (the DreamBooth dog, 5 images; examples/mapo/README.md says where it differs from DCO):
 
     accelerate launch train_mapo_personalization_sdxl.py --instance_data_dir dreambooth/dataset/dog \\
       --instance_prompt "a photo of <sks> dog" --placeholder_token "<sks>" --initializer_token dog \\
-      --train_text_encoder --lora_rank 32 --beta_mapo 1024 --learning_rate 5e-5 --text_encoder_lr 5e-6 \\
-      --lr_warmup_steps 0 --train_batch_size 5 --max_train_steps 1000 --mixed_precision bf16 --output_dir sdxl-mapo-dog
+      --lora_rank 32 --beta_mapo 1024 --learning_rate 5e-5 --text_encoder_lr 5e-6 --lr_scheduler constant \\
+      --lr_warmup_steps 0 --adam_weight_decay 1e-4 --train_batch_size 5 --max_train_steps 2000 \\
+      --mixed_precision fp16 --output_dir sdxl-mapo-dog
 """
 
 import argparse
