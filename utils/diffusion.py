@@ -4,6 +4,8 @@ DDPM family (SD1.x, SDXL): x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(ab
 Flow matching (SD3, SANA):  x_t = (1 - s) x0 + s eps, target eps - x0.
 """
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,67 @@ def flow_matching_log_snr(sigmas):
 def sigmoid_loss_weight(log_snr_values, bias):
     """w = sigmoid(bias - lambda): decreasing in lambda (CaPO Sec. 4.4 / Eq. 26; docs/METHODS.md fixes the sign)."""
     return torch.sigmoid(bias - log_snr_values)
+
+
+FLOW_TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
+
+
+def sample_flow_matching_u(sampling, generators, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, device="cpu"):
+    """u in (0, 1), one per generator, shape (B,): the timestep density of SD3 training (Esser et al. 2024, Sec. 3.1).
+
+    The formulas of diffusers' `training_utils.compute_density_for_timestep_sampling`, drawn as it draws them (one
+    `torch.normal` or `torch.rand` of size 1 per generator), so that u depends on (seed, epoch, sample) only:
+    `uniform` u ~ U(0, 1); `logit_normal` u = sigmoid(n), n ~ N(logit_mean, logit_std²); `mode`
+    u = 1 − v − mode_scale·(cos²(πv/2) − 1 + v), v ~ U(0, 1). diffusers' `none`, `sigma_sqrt` and `cosmap`
+    weighting schemes draw u as `uniform` does (they weight the loss instead).
+    """
+    if sampling not in FLOW_TIMESTEP_SAMPLINGS:
+        raise ValueError(
+            f"Expected a timestep sampling in {FLOW_TIMESTEP_SAMPLINGS}, found {sampling!r}; "
+            "pass --weighting_scheme logit_normal, mode or uniform."
+        )
+    draws = []
+    for generator in generators:
+        if sampling == "logit_normal":
+            normal = torch.normal(mean=logit_mean, std=logit_std, size=(1,), device=device, generator=generator)
+            draws.append(torch.sigmoid(normal))
+            continue
+        v = torch.rand(size=(1,), device=device, generator=generator)
+        if sampling == "mode":
+            draws.append(1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v))
+        else:
+            draws.append(v)
+    return torch.cat(draws)
+
+
+def shift_sigmas(sigmas, shift):
+    """σ ← s·σ / (1 + (s − 1)·σ): FlowMatchEulerDiscreteScheduler's static shift (its `shift`; SD3 uses 3.0).
+
+    s > 1 moves σ towards 1 (more noise); s = 1 leaves it unchanged. The SD3 paper's resolution-dependent shift
+    (Esser et al. 2024) with s = sqrt(m/n) for m and n pixels.
+    """
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def unshift_sigmas(shifted_sigmas, shift):
+    """The inverse of `shift_sigmas`: σ = σ' / (s − (s − 1)·σ')."""
+    return shifted_sigmas / (shift - (shift - 1) * shifted_sigmas)
+
+
+def flow_matching_sigmas(u, num_train_timesteps=1000, shift=1.0):
+    """The σ of the scheduler's training table that u picks, shape (B,); the transformer's timestep is σ·T.
+
+    As diffusers' SD3 training scripts do (`indices = (u * T).long()`, `sigmas = noise_scheduler.sigmas[indices]`):
+    FlowMatchEulerDiscreteScheduler's table is σ_i = shift_sigmas((T − i) / T, shift), i = 0, …, T − 1, so u near 0
+    gives σ near 1 (pure noise) and σ ≥ shift_sigmas(1 / T) > 0.
+    """
+    indices = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    return shift_sigmas((num_train_timesteps - indices).double() / num_train_timesteps, shift).float()
+
+
+def preconditioned_outputs(model_output, noisy_latents, sigmas):
+    """x̂0 = x_σ − σ·v: the velocity prediction turned into a clean-latent prediction, compared with x0 instead of v
+    with ε − x0 (diffusers' SD3 scripts' `--precondition_outputs`, the DDSPO release's SD3 setting; EDM's
+    preconditioning, Karras et al. 2022). Since x0 = x_σ − σ·(ε − x0), the error is σ² times the velocity error."""
+    s = sigmas.to(model_output.dtype).view(-1, *([1] * (model_output.ndim - 1)))
+    return noisy_latents - s * model_output

@@ -16,6 +16,8 @@ a model that learns the preference does.
     # -> tiny/tiny-sdxl (pipeline), tiny/tiny-pickapic/{train,test}.parquet
     python -m examples.tiny_world.make_tiny_assets --output_dir tiny --family sd --skip_dataset
     # -> tiny/tiny-sd: an SD1.x-style pipeline (one text encoder; --family sd_v: v-prediction -> tiny/tiny-sd-v)
+    python -m examples.tiny_world.make_tiny_assets --output_dir tiny --family sd3 --skip_dataset
+    # -> tiny/tiny-sd3: a StableDiffusion3Pipeline (MMDiT, two CLIP encoders and T5, 16-channel VAE, shift 3.0)
 
 `--unet_preset bench` builds the efficiency benchmark's model instead: a ~24 M-parameter UNet
 (64, 128, 256 channels, 2 layers per block) for 256 px images (32x32 latents), the same tiny text
@@ -36,6 +38,7 @@ from examples.tiny_world.world import (
     DEFAULT_VAE_FIT_STEPS,
     UNET_PRESETS,
     build_tiny_pickapic,
+    build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
     build_tiny_sdxl_pipeline,
 )
@@ -85,9 +88,10 @@ def parse_args(argv=None):
         "--family",
         type=str,
         default="sdxl",
-        choices=["sdxl", "sd", "sd_v"],
+        choices=["sdxl", "sd", "sd_v", "sd3"],
         help="Pipeline to build: sdxl (two text encoders, micro-conditioning), sd (SD1.x-style, one text encoder, "
-        "epsilon-prediction) or sd_v (the same with v-prediction, as SD2.x 768).",
+        "epsilon-prediction), sd_v (the same with v-prediction, as SD2.x 768) or sd3 (flow matching: a 2-block "
+        "MMDiT, two CLIP encoders and T5, a 16-channel VAE; tiny preset only).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the model weights and the images.")
     parser.add_argument("--skip_model", action="store_true", help="Only write the dataset.")
@@ -106,6 +110,8 @@ def parse_args(argv=None):
     for name in ("num_ties", "vae_fit_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} cannot be negative, got {getattr(args, name)}.")
+    if args.family == "sd3" and args.unet_preset != "tiny" and not args.skip_model:
+        parser.error(f"--family sd3 has only the tiny preset, got --unet_preset {args.unet_preset}; drop it.")
     if args.skip_model and args.skip_dataset:
         parser.error("--skip_model and --skip_dataset together write nothing; give one of them at most.")
     return args
@@ -132,13 +138,20 @@ def main(args=None):
         if args.family == "sdxl":
             path = os.path.join(args.output_dir, f"{preset}-sdxl")
             num_parameters, kind = build_tiny_sdxl_pipeline(path, **common), "SDXL"
+        elif args.family == "sd3":
+            path = os.path.join(args.output_dir, f"{preset}-sd3")
+            num_parameters = build_tiny_sd3_pipeline(
+                path, seed=args.seed, resolution=args.resolution, vae_fit_steps=args.vae_fit_steps
+            )
+            kind = "SD3 (flow matching)"
         else:
             path = os.path.join(args.output_dir, f"{preset}-{args.family.replace('_', '-')}")
             prediction_type = "v_prediction" if args.family == "sd_v" else "epsilon"
             num_parameters = build_tiny_sd_pipeline(path, prediction_type=prediction_type, **common)
             kind = f"SD1.x-style ({prediction_type})"
         print(
-            f"{preset} {kind} pipeline: {path} (UNet: {num_parameters / 1e6:.2f} M parameters, "
+            f"{preset} {kind} pipeline: {path} ({'transformer' if args.family == 'sd3' else 'UNet'}: "
+            f"{num_parameters / 1e6:.2f} M parameters, "
             f"{args.resolution // 8}x{args.resolution // 8} latents)"
         )
     if not args.skip_dataset:

@@ -326,3 +326,121 @@ def build_tiny_pickapic(output_dir, num_train_pairs=384, num_test_pairs=96, num_
         )
         pq.write_table(table, os.path.join(output_dir, f"{split}.parquet"))
     return output_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# SD3 (flow matching)
+# ----------------------------------------------------------------------------------------------
+T5_WORDS = list(COLORS) + ["a", "photo", "of", "ball", "at", "the", "top", "bottom", "in", "half"]
+
+
+def tiny_t5_tokenizer(model_max_length=256):
+    """A T5 tokenizer (transformers' T5Tokenizer, a sentencepiece-style Unigram model) made on the spot: the tiny
+    world's words as single pieces, every printable ASCII character as a fallback piece, <pad>=0, </s>=1, <unk>=2 as
+    in T5."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{word}", -1.0) for word in T5_WORDS]
+    vocab += [(character, -5.0) for character in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_tiny_sd3_pipeline(output_dir, seed=0, resolution=64, num_layers=2, vae_fit_steps=120, shift=3.0):
+    """Save a small StableDiffusion3Pipeline to `output_dir`, built from configs; returns the transformer's parameters.
+
+    The SD3 layout in miniature: an SD3Transformer2DModel (MMDiT) of `num_layers` joint blocks on 16-channel latents
+    (patch size 2), two CLIPTextModelWithProjection encoders of different widths (32 and 48, as SD3's 768 and 1280
+    differ) whose hidden states are concatenated and padded to the T5 width, a T5 encoder (width 96 = the
+    transformer's joint_attention_dim), a 16-latent-channel AutoencoderKL whose config carries shift_factor and
+    scaling_factor (latents = (z − shift) × scale), and FlowMatchEulerDiscreteScheduler with `shift` (SD3's 3.0).
+    The VAE is fitted to the tiny world's images for `vae_fit_steps` as the SDXL builder's is (fit_tiny_vae; 0 for a
+    pipeline that only has to run), then shift_factor and scaling_factor give its latents of those images zero mean
+    and unit variance, as SD3's do for real images.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        clip_vocab_size = write_clip_tokenizer_files(tok_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    tokenizer_3 = tiny_t5_tokenizer()
+
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_config(clip_vocab_size)))
+    wider = dict(tiny_text_config(clip_vocab_size), hidden_size=48, intermediate_size=64, projection_dim=48)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**wider))
+    t5_width = 96
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=t5_width,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, SD3's text_encoder_3
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=resolution // 8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=num_layers,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=64,  # = the blocks' width, heads x head dim
+        pooled_projection_dim=32 + 48,  # both CLIP encoders' pooled projections, concatenated
+        pos_embed_max_size=max(resolution // 16, 4),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 32, 32],
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=resolution,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    fit_tiny_vae(vae, resolution, seed, steps=vae_fit_steps)  # also pins the posterior's variance near 0
+    rng = np.random.default_rng(seed + 2)
+    colors, halves = list(COLORS), ("top", "bottom")
+    images = np.stack([make_image(colors[i % len(colors)], halves[i % 2], rng, resolution) for i in range(32)])
+    with torch.no_grad():
+        latents = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mode()
+    vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(output_dir)
+    return sum(p.numel() for p in transformer.parameters())
