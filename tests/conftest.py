@@ -103,3 +103,29 @@ def images(request):
     rng = np.random.default_rng(0)
     count = len(request.module.PROMPTS)
     return [Image.fromarray(rng.integers(0, 256, size=(48 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(count)]
+
+
+# The modules that take minutes, longest first: pytest-xdist (--dist loadscope) hands modules to the workers in
+# collection order, so these start first and the many short modules fill in at the end, instead of one long
+# module running alone while the other workers are done.
+LONGEST_FIRST = [
+    "learning/test_learning.py",
+    "scripts/test_scaling.py",
+    "scripts/test_capo.py",
+    "learning/test_learning_personalization.py",
+    "scripts/test_ddspo.py",
+    "scripts/test_end_to_end.py",
+    "learning/test_learning_ddspo.py",
+    "scripts/test_personalization.py",
+    "tools/test_eval.py",
+    "tools/test_ddspo_pairs.py",
+    "scripts/test_errors.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        relative = item.path.relative_to(config.rootpath / "tests").as_posix()
+        return LONGEST_FIRST.index(relative) if relative in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module, and of the other modules, stays as collected
