@@ -10,14 +10,14 @@ pair, per-sample errors of the policy (theta) and of the frozen reference, and
 With LoRA the reference is the UNet with its adapters off; with full fine-tuning, a frozen copy.
 `--sft` trains on the preferred images alone (the papers' "SFT_Chosen" row). Example (the SDXL release):
 
-    accelerate launch --num_processes 8 train_diffusion_dpo_sdxl.py --beta_dpo 5000 \\
+    accelerate launch train_diffusion_dpo_sdxl.py --beta_dpo 5000 \\
       --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
       --dataset_name yuvalkirstain/pickapic_v2 --resolution 1024 --train_batch_size 4 \\
       --gradient_accumulation_steps 64 --learning_rate 1e-8 --scale_lr --max_train_steps 2000 \\
       --use_8bit_adam --gradient_checkpointing --mixed_precision fp16 --output_dir sdxl-dpo
 
-(the release's 1e-8 scaled by the total batch of 2048; examples/dpo/README.md has the full command and where it
-differs from the release)
+(on 8 GPUs, a total batch of 2048, and the release's 1e-8 scaled by it; examples/dpo/README.md has the full
+command and where it differs from the release)
 """
 
 import argparse

@@ -42,6 +42,7 @@ from examples.lib.prompts import PROMPT_SET_NAMES, read_prompts
 from examples.lib.sampling import (
     LORA_WEIGHT_NAME,
     TEXTUAL_INVERSION_NAME,
+    add_pipeline_arguments,
     add_sampling_arguments,
     check_sampling_args,
     draw,
@@ -57,20 +58,9 @@ from examples.lib.sampling import (
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        type=str,
-        default="stabilityai/stable-diffusion-xl-base-1.0",
-        help="Base pipeline (hub id or folder): SDXL, SD1.x or SD2.x, the class its model_index.json names.",
+    add_pipeline_arguments(
+        parser, "Base pipeline (hub id or folder): SDXL, SD1.x or SD2.x, the class its model_index.json names."
     )
-    parser.add_argument(
-        "--pretrained_vae_model_name_or_path",
-        type=str,
-        default=None,
-        help="A VAE to use instead of the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.",
-    )
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the hub.")
-    parser.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. fp16.")
     parser.add_argument(
         "--lora_path",
         type=str,
@@ -150,7 +140,6 @@ def parse_args(input_args=None):
         "--negative_prompt", type=str, default=None, help="Negative prompt for every image (default: none)."
     )
     parser.add_argument("--output_dir", type=str, required=True, help="Images go to OUTPUT_DIR/MODEL_NAME/.")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
     return parse_checked_args(parser, check_args, input_args)
 
 
