@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-r"""Generate K images per prompt from an SD1.x/2.x or SDXL pipeline, optionally with trained weights, for evaluation.
+r"""Generate K images per prompt from an SD1.x/2.x, SDXL or SD3 pipeline, optionally with trained weights, to evaluate.
 
     accelerate launch -m examples.eval.generate --model_name mapo \
         --lora_path sdxl-mapo --prompts pickapic_v2_test --images_per_prompt 4 --output_dir generated
@@ -7,8 +7,16 @@ r"""Generate K images per prompt from an SD1.x/2.x or SDXL pipeline, optionally 
 writes `generated/mapo/<prompt_index>_<k>.png`, `manifest.jsonl` (one row per image: prompt,
 prompt_index, k, seed, image), `prompts.json` and `generation_config.json`.
 
-- The pipeline is the text-to-image pipeline that the model's model_index.json names (SDXL, SD1.x, SD2.x);
-  an SD folder without a safety checker is loaded without one.
+- The pipeline is the text-to-image pipeline that the model's model_index.json names (SDXL, SD1.x, SD2.x,
+  SD3 / SD3.5); an SD folder without a safety checker is loaded without one.
+- SD3 (flow matching): `--scheduler default` is the pipeline's own FlowMatchEulerDiscreteScheduler,
+  `--scheduler flow_dpmpp_2m` the DPM-Solver++(2M) on flow sigmas that CaPO samples SD3 with; `--shift` and
+  `--max_sequence_length` default to the pipeline's own (3.0, 256). CaPO's setting:
+      accelerate launch -m examples.eval.generate --pretrained_model_name_or_path \
+          stabilityai/stable-diffusion-3-medium-diffusers --scheduler flow_dpmpp_2m --shift 3.0 \
+          --num_inference_steps 50 --guidance_scale 5.0 --model_name sd3 --prompts pickapic_v2_test \
+          --output_dir generated
+  `--lora_path` takes a train_diffusion_dpo_sd3.py output; `--unet_path` and `--textual_inversion_path` are SDXL's.
 - Trained weights: `--lora_path` (a training output folder with `pytorch_lora_weights.safetensors`,
   or the file) or `--unet_path` (a folder with `unet/`, the `unet/` folder itself, or a hub repository
   such as mhdang/dpo-sdxl-text2image-v1); neither for the base model. A personalization run's new token
@@ -40,6 +48,7 @@ from examples.lib.files import (
 )
 from examples.lib.prompts import PROMPT_SET_NAMES, read_prompts
 from examples.lib.sampling import (
+    FLOW_PIPELINES,
     LORA_WEIGHT_NAME,
     TEXTUAL_INVERSION_NAME,
     add_pipeline_arguments,
@@ -48,6 +57,7 @@ from examples.lib.sampling import (
     draw,
     image_seed,
     load_pipeline_for,
+    local_pipeline_class,
     sampler_settings,
     share_of_this_process,
     textual_inversion_file,
@@ -59,7 +69,7 @@ from examples.lib.sampling import (
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_arguments(
-        parser, "Base pipeline (hub id or folder): SDXL, SD1.x or SD2.x, the class its model_index.json names."
+        parser, "Base pipeline (hub id or folder): SDXL, SD1.x, SD2.x or SD3, the class its model_index.json names."
     )
     parser.add_argument(
         "--lora_path",
@@ -168,6 +178,14 @@ def check_args(args):
     args.textual_inversion_path = textual_inversion_file(args.textual_inversion_path, args.lora_path)
     if args.textual_inversion_path is not None and Path(args.textual_inversion_path).is_file():
         check_safetensors(args.textual_inversion_path, "--textual_inversion_path")
+    class_name = local_pipeline_class(args.pretrained_model_name_or_path)
+    if class_name in FLOW_PIPELINES:  # (a hub id is checked by load_pipeline, before its weights load)
+        sdxl_only = [flag for flag in ("unet_path", "textual_inversion_path") if getattr(args, flag) is not None]
+        if sdxl_only:
+            raise InputError(
+                f"--{sdxl_only[0]} is for UNet pipelines (SD1.x, SD2.x, SDXL), but "
+                f"{args.pretrained_model_name_or_path!r} is a {class_name}; give its trained weights as --lora_path."
+            )
     if args.unet_path is not None and Path(args.unet_path).exists():
         subfolder = unet_subfolder(args.unet_path)  # a hub id is checked when the model loads
         for weights in sorted(Path(args.unet_path, subfolder or "").glob("*.safetensors")):

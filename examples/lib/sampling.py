@@ -6,6 +6,7 @@ and the split of the work over `accelerate launch`'s processes.
 """
 
 import io
+import json
 from pathlib import Path
 
 from examples.lib.cli import InputError, finite_float
@@ -13,13 +14,18 @@ from examples.lib.files import resolved_path
 
 
 SCHEDULERS = {
-    "default": None,  # the pipeline's own (Euler discrete for SDXL base 1.0)
+    "default": None,  # the pipeline's own (Euler discrete for SDXL base 1.0, flow-matching Euler for SD3)
     "euler": "EulerDiscreteScheduler",
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "ddim": "DDIMScheduler",  # CaPO's data and evaluation sampler for SDXL (Appendix B.1)
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    # DPM-Solver++(2M) on the flow's sigmas: CaPO's SD3 sampler (50 steps, guidance 5.0, shift 3.0)
+    "flow_dpmpp_2m": "DPMSolverMultistepScheduler",
 }
+FLOW_PIPELINES = ("StableDiffusion3Pipeline",)  # flow-matching pipelines: velocity prediction, a shifted schedule
+FLOW_SCHEDULERS = ("default", "flow_dpmpp_2m")  # the samplers of a flow-matching pipeline
+FLOW_PATCH_SIZE = 2  # SD3's transformer patchifies its latents 2x2: the side must be a multiple of 8 x 2
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TEXTUAL_INVERSION_NAME = "textual_inversion.safetensors"  # clip_l, clip_g of train_mapo_personalization_sdxl.py
 
@@ -45,9 +51,34 @@ def add_pipeline_arguments(parser, model_help):
 
 def add_sampling_arguments(parser):
     """The sampler flags, named and defaulted alike in every tool that generates images."""
-    parser.add_argument("--scheduler", type=str, default="default", choices=list(SCHEDULERS), help="Sampler.")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps.")
-    parser.add_argument("--guidance_scale", type=finite_float, default=5.0, help="Classifier-free guidance scale.")
+    parser.add_argument(
+        "--scheduler",
+        type=str,
+        default="default",
+        choices=list(SCHEDULERS),
+        help="Sampler. default: the pipeline's own (SD3: FlowMatchEulerDiscreteScheduler); flow_dpmpp_2m: "
+        "DPM-Solver++(2M) on flow sigmas (use_flow_sigmas, flow_prediction), CaPO's SD3 sampler, for SD3 only; "
+        "the others are for SD1.x, SD2.x and SDXL.",
+    )
+    parser.add_argument(
+        "--num_inference_steps", type=int, default=50, help="Sampling steps (50: CaPO's, for SDXL and SD3)."
+    )
+    parser.add_argument(
+        "--guidance_scale", type=finite_float, default=5.0, help="Classifier-free guidance scale (5.0: CaPO's)."
+    )
+    parser.add_argument(
+        "--shift",
+        type=finite_float,
+        default=None,
+        help="SD3 only: the flow scheduler's shift, sigma <- s sigma / (1 + (s - 1) sigma) (CaPO: 3.0). Default: "
+        "the pipeline's scheduler's own (3.0 for SD3 and SD3.5).",
+    )
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="SD3 only: T5 tokens of each prompt (at most 512). Default: the pipeline's own (256).",
+    )
     parser.add_argument("--resolution", type=int, default=1024, help="Side of the square images.")
     parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call on each process.")
     parser.add_argument(
@@ -66,6 +97,49 @@ def check_sampling_args(args):
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
     if args.resolution % 8 != 0:
         raise InputError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}.")
+    if args.shift is not None and args.shift <= 0:
+        raise InputError(f"--shift must be positive, got {args.shift}.")
+    if args.max_sequence_length is not None and not 0 < args.max_sequence_length <= 512:
+        raise InputError(f"--max_sequence_length must lie in 1..512 (SD3's T5 limit), got {args.max_sequence_length}.")
+    class_name = local_pipeline_class(args.pretrained_model_name_or_path)
+    if class_name is not None:  # a hub id is checked by load_pipeline_for, before its weights load
+        check_flags_for_pipeline(class_name, args)
+
+
+def local_pipeline_class(pretrained_model_name_or_path):
+    """The pipeline class a local folder's model_index.json names, or None (a hub id, or no such file)."""
+    model_index = Path(pretrained_model_name_or_path) / "model_index.json"
+    if not model_index.is_file():
+        return None
+    try:
+        return json.loads(model_index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError):
+        return None  # load_pipeline says what is wrong with it
+
+
+def check_flags_for_pipeline(class_name, args):
+    """The sampler flags that belong to one family must fit the pipeline `class_name`: the flow samplers, --shift and
+    --max_sequence_length to a flow-matching pipeline (SD3), the DDPM-family samplers to the others."""
+    if class_name in FLOW_PIPELINES:
+        if args.scheduler not in FLOW_SCHEDULERS:
+            raise InputError(
+                f"--scheduler {args.scheduler} is a sampler of SD1.x, SD2.x and SDXL; {class_name} is a flow-matching "
+                f"pipeline: use one of {', '.join(FLOW_SCHEDULERS)}."
+            )
+        if args.resolution % (8 * FLOW_PATCH_SIZE) != 0:
+            raise InputError(
+                f"--resolution must be a multiple of {8 * FLOW_PATCH_SIZE} for {class_name} (the VAE downsamples 8x, "
+                f"the transformer takes 2x2 patches), got {args.resolution}."
+            )
+        return
+    given = [flag for flag in ("shift", "max_sequence_length") if getattr(args, flag) is not None]
+    if args.scheduler == "flow_dpmpp_2m":
+        given.insert(0, "scheduler flow_dpmpp_2m")
+    if given:
+        raise InputError(
+            f"--{', --'.join(given)} {'is' if len(given) == 1 else 'are'} for flow-matching pipelines (SD3), but "
+            f"{class_name} is not one; leave {'it' if len(given) == 1 else 'them'} out."
+        )
 
 
 def check_pipeline_path(pretrained_model_name_or_path):
@@ -81,7 +155,7 @@ def check_pipeline_path(pretrained_model_name_or_path):
 def sampler_settings(args, weight_dtype):
     """Everything that changes the pixels of an image drawn with a given prompt and seed by the pipeline the model
     flags name, without trained weights (each tool adds its own settings)."""
-    return {
+    settings = {
         "pretrained_model_name_or_path": resolved_path(args.pretrained_model_name_or_path),
         "pretrained_vae_model_name_or_path": resolved_path(args.pretrained_vae_model_name_or_path),
         "revision": args.revision,
@@ -92,6 +166,10 @@ def sampler_settings(args, weight_dtype):
         "resolution": args.resolution,
         "dtype": str(weight_dtype).removeprefix("torch."),
     }
+    for flag in ("shift", "max_sequence_length"):  # SD3's; absent when left to the pipeline (earlier folders resume)
+        if getattr(args, flag) is not None:
+            settings[flag] = getattr(args, flag)
+    return settings
 
 
 def textual_inversion_file(path, lora_path):
@@ -117,7 +195,7 @@ def load_textual_inversion(pipeline, path):
     with safe_open(path, framework="pt") as saved:
         token = (saved.metadata() or {}).get("token")
     embeddings = load_file(path)
-    if not token or set(embeddings) != {"clip_l", "clip_g"} or not hasattr(pipeline, "text_encoder_2"):
+    if not token or set(embeddings) != {"clip_l", "clip_g"} or type(pipeline).__name__ != "StableDiffusionXLPipeline":
         raise InputError(
             f"{path} is not an SDXL textual-inversion file of train_mapo_personalization_sdxl.py (clip_l and clip_g "
             f"embeddings, the token in its metadata) for this {type(pipeline).__name__}; found keys "
@@ -185,6 +263,7 @@ def load_pipeline(
     weight_dtype,
     device,
     scheduler="default",
+    shift=None,
     vae_path=None,
     unet_path=None,
     lora_path=None,
@@ -194,26 +273,20 @@ def load_pipeline(
     variant=None,
     cache_dir=None,
 ):
-    """The text-to-image pipeline of the family model_index.json names (SDXL, SD1.x, SD2.x), on `device`.
+    """The text-to-image pipeline of the family model_index.json names (SDXL, SD1.x, SD2.x, SD3), on `device`.
 
     `vae_path` and `unet_path` replace those components; `lora_path` (a folder with LORA_WEIGHT_NAME, or the file)
     is fused into the weights at `lora_scale`; `textual_inversion_path` adds a trained token (SDXL);
-    `scheduler` is a key of SCHEDULERS. A local SD folder whose
+    `scheduler` is a key of SCHEDULERS and `shift` a flow pipeline's scheduler shift (None: its own); for a
+    flow-matching pipeline (SD3) "flow_dpmpp_2m" is DPMSolverMultistepScheduler with use_flow_sigmas,
+    prediction_type "flow_prediction" and flow_shift = the shift. A local SD folder whose
     model_index.json names a safety checker that is not in the folder is loaded without one.
     """
     import diffusers
-    from diffusers import AutoencoderKL, AutoPipelineForText2Image, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoPipelineForText2Image, UNet2DConditionModel
 
-    try:
-        model_index = DiffusionPipeline.load_config(
-            pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir
-        )
-    except OSError as error:  # no model_index.json: a wrong folder, a wrong hub id, or the hub out of reach
-        raise InputError(
-            f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r} could not be loaded "
-            f"({' '.join(str(error).split())[:200]}); expected a diffusers pipeline folder or a hub id reachable "
-            "from here (is HF_HUB_OFFLINE set?)."
-        ) from error
+    model_index = read_model_index(pretrained_model_name_or_path, revision, cache_dir)
+    flow = model_index.get("_class_name") in FLOW_PIPELINES
     components = {}
     if vae_path is not None:
         components["vae"] = AutoencoderKL.from_pretrained(vae_path, dtype=weight_dtype, cache_dir=cache_dir)
@@ -243,7 +316,16 @@ def load_pipeline(
         cache_dir=cache_dir,
         **components,
     )
-    if SCHEDULERS[scheduler] is not None:
+    if flow:
+        config = pipeline.scheduler.config
+        shift = config.get("shift", 1.0) if shift is None else shift
+        if scheduler == "flow_dpmpp_2m":
+            pipeline.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+                config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift
+            )
+        elif shift != config.get("shift", 1.0):
+            pipeline.scheduler = type(pipeline.scheduler).from_config(config, shift=shift)
+    elif SCHEDULERS[scheduler] is not None:
         pipeline.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipeline.scheduler.config)
     if textual_inversion_path is not None:
         load_textual_inversion(pipeline, textual_inversion_path)
@@ -257,15 +339,33 @@ def load_pipeline(
     return pipeline.to(device)
 
 
+def read_model_index(pretrained_model_name_or_path, revision=None, cache_dir=None):
+    """The pipeline's model_index.json as a dict (a folder's, or a hub repository's: downloads nothing else)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir)
+    except OSError as error:  # no model_index.json: a wrong folder, a wrong hub id, or the hub out of reach
+        raise InputError(
+            f"--pretrained_model_name_or_path {pretrained_model_name_or_path!r} could not be loaded "
+            f"({' '.join(str(error).split())[:200]}); expected a diffusers pipeline folder or a hub id reachable "
+            "from here (is HF_HUB_OFFLINE set?)."
+        ) from error
+
+
 def load_pipeline_for(args, weight_dtype, device, **trained_weights):
     """`load_pipeline` with the model flags the tools name alike (--pretrained_model_name_or_path,
-    --pretrained_vae_model_name_or_path, --scheduler, --revision, --variant, --cache_dir); `trained_weights` are
-    its unet_path, lora_path, lora_scale and textual_inversion_path."""
+    --pretrained_vae_model_name_or_path, --scheduler, --shift, --revision, --variant, --cache_dir); `trained_weights`
+    are its unet_path, lora_path, lora_scale and textual_inversion_path. The sampler flags are checked against the
+    pipeline's family first (check_flags_for_pipeline: a hub id's model_index.json is read before any weights)."""
+    model_index = read_model_index(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
+    check_flags_for_pipeline(model_index.get("_class_name"), args)
     return load_pipeline(
         args.pretrained_model_name_or_path,
         weight_dtype,
         device,
         scheduler=args.scheduler,
+        shift=args.shift,
         vae_path=args.pretrained_vae_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
@@ -278,6 +378,8 @@ def draw(pipeline, prompts, seeds, args, negative_prompts=None):
     """One image per prompt, each from a generator of its own seed, with the sampler flags of `args`; and how many
     the safety checker blacked out."""
     extra = {"negative_prompt": negative_prompts} if negative_prompts is not None else {}
+    if args.max_sequence_length is not None:  # SD3's T5 length (check_flags_for_pipeline refused it elsewhere)
+        extra["max_sequence_length"] = args.max_sequence_length
     output = pipeline(
         prompt=prompts,
         num_inference_steps=args.num_inference_steps,

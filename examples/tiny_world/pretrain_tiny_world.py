@@ -18,14 +18,17 @@ the rounding: another count builds a slightly different base):
     OMP_NUM_THREADS=2 python -m examples.tiny_world.pretrain_tiny_world --output_dir examples/tiny_world/bases \
         --force --position_caption_share 1.0 --position_caption_noise 0.3 --snr_gamma 5 --train_steps 3000
     # -> examples/tiny_world/bases/tiny-world-positional-sdxl: the DDSPO learning test's base
+    OMP_NUM_THREADS=1 python -m examples.tiny_world.pretrain_tiny_world --output_dir examples/tiny_world/bases \
+        --force --family sd3
+    # -> examples/tiny_world/bases/tiny-world-sd3: the flow scripts' base (a StableDiffusion3Pipeline)
 
-Each folder is a whole pipeline (StableDiffusionXLPipeline.from_pretrained reads it) with tiny_world.json: the
-fingerprint, recipe version, settings, thread count, torch and diffusers versions, and timings. A folder whose
+Each folder is a whole pipeline (StableDiffusionXLPipeline or StableDiffusion3Pipeline reads it) with tiny_world.json:
+the fingerprint, recipe version, settings, thread count, torch and diffusers versions, and timings. A folder whose
 fingerprint matches (the settings, this recipe's source, world.py's pieces, the torch and diffusers versions) is
 kept as it is; one built otherwise is refused (no build is replaced by surprise); --force rebuilds either. About
-6 and 7 minutes on 2 idle cores; two threads on cores that other processes keep busy run several times slower.
-TINY_WORLD_REBUILD=1 pytest tests/learning/test_tiny_world_bases.py rebuilds both into a scratch folder and checks
-that they draw what the shipped ones draw.
+6, 7 and 7 minutes on 2 idle cores; two threads on cores that other processes keep busy run several times slower.
+TINY_WORLD_REBUILD=1 pytest tests/learning/test_tiny_world_bases.py rebuilds each into a scratch folder and checks
+that it draws what the shipped one draws.
 
 Steps (each prints a line at least every 15 s):
 1. build the tiny pipeline with world.build_tiny_sdxl_pipeline (in a scratch folder);
@@ -40,6 +43,13 @@ Steps (each prints a line at least every 15 s):
    branch: force_zeros_for_empty_prompt); AdamW, warm-up then cosine decay; the EMA of the weights is
    what is saved;
 5. save the pipeline and tiny_world.json.
+
+--family sd3 walks the same steps with world.build_tiny_sd3_pipeline (2 joint blocks, a 16-channel VAE): after the
+refit, the VAE's shift_factor and scaling_factor are re-derived (latents = (z - shift) x scale, zero mean and unit
+variance); the transformer learns rectified flow (x_t = (1 - sigma) x0 + sigma eps, target eps - x0, sigma drawn by
+--weighting_scheme and read from the FlowMatchEulerDiscreteScheduler's table with its shift 3.0), conditioned as
+StableDiffusion3Pipeline.encode_prompt builds it (CLIP-L, CLIP-G and T5 at the pipeline's default 256 tokens); a
+dropped caption gets the encoded empty prompt, which is what the pipeline feeds as the unconditional branch.
 """
 
 import argparse
@@ -60,11 +70,14 @@ import numpy as np
 from examples.lib.cli import InputError, finite_float, run_tool
 from examples.lib.files import check_writable_folder
 from examples.tiny_world import world
+from utils import FLOW_TIMESTEP_SAMPLINGS, flow_matching_noisy_and_target, flow_matching_sigmas, sample_flow_matching_u
 
 
 COLOR_NAMES = list(world.COLORS)
 FORMAT_VERSION = 1  # bump when the recipe changes in a way the settings do not show
 PIPELINE_FOLDER = "tiny-world-sdxl"
+SD3_PIPELINE_FOLDER = "tiny-world-sd3"
+FAMILY_BATCH_SIZE = {"sdxl": 64, "sd3": 32}  # --batch_size where not given: the MMDiT's step is slower
 PROGRESS_EVERY_S = 15
 POSITION_WORDS = ("at the top", "at the bottom")  # halves 0 and 1 of world.make_image
 INFO_FILE = "tiny_world.json"
@@ -80,6 +93,13 @@ def parse_args(argv=None):
         default="tiny_assets",
         help=f"Receives {PIPELINE_FOLDER}/ (examples/tiny_world/bases rebuilds the shipped base).",
     )
+    parser.add_argument(
+        "--family",
+        default="sdxl",
+        choices=list(FAMILY_BATCH_SIZE),
+        help=f"sdxl: the tiny SDXL (UNet, epsilon) as the two SDXL bases; sd3: the tiny StableDiffusion3Pipeline "
+        f"(world.build_tiny_sd3_pipeline: MMDiT, rectified flow) -> {SD3_PIPELINE_FOLDER}/.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the weights, the images and the training draws.")
     vae = parser.add_argument_group("VAE refit")
     vae.add_argument("--vae_refit_steps", type=int, default=500, help="Reconstruction steps (one-cycle Adam).")
@@ -88,16 +108,34 @@ def parse_args(argv=None):
     )
     vae.add_argument("--vae_refit_lr", type=finite_float, default=2e-3, help="Peak learning rate of the refit.")
     vae.add_argument("--vae_refit_batch_size", type=int, default=16, help="Images per refit step.")
-    unet = parser.add_argument_group("UNet pre-training")
+    unet = parser.add_argument_group("UNet (sdxl) or transformer (sd3) pre-training")
     unet.add_argument("--num_train_images", type=int, default=1536, help="Balanced pool: colours x halves.")
     unet.add_argument("--train_steps", type=int, default=1500, help="Optimizer steps.")
-    unet.add_argument("--batch_size", type=int, default=64, help="Images per step.")
+    unet.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help=f"Images per step (default: {FAMILY_BATCH_SIZE['sdxl']} for sdxl, {FAMILY_BATCH_SIZE['sd3']} for sd3).",
+    )
     unet.add_argument("--learning_rate", type=finite_float, default=1e-3, help="Peak learning rate (cosine decay).")
     unet.add_argument("--warmup_steps", type=int, default=100, help="Linear warm-up steps.")
     unet.add_argument("--weight_decay", type=finite_float, default=1e-2, help="AdamW weight decay.")
-    unet.add_argument("--cfg_dropout", type=finite_float, default=0.1, help="Share of captions replaced by zeros.")
     unet.add_argument(
-        "--snr_gamma", type=finite_float, default=0.0, help="min-SNR-gamma loss weighting; 0: plain MSE."
+        "--cfg_dropout",
+        type=finite_float,
+        default=0.1,
+        help="Share of captions replaced by the unconditional branch's embeddings: zeros for sdxl, the encoded "
+        "empty prompt for sd3 (what each pipeline feeds).",
+    )
+    unet.add_argument(
+        "--snr_gamma", type=finite_float, default=0.0, help="min-SNR-gamma loss weighting (sdxl only); 0: plain MSE."
+    )
+    unet.add_argument(
+        "--weighting_scheme",
+        default="logit_normal",
+        choices=list(FLOW_TIMESTEP_SAMPLINGS),
+        help="sd3: density of u, then sigma from the scheduler's table with its shift (3.0), as diffusers' SD3 "
+        "scripts draw it (utils.sample_flow_matching_u, utils.flow_matching_sigmas).",
     )
     unet.add_argument(
         "--ema_decay", type=finite_float, default=0.995, help="EMA of the weights that is saved; 0: raw."
@@ -123,7 +161,7 @@ def parse_args(argv=None):
         "--pipeline_folder",
         default=None,
         help=f"Name of the pipeline folder in --output_dir (default: {PIPELINE_FOLDER}, or "
-        f"tiny-world-positional-sdxl with --position_caption_share).",
+        f"tiny-world-positional-sdxl with --position_caption_share; {SD3_PIPELINE_FOLDER} for --family sd3).",
     )
     parser.add_argument(
         "--force",
@@ -132,6 +170,8 @@ def parse_args(argv=None):
         "another recipe (refused without --force).",
     )
     args = parser.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = FAMILY_BATCH_SIZE[args.family]
     positive = ("vae_refit_batch_size", "num_train_images", "train_steps", "batch_size", "learning_rate")
     for name in positive:
         if getattr(args, name) <= 0:
@@ -142,7 +182,16 @@ def parse_args(argv=None):
         parser.error("--cfg_dropout and --ema_decay must lie in [0, 1).")
     if not 0 <= args.position_caption_share <= 1 or not 0 <= args.position_caption_noise <= 1:
         parser.error("--position_caption_share and --position_caption_noise must lie in [0, 1].")
-    if args.pipeline_folder is None:
+    if args.family == "sd3" and (args.snr_gamma != 0 or args.position_caption_share != 0):
+        parser.error(
+            "--snr_gamma and --position_caption_share are sdxl settings; --family sd3 trains plain captions with "
+            "rectified flow (--weighting_scheme). Leave them at 0."
+        )
+    if args.family == "sdxl" and args.weighting_scheme != "logit_normal":
+        parser.error("--weighting_scheme is an sd3 setting; the sdxl family draws t ~ U{0..999}. Leave it out.")
+    if args.pipeline_folder is None and args.family == "sd3":
+        args.pipeline_folder = SD3_PIPELINE_FOLDER
+    elif args.pipeline_folder is None:
         args.pipeline_folder = "tiny-world-positional-sdxl" if args.position_caption_share > 0 else PIPELINE_FOLDER
     return args
 
@@ -165,6 +214,22 @@ TRAIN_SETTINGS = (
     "position_caption_share",
     "position_caption_noise",
 )
+# The sd3 recipe's settings: the sdxl-only ones left out, the family and the flow timestep density in.
+SD3_TRAIN_SETTINGS = (
+    "family",
+    *(
+        name
+        for name in TRAIN_SETTINGS
+        if name not in ("snr_gamma", "position_caption_share", "position_caption_noise")
+    ),
+    "weighting_scheme",
+)
+
+
+def train_settings(args):
+    """{name: value} of the settings that decide the build (recorded in tiny_world.json, hashed by fingerprint)."""
+    names = SD3_TRAIN_SETTINGS if args.family == "sd3" else TRAIN_SETTINGS
+    return {name: getattr(args, name) for name in names}
 
 
 def fingerprint(args):
@@ -173,9 +238,21 @@ def fingerprint(args):
     import diffusers
     import torch
 
-    sources = "".join(
-        inspect.getsource(obj)
-        for obj in (
+    if args.family == "sd3":
+        pieces = (
+            world.build_tiny_sd3_pipeline,
+            world.tiny_t5_tokenizer,
+            world.tiny_text_config,
+            world.fit_tiny_vae,
+            world.make_image,
+            world.write_clip_tokenizer_files,
+            image_batch,
+            refit_vae,
+            refit_vae_shift_and_scale,
+            pretrain_sd3,
+        )
+    else:
+        pieces = (
             world.build_tiny_sdxl_pipeline,
             world.tiny_text_config,
             world.tiny_vae,
@@ -187,10 +264,10 @@ def fingerprint(args):
             encode_prompts,
             pretrain,
         )
-    )
+    sources = "".join(inspect.getsource(obj) for obj in pieces)
     key = {
         "format_version": FORMAT_VERSION,
-        "settings": {name: getattr(args, name) for name in TRAIN_SETTINGS},
+        "settings": train_settings(args),
         "colors": world.COLORS,
         "unet_preset": world.UNET_PRESETS["tiny"],
         "source": hashlib.sha256(sources.encode()).hexdigest(),
@@ -427,6 +504,137 @@ def pretrain(args, base_path, out_path):
     return timings, float(np.mean(losses[-100:]))
 
 
+def refit_vae_shift_and_scale(vae, seed, resolution=64):
+    """SD3's latent normalisation for the refitted 16-channel VAE: shift_factor and scaling_factor such that
+    (z - shift_factor) x scaling_factor has zero mean and unit variance over a balanced batch of tiny-world images
+    (refit_vae sets only a scaling_factor, for latents taken as centred)."""
+    import torch
+
+    rng = np.random.default_rng([seed, 303])
+    count = 8 * len(COLOR_NAMES)
+    colors, halves = np.arange(count) % len(COLOR_NAMES), (np.arange(count) // len(COLOR_NAMES)) % 2
+    with torch.no_grad():
+        latents = vae.encode(image_batch(rng, count, resolution, colors, halves)[0]).latent_dist.mode()
+    vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
+
+
+def pretrain_sd3(args, base_path, out_path):
+    """The sd3 family's steps 2-5: as `pretrain`, with the transformer trained by rectified flow.
+
+    x_t = (1 - sigma) x0 + sigma eps, target eps - x0 (utils.flow_matching_noisy_and_target), sigma drawn by
+    --weighting_scheme and read from the FlowMatchEulerDiscreteScheduler's table with its shift (what the
+    pipeline samples with); timestep sigma x 1000; conditioning from StableDiffusion3Pipeline.encode_prompt with
+    the pipeline's default max_sequence_length (the sampler sees the same T5 length); a dropped caption gets the
+    encoded empty prompt, the pipeline's unconditional branch (negative_prompt "")."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    timings = {}
+    torch.manual_seed(args.seed)
+    pipe = StableDiffusion3Pipeline.from_pretrained(base_path)
+    resolution = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+
+    start = time.perf_counter()
+    print(f"tiny world base: refitting the VAE ({args.vae_refit_steps} steps)", flush=True)
+    refit_vae(
+        pipe.vae,
+        args.vae_refit_steps,
+        args.vae_refit_lr,
+        args.vae_refit_batch_size,
+        args.seed,
+        resolution,
+        args.vae_ball_weight,
+    )
+    refit_vae_shift_and_scale(pipe.vae, args.seed, resolution)
+    timings["vae_refit_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    rng = np.random.default_rng([args.seed, 202])
+    n = args.num_train_images
+    print(f"tiny world base: encoding {n} training images", flush=True)
+    colors, halves = np.arange(n) % len(COLOR_NAMES), (np.arange(n) // len(COLOR_NAMES)) % 2
+    shift_factor, scaling_factor = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    latents = []
+    with torch.no_grad():
+        for begin in range(0, n, 128):
+            images, _, _ = image_batch(rng, min(128, n - begin), resolution, colors[begin:], halves[begin:])
+            latents.append((pipe.vae.encode(images).latent_dist.mode() - shift_factor) * scaling_factor)
+        latents = torch.cat(latents)
+        captions = [f"a photo of a {c} ball" for c in COLOR_NAMES] + [""]  # row 6: the unconditional branch
+        prompt_embeds, _, pooled_embeds, _ = pipe.encode_prompt(
+            captions, None, None, do_classifier_free_guidance=False
+        )
+    colors_t = torch.from_numpy(colors).long()
+    timings["data_s"] = time.perf_counter() - start
+
+    transformer = pipe.transformer
+    transformer.train()
+    scheduler_config = copy.deepcopy(dict(pipe.scheduler.config))
+    num_train_timesteps, shift = scheduler_config["num_train_timesteps"], scheduler_config["shift"]
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    def lr_lambda(step):
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, args.train_steps - args.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    ema = [p.detach().clone() for p in transformer.parameters()] if args.ema_decay > 0 else None
+    generator = torch.Generator().manual_seed(args.seed)
+    losses = []
+    print(
+        f"tiny world base: pre-training the transformer ({args.train_steps} steps of {args.batch_size} images)",
+        flush=True,
+    )
+    start = time.perf_counter()
+    progress = Progress(args.train_steps)
+    for step in range(args.train_steps):
+        index = torch.randint(0, n, (args.batch_size,), generator=generator)
+        x0 = latents[index]
+        keep = torch.rand(args.batch_size, generator=generator) >= args.cfg_dropout
+        caption_index = torch.where(keep, colors_t[index], len(COLOR_NAMES))
+        noise = torch.randn(x0.shape, generator=generator)
+        u = sample_flow_matching_u(args.weighting_scheme, [generator] * args.batch_size)
+        sigmas = flow_matching_sigmas(u, num_train_timesteps, shift)
+        noisy, target = flow_matching_noisy_and_target(x0, noise, sigmas)
+        prediction = transformer(
+            hidden_states=noisy,
+            timestep=sigmas * num_train_timesteps,
+            encoder_hidden_states=prompt_embeds[caption_index],
+            pooled_projections=pooled_embeds[caption_index],
+        ).sample
+        loss = (prediction - target).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for average, parameter in zip(ema, transformer.parameters()):
+                    average.lerp_(parameter.detach(), 1 - decay)
+        losses.append(loss.item())
+        if progress.due(step):
+            print(
+                f"  transformer step {step + 1}/{args.train_steps}: loss {np.mean(losses[-100:]):.4f} "
+                f"({progress.elapsed_s:.0f} s)",
+                flush=True,
+            )
+    timings["pretrain_s"] = time.perf_counter() - start
+    if ema is not None:
+        with torch.no_grad():
+            for average, parameter in zip(ema, transformer.parameters()):
+                parameter.copy_(average)
+    transformer.eval()
+    # else the scratch folder's path is written into their configs
+    for component in (pipe, pipe.transformer, pipe.vae):
+        component.register_to_config(_name_or_path=Path(out_path).name)
+    pipe.save_pretrained(out_path)
+    return timings, float(np.mean(losses[-100:]))
+
+
 def build(args):
     """The pre-trained pipeline's folder: reused when its fingerprint matches, else (re)built. Returns (path, info)."""
     import diffusers
@@ -452,18 +660,23 @@ def build(args):
     info_path.unlink(missing_ok=True)  # a build interrupted from here on is never taken for a finished one
     timings = {}
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="tiny-sdxl-") as base_path:
-        print("tiny world base: building the untrained pipeline (world.build_tiny_sdxl_pipeline)", flush=True)
+    builder, train = (
+        (world.build_tiny_sd3_pipeline, pretrain_sd3)
+        if args.family == "sd3"
+        else (world.build_tiny_sdxl_pipeline, pretrain)
+    )
+    with tempfile.TemporaryDirectory(prefix=f"tiny-{args.family}-") as base_path:
+        print(f"tiny world base: building the untrained pipeline (world.{builder.__name__})", flush=True)
         with heartbeat("still building the untrained pipeline"):
-            world.build_tiny_sdxl_pipeline(base_path, seed=args.seed)
+            builder(base_path, seed=args.seed)
         timings["build_base_s"] = time.perf_counter() - start
-        trained, final_loss = pretrain(args, base_path, str(out_path))
+        trained, final_loss = train(args, base_path, str(out_path))
     timings.update(trained)
     timings["total_s"] = time.perf_counter() - start
     info = {
         "fingerprint": key,
         "format_version": FORMAT_VERSION,
-        "settings": {name: getattr(args, name) for name in TRAIN_SETTINGS},
+        "settings": train_settings(args),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "timings": timings,
@@ -472,7 +685,8 @@ def build(args):
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     print(
         f"== tiny world base built: {out_path} in {timings['total_s']:.0f} s "
-        f"(VAE refit {timings['vae_refit_s']:.0f} s, UNet {timings['pretrain_s']:.0f} s), final loss {final_loss:.4f}"
+        f"(VAE refit {timings['vae_refit_s']:.0f} s, {'transformer' if args.family == 'sd3' else 'UNet'} "
+        f"{timings['pretrain_s']:.0f} s), final loss {final_loss:.4f}"
     )
     return out_path, info
 
