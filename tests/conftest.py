@@ -61,6 +61,15 @@ def tiny_sdxl(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny SD3 pipeline (make_tiny_assets --family sd3, 20-step VAE fit): the folder, for the flow scripts."""
+    from examples.tiny_world import world
+
+    build = lambda folder: world.build_tiny_sd3_pipeline(folder / "tiny-sd3", vae_fit_steps=20)  # noqa: E731
+    return built_once(tmp_path_factory, "tiny_sd3", build) / "tiny-sd3"
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """Tiny SD1.x-style pipelines with a fitted VAE, by prediction type: tiny_sd("epsilon") or
     tiny_sd("v_prediction") is the folder, built the first time a test asks for it (about a minute and a half each
@@ -85,6 +94,18 @@ def tiny_rewards(tmp_path_factory):
     return {name: str(folder / name) for name in STAND_INS}  # where write_tiny_reward_models put each one
 
 
+@pytest.fixture(scope="session")
+def base_verdicts(tiny_world, tmp_path_factory):
+    """The shipped tiny-world base's images of kit.PROMPTS (kit.generate_and_judge, seed 0), judged by toy_ball: drawn
+    once for all workers, the baseline of every learning test on that base."""
+    from kit import generate_and_judge
+
+    from examples.tiny_world.report import judge_run
+
+    folder = built_once(tmp_path_factory, "base-generated", lambda path: generate_and_judge(tiny_world, path, "base"))
+    return judge_run(folder / "base")
+
+
 @pytest.fixture(scope="module")
 def hub_cache_in_a_temporary_folder(tmp_path_factory):
     """Nothing in the module may read or fill ~/.cache: an empty hub cache, offline. A module asks for it with
@@ -105,27 +126,75 @@ def images(request):
     return [Image.fromarray(rng.integers(0, 256, size=(48 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(count)]
 
 
-# The modules that take minutes, longest first: pytest-xdist (--dist loadscope) hands modules to the workers in
-# collection order, so these start first and the many short modules fill in at the end, instead of one long
-# module running alone while the other workers are done.
-LONGEST_FIRST = [
+# How the suite is shared among pytest-xdist workers (tests/run_tests.sh: --dist loadgroup --no-loadscope-reorder).
+# A unit of work is one test, or the tests of a module that share a module- or class-scoped fixture (a training
+# run several tests read: they must run on the worker that built it, and it is built once). Units are handed out in
+# the order below, the longest first, so no long test starts last and runs alone while the other workers idle.
+# xdist's default reorder (modules with the most tests first) would undo that order: run_tests.sh turns it off.
+LONGEST_TESTS = [  # single tests of several minutes, started before everything else
+    "scripts/test_scaling.py::test_benchmark_in_its_reduced_setting",
+    "tools/test_toy2d.py::test_the_default_run_reproduces_the_committed_numbers",
+]
+LONGEST_FIRST = [  # then the modules whose units take minutes
     "learning/test_learning.py",
-    "scripts/test_scaling.py",
-    "scripts/test_capo.py",
-    "learning/test_learning_personalization.py",
-    "scripts/test_ddspo.py",
-    "scripts/test_end_to_end.py",
     "learning/test_learning_ddspo.py",
+    "learning/test_learning_personalization.py",
+    "scripts/test_end_to_end.py",
+    "scripts/test_capo.py",
+    "scripts/test_scaling.py",
     "scripts/test_personalization.py",
+    "scripts/test_ddspo.py",
+    "scripts/test_sd3_dpo.py",
+    "scripts/test_caching.py",
     "tools/test_eval.py",
+    "scripts/test_bad_inputs_sdxl.py",
+    "tools/test_toy2d.py",
+    "unit/test_data.py",
+    "tools/test_mapo_tasks.py",
     "tools/test_ddspo_pairs.py",
     "scripts/test_errors.py",
 ]
+# Module-scoped fixtures cheap enough to set up on every worker that runs a test of their module: they do not tie
+# that module's tests to one worker.
+CHEAP_SHARED_FIXTURES = {"hub_cache_in_a_temporary_folder", "images"}
 
 
+def shared_fixture_groups(items):
+    """{item: group name} for the tests that share an expensive module- or class-scoped fixture: the tests of a
+    module joined (transitively) by the fixtures they share form one group, named after the module and one of its
+    fixtures. Tests that share none are absent: each is a unit of its own."""
+    parent = {}
+
+    def find(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        names = [
+            (module, name)
+            for name, definitions in item._fixtureinfo.name2fixturedefs.items()
+            if definitions[-1].scope in ("module", "class") and name not in CHEAP_SHARED_FIXTURES
+        ]
+        for key in names[1:]:
+            parent[find(key)] = find(names[0])
+        if names:
+            shared[item] = names[0]
+    return {item: "{}::{}".format(*find(key)) for item, key in shared.items()}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    root = config.rootpath / "tests"
+
     def rank(item):
-        relative = item.path.relative_to(config.rootpath / "tests").as_posix()
+        relative = item.path.relative_to(root).as_posix()
+        if any(item.nodeid.split("tests/", 1)[-1].startswith(test) for test in LONGEST_TESTS):
+            return -1
         return LONGEST_FIRST.index(relative) if relative in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within a module, and of the other modules, stays as collected
+    for item, group in shared_fixture_groups(items).items():
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash examples/setup_env.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
-exec .venv/bin/python -m pytest tests -n "${PYTEST_WORKERS:-3}" --dist loadscope --durations=25 "$@"
+exec .venv/bin/python -m pytest tests -n "${PYTEST_WORKERS:-3}" --dist loadgroup --no-loadscope-reorder --durations=25 "$@"

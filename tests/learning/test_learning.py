@@ -45,11 +45,6 @@ def train_from_base(tiny_world, output_dir, method, dataset=None):
     return output_dir
 
 
-@pytest.fixture(scope="module")
-def base_verdicts(tiny_world, tmp_path_factory):
-    return generate_and_judge(tiny_world, tmp_path_factory.mktemp("generated"), "base")
-
-
 def test_pretrained_base_draws_the_captions_colour_in_either_half(base_verdicts):
     assert share(base_verdicts, "found") >= 0.95
     assert share(base_verdicts, "color_match") >= 0.95
