@@ -11,7 +11,8 @@ from kit import OFFLINE_ENV, REPO, one_line_error, run_python
 
 
 SCRIPTS = ["train_diffusion_dpo_sdxl.py", "train_mapo_sdxl.py", "train_ddspo.py", "train_capo.py"]
-ALL_SCRIPTS = [*SCRIPTS, "train_mapo_personalization_sdxl.py"]  # the last needs --instance_data_dir to get further
+# train_mapo_personalization_sdxl.py needs --instance_data_dir to get further; test_sd3_dpo.py covers the SD3 script
+ALL_SCRIPTS = [*SCRIPTS, "train_mapo_personalization_sdxl.py", "train_diffusion_dpo_sd3.py"]
 HUB_ID_NOT_HERE = "no-such-org/no-such-model"  # looks like a hub id: it can only fail when the models load
 
 

@@ -84,6 +84,7 @@ def test_two_processes_reach_the_weights_of_one_process_with_the_same_global_bat
         ("multi_gpu_ddp.yaml", "MULTI_GPU", 8),
         ("deepspeed_zero2.yaml", "DEEPSPEED", 8),
         ("fsdp.yaml", "FSDP", 8),
+        ("fsdp_sd3.yaml", "FSDP", 8),
     ],
 )
 def test_accelerate_configs_load_and_say_what_they_run(config, distributed_type, num_processes):

@@ -216,7 +216,10 @@ def test_model_with_unsupported_prediction_type_is_refused(tiny_assets, tmp_path
     assert result.returncode == 2 and "found prediction_type='sample'" in result.stdout
 
 
-@pytest.mark.parametrize("script_name", ["train_diffusion_dpo_sdxl", "train_mapo_sdxl", "train_ddspo", "train_capo"])
+@pytest.mark.parametrize(
+    "script_name",
+    ["train_diffusion_dpo_sdxl", "train_mapo_sdxl", "train_ddspo", "train_capo", "train_diffusion_dpo_sd3"],
+)
 def test_a_rewritten_dataset_folder_whose_card_declares_its_files_loads_its_new_rows(script_name, tmp_path):
     # examples/capo/select_pairs.py and examples/ddspo/generate_pairs.py write such a card; datasets keys the cache
     # of a `configs:` card on its file patterns, so without naming the files a rerun would train on the old rows.
@@ -237,7 +240,10 @@ def test_a_rewritten_dataset_folder_whose_card_declares_its_files_loads_its_new_
         assert len(script.load_split(str(folder), "train", cache_dir=cache)) == rows
 
 
-@pytest.mark.parametrize("script_name", ["train_diffusion_dpo_sdxl", "train_mapo_sdxl", "train_ddspo", "train_capo"])
+@pytest.mark.parametrize(
+    "script_name",
+    ["train_diffusion_dpo_sdxl", "train_mapo_sdxl", "train_ddspo", "train_capo", "train_diffusion_dpo_sd3"],
+)
 def test_two_dataset_folders_of_one_name_and_card_each_load_their_own_rows(script_name, tmp_path):
     # A plain load_dataset(folder) keys such a folder's cache on its name and its card's patterns: the second folder
     # would read the first's rows.

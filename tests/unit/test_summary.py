@@ -6,12 +6,14 @@ import torch
 
 import train_capo
 import train_ddspo
+import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 import train_mapo_personalization_sdxl
 import train_mapo_sdxl
 
 
 SCRIPTS = [train_diffusion_dpo_sdxl, train_mapo_sdxl, train_mapo_personalization_sdxl, train_ddspo, train_capo]
+SCRIPTS += [train_diffusion_dpo_sd3]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
