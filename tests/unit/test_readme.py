@@ -7,6 +7,7 @@ import pytest
 
 import train_capo
 import train_ddspo
+import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 import train_mapo_personalization_sdxl
 import train_mapo_sdxl
@@ -57,12 +58,13 @@ def option_strings(script):
     ]
 
 
-SCRIPTS = [train_diffusion_dpo_sdxl, train_mapo_sdxl, train_mapo_personalization_sdxl, train_ddspo, train_capo]
+SCRIPTS = [train_diffusion_dpo_sdxl, train_diffusion_dpo_sd3, train_mapo_sdxl, train_mapo_personalization_sdxl, train_ddspo, train_capo]
 
 
 # Each script's flags are documented in its guide, or in docs/TRAINING.md for the flags all scripts share.
 GUIDES = {
     "train_diffusion_dpo_sdxl": "examples/dpo/README.md",
+    "train_diffusion_dpo_sd3": "examples/dpo/README.md",
     "train_mapo_sdxl": "examples/mapo/README.md",
     "train_mapo_personalization_sdxl": "examples/mapo/README.md",
     "train_ddspo": "examples/ddspo/README.md",
@@ -128,7 +130,7 @@ def test_files_named_in_the_two_commands_exist():
 DOCUMENTS = [*MARKDOWN, "requirements.txt", "train_diffusion_dpo_sdxl.py"]
 DOCUMENTS += ["train_mapo_sdxl.py", "utils/diffusion.py", "tests/run_tests.sh", "examples/setup_env.sh"]
 DOCUMENTS += ["train_mapo_personalization_sdxl.py"]
-DOCUMENTS += ["train_ddspo.py", "train_capo.py"]
+DOCUMENTS += ["train_ddspo.py", "train_capo.py", "train_diffusion_dpo_sd3.py"]
 
 
 def test_every_repository_file_the_docs_point_to_exists():
