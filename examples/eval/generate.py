@@ -16,7 +16,8 @@ prompt_index, k, seed, image), `prompts.json` and `generation_config.json`.
           stabilityai/stable-diffusion-3-medium-diffusers --scheduler flow_dpmpp_2m --shift 3.0 \
           --num_inference_steps 50 --guidance_scale 5.0 --model_name sd3 --prompts pickapic_v2_test \
           --output_dir generated
-  `--lora_path` takes a train_diffusion_dpo_sd3.py output; `--unet_path` and `--textual_inversion_path` are SDXL's.
+  `--lora_path` takes a train_diffusion_dpo_sd3.py LoRA output and `--transformer_path` its full fine-tuning
+  output (a folder with `transformer/`); `--unet_path` and `--textual_inversion_path` are for UNet pipelines.
 - Trained weights: `--lora_path` (a training output folder with `pytorch_lora_weights.safetensors`,
   or the file) or `--unet_path` (a folder with `unet/`, the `unet/` folder itself, or a hub repository
   such as mhdang/dpo-sdxl-text2image-v1); neither for the base model. A personalization run's new token
@@ -61,7 +62,7 @@ from examples.lib.sampling import (
     sampler_settings,
     share_of_this_process,
     textual_inversion_file,
-    unet_subfolder,
+    model_subfolder,
     weight_dtype_for,
 )
 
@@ -96,6 +97,14 @@ def parse_args(input_args=None):
         default=None,
         help="A fine-tuned UNet: a training output folder holding unet/, the unet/ folder itself, "
         "or a hub repository of either kind.",
+    )
+    parser.add_argument(
+        "--transformer_path",
+        type=str,
+        default=None,
+        help="A fine-tuned transformer of a flow pipeline (SD3, SD3.5): a training output folder holding "
+        "transformer/ (train_diffusion_dpo_sd3.py's full fine-tuning), the transformer/ folder itself, or a hub "
+        "repository of either kind.",
     )
     parser.add_argument(
         "--model_name",
@@ -161,9 +170,11 @@ def check_args(args):
     check_safetensors_in(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     if args.max_prompts is not None and args.max_prompts <= 0:
         raise InputError(f"--max_prompts must be positive, got {args.max_prompts}.")
-    if args.lora_path is not None and args.unet_path is not None:
+    trained = [f"--{flag}" for flag in ("lora_path", "unet_path", "transformer_path") if getattr(args, flag)]
+    if len(trained) > 1:
         raise InputError(
-            "Give --lora_path or --unet_path, not both: each evaluates one trained model against the same base."
+            f"Give one of --lora_path, --unet_path, --transformer_path, not {' and '.join(trained)}: each evaluates "
+            "one trained model against the same base."
         )
     if args.lora_path is not None:
         lora = Path(args.lora_path)
@@ -184,12 +195,20 @@ def check_args(args):
         if sdxl_only:
             raise InputError(
                 f"--{sdxl_only[0]} is for UNet pipelines (SD1.x, SD2.x, SDXL), but "
-                f"{args.pretrained_model_name_or_path!r} is a {class_name}; give its trained weights as --lora_path."
+                f"{args.pretrained_model_name_or_path!r} is a {class_name}; give its trained weights as --lora_path "
+                "or --transformer_path."
             )
-    if args.unet_path is not None and Path(args.unet_path).exists():
-        subfolder = unet_subfolder(args.unet_path)  # a hub id is checked when the model loads
-        for weights in sorted(Path(args.unet_path, subfolder or "").glob("*.safetensors")):
-            check_safetensors(weights, "--unet_path: the weight file")
+    elif class_name is not None and args.transformer_path is not None:
+        raise InputError(
+            f"--transformer_path is for flow pipelines (SD3, SD3.5), but {args.pretrained_model_name_or_path!r} is a "
+            f"{class_name}; give a fine-tuned UNet as --unet_path."
+        )
+    for name in ("unet", "transformer"):
+        path = getattr(args, f"{name}_path")
+        if path is not None and Path(path).exists():
+            subfolder = model_subfolder(path, name)  # a hub id is checked when the model loads
+            for weights in sorted(Path(path, subfolder or "").glob("*.safetensors")):
+                check_safetensors(weights, f"--{name}_path: the weight file")
     if (
         not args.model_name
         or any(character in args.model_name for character in "/\\")
@@ -213,6 +232,8 @@ def generation_settings(args, weight_dtype):
         "lora_scale": args.lora_scale if args.lora_path else None,
         "textual_inversion_path": resolved_path(args.textual_inversion_path),
         "unet_path": resolved_path(args.unet_path),
+        # a flow pipeline's; absent when not given, so folders made before the flag resume
+        **({"transformer_path": resolved_path(args.transformer_path)} if args.transformer_path else {}),
         "negative_prompt": args.negative_prompt,
         "seed": args.seed,
     }
@@ -295,6 +316,7 @@ def main(args):
             weight_dtype,
             accelerator.device,
             unet_path=args.unet_path,
+            transformer_path=args.transformer_path,
             lora_path=args.lora_path,
             lora_scale=args.lora_scale,
             textual_inversion_path=args.textual_inversion_path,

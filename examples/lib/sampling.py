@@ -211,23 +211,29 @@ def load_textual_inversion(pipeline, path):
     return token
 
 
-def unet_subfolder(unet_path):
-    """The subfolder ("unet", or None: the top) with the UNet config of a training output, unet folder or hub repo."""
-    path = Path(unet_path)
-    if path.exists():
-        has = lambda name: (path / name).is_file()  # noqa: E731
+def model_subfolder(path, name="unet"):
+    """The subfolder (`name`, or None: the top) holding the config of a fine-tuned UNet or transformer: a training
+    output folder, the model's own folder, or such a hub repository."""
+    local = Path(path)
+    if local.exists():
+        has = lambda file: (local / file).is_file()  # noqa: E731
     else:
         from huggingface_hub import file_exists
 
-        has = lambda name: file_exists(unet_path, name)  # noqa: E731
-    if has("unet/config.json"):
-        return "unet"
+        has = lambda file: file_exists(path, file)  # noqa: E731
+    if has(f"{name}/config.json"):
+        return name
     if has("config.json"):
         return None
     raise InputError(
-        f"--unet_path {unet_path!r} holds neither unet/config.json nor config.json; "
-        "expected a training output folder with unet/, a unet folder, or such a hub repository."
+        f"--{name}_path {path!r} holds neither {name}/config.json nor config.json; "
+        f"expected a training output folder with {name}/, a {name} folder, or such a hub repository."
     )
+
+
+def unet_subfolder(unet_path):
+    """The subfolder ("unet", or None: the top) with the UNet config of a training output, unet folder or hub repo."""
+    return model_subfolder(unet_path, "unet")
 
 
 def image_seed(base_seed, *indices):
@@ -266,6 +272,7 @@ def load_pipeline(
     shift=None,
     vae_path=None,
     unet_path=None,
+    transformer_path=None,
     lora_path=None,
     lora_scale=1.0,
     textual_inversion_path=None,
@@ -275,7 +282,8 @@ def load_pipeline(
 ):
     """The text-to-image pipeline of the family model_index.json names (SDXL, SD1.x, SD2.x, SD3), on `device`.
 
-    `vae_path` and `unet_path` replace those components; `lora_path` (a folder with LORA_WEIGHT_NAME, or the file)
+    `vae_path`, `unet_path` and `transformer_path` (a flow pipeline's, e.g. train_diffusion_dpo_sd3.py's full
+    fine-tuning output) replace those components; `lora_path` (a folder with LORA_WEIGHT_NAME, or the file)
     is fused into the weights at `lora_scale`; `textual_inversion_path` adds a trained token (SDXL);
     `scheduler` is a key of SCHEDULERS and `shift` a flow pipeline's scheduler shift (None: its own); for a
     flow-matching pipeline (SD3) "flow_dpmpp_2m" is DPMSolverMultistepScheduler with use_flow_sigmas,
@@ -298,6 +306,16 @@ def load_pipeline(
             )
         components["unet"] = UNet2DConditionModel.from_pretrained(
             unet_path, subfolder=unet_subfolder(unet_path), dtype=weight_dtype, cache_dir=cache_dir
+        )
+    if transformer_path is not None:
+        if "transformer" not in model_index:
+            raise InputError(
+                f"--transformer_path was given, but {pretrained_model_name_or_path!r} is a "
+                f"{model_index['_class_name']} without a transformer; use a flow pipeline (SD3, SD3.5)."
+            )
+        components["transformer"] = getattr(diffusers, model_index["transformer"][1]).from_pretrained(
+            transformer_path, subfolder=model_subfolder(transformer_path, "transformer"), dtype=weight_dtype,
+            cache_dir=cache_dir,
         )
     local_folder = Path(pretrained_model_name_or_path)
     safety_checker = model_index.get("safety_checker")
@@ -356,7 +374,7 @@ def read_model_index(pretrained_model_name_or_path, revision=None, cache_dir=Non
 def load_pipeline_for(args, weight_dtype, device, **trained_weights):
     """`load_pipeline` with the model flags the tools name alike (--pretrained_model_name_or_path,
     --pretrained_vae_model_name_or_path, --scheduler, --shift, --revision, --variant, --cache_dir); `trained_weights`
-    are its unet_path, lora_path, lora_scale and textual_inversion_path. The sampler flags are checked against the
+    are its unet_path, transformer_path, lora_path, lora_scale and textual_inversion_path. The sampler flags are checked against the
     pipeline's family first (check_flags_for_pipeline: a hub id's model_index.json is read before any weights)."""
     model_index = read_model_index(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     check_flags_for_pipeline(model_index.get("_class_name"), args)

@@ -91,6 +91,7 @@ def test_max_sequence_length_reaches_the_pipeline_and_is_recorded(runs):
         (SDXL_BASE, ["--scheduler", "flow_dpmpp_2m"], "is for flow-matching pipelines (SD3)"),
         (SDXL_BASE, ["--shift", 3.0], "is for flow-matching pipelines (SD3)"),
         (SDXL_BASE, ["--max_sequence_length", 77], "is for flow-matching pipelines (SD3)"),
+        (SDXL_BASE, ["--transformer_path", SD3_BASE], "--transformer_path is for flow pipelines"),
     ],
     ids=[
         "ddpm-sampler-on-sd3",
@@ -99,9 +100,30 @@ def test_max_sequence_length_reaches_the_pipeline_and_is_recorded(runs):
         "flow-sampler-on-sdxl",
         "shift-on-sdxl",
         "t5-on-sdxl",
+        "transformer-on-sdxl",
     ],
 )
 def test_flags_of_the_other_family_stop_in_one_line(model, extra, expected, prompts_file, tmp_path, capsys):
     argv = generate_argv(tmp_path, "refused", prompts_file, *extra, model=model)
     assert expected in error_in_process(generate, argv, capsys)
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_fine_tuned_transformer_is_what_draws_with_transformer_path(runs, prompts_file, tmp_path):
+    """A full fine-tune of train_diffusion_dpo_sd3.py leaves transformer/ alone: --transformer_path draws with it.
+    The base's own transformer draws the base's images; one with changed weights draws others."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(SD3_BASE, subfolder="transformer")
+    transformer.save_pretrained(tmp_path / "same" / "transformer")  # a training output folder
+    with torch.no_grad():
+        transformer.proj_out.weight.mul_(1.5)
+    transformer.save_pretrained(tmp_path / "changed-transformer")  # the transformer folder itself
+    for name in ("same", "changed"):
+        path = tmp_path / name if name == "same" else tmp_path / "changed-transformer"
+        generate.main(generate.parse_args(generate_argv(tmp_path, name, prompts_file, "--transformer_path", path)))
+    assert mean_difference(runs["default"], tmp_path / "same") < 1e-6
+    assert mean_difference(runs["default"], tmp_path / "changed") > 1.0
+    config = json.loads((tmp_path / "changed" / "generation_config.json").read_text())
+    assert config["transformer_path"] == str((tmp_path / "changed-transformer").resolve())
