@@ -106,6 +106,23 @@ def base_verdicts(tiny_world, tmp_path_factory):
     return judge_run(folder / "base")
 
 
+@pytest.fixture(scope="session")
+def tiny_world_sd3(tiny_assets):
+    """The tiny-world SD3 base (TINY_WORLD_BASES/tiny-world-sd3), with the tiny Pick-a-Pic dataset."""
+    return {"model": str(TINY_WORLD_BASES / "tiny-world-sd3"), "dataset": tiny_assets["dataset"]}
+
+
+@pytest.fixture(scope="session")
+def sd3_base_verdicts(tiny_world_sd3, tmp_path_factory):
+    """The SD3 base's images of kit.PROMPTS, judged by toy_ball: drawn once for all workers, as base_verdicts."""
+    from kit import generate_and_judge
+
+    from examples.tiny_world.report import judge_run
+
+    build = lambda path: generate_and_judge(tiny_world_sd3, path, "base")  # noqa: E731
+    return judge_run(built_once(tmp_path_factory, "sd3-base-generated", build) / "base")
+
+
 @pytest.fixture(scope="module")
 def hub_cache_in_a_temporary_folder(tmp_path_factory):
     """Nothing in the module may read or fill ~/.cache: an empty hub cache, offline. A module asks for it with
@@ -139,6 +156,7 @@ LONGEST_FIRST = [  # then the modules whose units take minutes
     "learning/test_learning.py",
     "learning/test_learning_ddspo.py",
     "learning/test_learning_personalization.py",
+    "learning/test_learning_sd3.py",
     "scripts/test_end_to_end.py",
     "scripts/test_capo.py",
     "scripts/test_scaling.py",

@@ -37,21 +37,28 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def launch(script, args, num_processes=1, timeout=600, check=True):
-    """`accelerate launch` a training script on the CPU; returns the CompletedProcess (stdout+stderr in .stdout)."""
-    accelerate = str(Path(sys.executable).parent / "accelerate")
+def launch(script, args, num_processes=1, timeout=600, check=True, accelerate=False):
+    """Run a training script (or tool) on the CPU as a user does; returns the CompletedProcess (stdout+stderr in
+    .stdout). Several processes go through `accelerate launch --multi_gpu`; one process runs with plain `python`, as
+    the scripts' docstrings allow (the Accelerator is the same; `accelerate launch --num_processes 1` only adds a
+    launcher process, 2.5 s of start-up that the suite paid about a hundred times), unless `accelerate` is True."""
     env = {**os.environ, **OFFLINE_ENV}
-    cmd = [accelerate, "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if num_processes > 1:
-        # `--cpu --num_processes 2` silently starts one process; this is the recipe that starts two (ENVIRONMENT.md).
-        env["ACCELERATE_USE_CPU"] = "1"
-        cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+    if num_processes == 1 and not accelerate:
+        cmd = python_command(script)
     else:
-        cmd += ["--num_processes", "1"]
-    if script.startswith("examples/") and script.endswith(".py"):
-        cmd += ["-m", script[: -len(".py")].replace("/", ".")]  # a tool runs as a module, as its README says
-    else:
-        cmd += [str(REPO / script)]
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1"]
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+        if num_processes > 1:
+            # `--cpu --num_processes 2` silently starts one process; this is the recipe that starts two
+            # (ENVIRONMENT.md).
+            env["ACCELERATE_USE_CPU"] = "1"
+            cmd += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
+        else:
+            cmd += ["--num_processes", "1"]
+        if script.startswith("examples/") and script.endswith(".py"):
+            cmd += ["-m", script[: -len(".py")].replace("/", ".")]  # a tool runs as a module, as its README says
+        else:
+            cmd += [str(REPO / script)]
     cmd += [str(a) for a in args]
     result = subprocess.run(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout

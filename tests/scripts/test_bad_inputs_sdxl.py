@@ -437,7 +437,10 @@ def test_a_dataset_whose_images_are_not_images_stops_with_one_line_naming_a_pair
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "data" / "train.parquet"))
     data = {"model": tiny_assets["model"], "dataset": tmp_path / "data"}
     result = launch(
-        "train_diffusion_dpo_sdxl.py", tiny_args(data, tmp_path / "out", "--max_train_steps", 1), check=False
+        "train_diffusion_dpo_sdxl.py",
+        tiny_args(data, tmp_path / "out", "--max_train_steps", 1),
+        check=False,
+        accelerate=True,  # under the launcher: still one line, and no traceback through the script
     )
     line = one_line_error_under_accelerate(result, "train_diffusion_dpo_sdxl.py")
     assert "Every pair of a batch" in line and "had an undecodable image" in line and "UnidentifiedImageError" in line

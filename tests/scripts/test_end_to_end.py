@@ -1,4 +1,5 @@
-"""The training scripts run as users run them: `accelerate launch` on tiny assets."""
+"""The training scripts run as users run them on tiny assets: `python` for one process (kit.launch), `accelerate
+launch` for two."""
 
 import filecmp
 import re
