@@ -59,10 +59,10 @@ from examples.lib.sampling import (
     image_seed,
     load_pipeline_for,
     local_pipeline_class,
+    model_subfolder,
     sampler_settings,
     share_of_this_process,
     textual_inversion_file,
-    model_subfolder,
     weight_dtype_for,
 )
 

@@ -314,7 +314,9 @@ def load_pipeline(
                 f"{model_index['_class_name']} without a transformer; use a flow pipeline (SD3, SD3.5)."
             )
         components["transformer"] = getattr(diffusers, model_index["transformer"][1]).from_pretrained(
-            transformer_path, subfolder=model_subfolder(transformer_path, "transformer"), dtype=weight_dtype,
+            transformer_path,
+            subfolder=model_subfolder(transformer_path, "transformer"),
+            dtype=weight_dtype,
             cache_dir=cache_dir,
         )
     local_folder = Path(pretrained_model_name_or_path)
@@ -374,8 +376,9 @@ def read_model_index(pretrained_model_name_or_path, revision=None, cache_dir=Non
 def load_pipeline_for(args, weight_dtype, device, **trained_weights):
     """`load_pipeline` with the model flags the tools name alike (--pretrained_model_name_or_path,
     --pretrained_vae_model_name_or_path, --scheduler, --shift, --revision, --variant, --cache_dir); `trained_weights`
-    are its unet_path, transformer_path, lora_path, lora_scale and textual_inversion_path. The sampler flags are checked against the
-    pipeline's family first (check_flags_for_pipeline: a hub id's model_index.json is read before any weights)."""
+    are its unet_path, transformer_path, lora_path, lora_scale and textual_inversion_path. The sampler flags are
+    checked against the pipeline's family first (check_flags_for_pipeline: a hub id's model_index.json is read before
+    any weights)."""
     model_index = read_model_index(args.pretrained_model_name_or_path, args.revision, args.cache_dir)
     check_flags_for_pipeline(model_index.get("_class_name"), args)
     return load_pipeline(

@@ -65,7 +65,8 @@ def test_dpo_on_sd3_moves_generated_balls_the_raters_way_and_keeps_their_colour(
     )
     assert verdicts.keys() == sd3_base_verdicts.keys()  # the same prompts and seeds
     before, after = share(sd3_base_verdicts, "top"), share(verdicts, "top")
-    print(f"SD3 DPO, {labels} labels: top-half share {before:.3f} -> {after:.3f}, colour {share(verdicts, 'color_match'):.3f}")
+    colour = share(verdicts, "color_match")
+    print(f"SD3 DPO, {labels} labels: top-half share {before:.3f} -> {after:.3f}, colour {colour:.3f}")
     change = after - before if labels == "raters" else before - after
     assert change >= MIN_CHANGE, f"{labels} labels: top-half share {before:.3f} -> {after:.3f}"
     assert share(verdicts, "color_match") >= MIN_COLOR_MATCH, f"{labels}: colour {share(verdicts, 'color_match')}"

@@ -58,7 +58,14 @@ def option_strings(script):
     ]
 
 
-SCRIPTS = [train_diffusion_dpo_sdxl, train_diffusion_dpo_sd3, train_mapo_sdxl, train_mapo_personalization_sdxl, train_ddspo, train_capo]
+SCRIPTS = [
+    train_diffusion_dpo_sdxl,
+    train_diffusion_dpo_sd3,
+    train_mapo_sdxl,
+    train_mapo_personalization_sdxl,
+    train_ddspo,
+    train_capo,
+]
 
 
 # Each script's flags are documented in its guide, or in docs/TRAINING.md for the flags all scripts share.
