@@ -47,7 +47,7 @@ from examples.lib.files import (
     resolved_path,
     write_atomically,
 )
-from examples.lib.prompts import PROMPT_SET_NAMES, read_prompts
+from examples.lib.prompts import PROMPT_SET_NAMES, looks_local, read_prompts
 from examples.lib.sampling import (
     FLOW_PIPELINES,
     LORA_WEIGHT_NAME,
@@ -205,6 +205,8 @@ def check_args(args):
         )
     for name in ("unet", "transformer"):
         path = getattr(args, f"{name}_path")
+        if path is not None and looks_local(path) and not Path(path).expanduser().exists():
+            raise InputError(f"--{name}_path {path!r} does not exist.")
         if path is not None and Path(path).exists():
             subfolder = model_subfolder(path, name)  # a hub id is checked when the model loads
             for weights in sorted(Path(path, subfolder or "").glob("*.safetensors")):

@@ -92,6 +92,7 @@ def test_max_sequence_length_reaches_the_pipeline_and_is_recorded(runs):
         (SDXL_BASE, ["--shift", 3.0], "is for flow-matching pipelines (SD3)"),
         (SDXL_BASE, ["--max_sequence_length", 77], "is for flow-matching pipelines (SD3)"),
         (SDXL_BASE, ["--transformer_path", SD3_BASE], "--transformer_path is for flow pipelines"),
+        (SD3_BASE, ["--transformer_path", "/no/such/folder"], "--transformer_path '/no/such/folder' does not exist"),
     ],
     ids=[
         "ddpm-sampler-on-sd3",
@@ -101,6 +102,7 @@ def test_max_sequence_length_reaches_the_pipeline_and_is_recorded(runs):
         "shift-on-sdxl",
         "t5-on-sdxl",
         "transformer-on-sdxl",
+        "missing-transformer",
     ],
 )
 def test_flags_of_the_other_family_stop_in_one_line(model, extra, expected, prompts_file, tmp_path, capsys):
