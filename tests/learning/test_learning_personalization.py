@@ -12,15 +12,17 @@ that only the subject's half is left to learn.
 
 Measured with these settings (64 images per prompt, the shipped tiny-world-sdxl base): the base draws the subject
 0.33 of the time for "a photo of ball ball" (a red ball, mostly in the top half) and 0.52 for "a photo of a red
-ball"; after 800 steps at learning rate 1e-3 (UNet LoRA, and text-encoder LoRA and token: 20x and 200x the paper's
-5e-5 and 5e-6), training seeds 0 / 1 / 2 give 0.91 / 0.95 / 0.95 (red 0.94 / 1.00 / 1.00). The test asks for 20
-points above either baseline and 0.9 red: the smallest measured rise is 39 points, and the 95 % interval of one
-share at 64 images is about +-0.1. On this base a subject of another colour is a poorer test: "ball ball" is drawn
-red, and a blue ball in the top half rose only from 0.50 to 0.64 (800 steps) and 0.69 (1200 steps). On the base
-this test was first written for (built locally before the bases shipped, where "ball ball" was drawn yellow and the
-subject was a red ball in the top half), broken by hand in a copy of the script the test failed: with the sign of
-the MaPO margin flipped the share was 0.03, with chosen and rejected swapped 0.00; it did not tell MaPO from
-fine-tuning on the targets alone (the margin term dropped: 0.66, which passes).
+ball"; after 400 steps at learning rate 2e-3 (UNet LoRA, and text-encoder LoRA and token: 40x and 400x the paper's
+5e-5 and 5e-6), training seeds 0 / 1 / 2 give 0.86 / 0.83 / 0.92 (red 1.00 each). The test asks for 20 points above
+either baseline and 0.9 red: the smallest measured rise is 31 points, and the 95 % interval of one share at 64
+images is about +-0.1. (800 steps at 1e-3, the setting before, gave 0.91 / 0.95 / 0.95 in twice the time.) With the
+sign of the MaPO margin flipped in a copy of the script, 400 steps at 2e-3 give 0.28 and the test fails. On this
+base a subject of another colour is a poorer test: "ball ball" is drawn red, and a blue ball in the top half rose
+only from 0.50 to 0.64 (800 steps at 1e-3) and 0.69 (1200 steps). On the base this test was first written for (built
+locally before the bases shipped, where "ball ball" was drawn yellow and the subject was a red ball in the top
+half), broken by hand in a copy of the script the test failed: with the sign of the MaPO margin flipped the share
+was 0.03, with chosen and rejected swapped 0.00; it did not tell MaPO from fine-tuning on the targets alone (the
+margin term dropped: 0.66, which passes).
 """
 
 import numpy as np
@@ -41,8 +43,8 @@ NUM_TARGETS = 6
 EVAL_IMAGES = ["--images_per_prompt", 64]  # after generate_and_judge's own 32, so it wins
 RECIPE = ["--lora_rank", 4, "--train_text_encoder", "--placeholder_token", PLACEHOLDER]
 RECIPE += ["--initializer_token", INITIALIZER, "--beta_mapo", 1024, "--train_batch_size", NUM_TARGETS]
-RECIPE += ["--learning_rate", 1e-3, "--text_encoder_lr", 1e-3, "--lr_scheduler", "constant", "--lr_warmup_steps", 0]
-RECIPE += ["--max_train_steps", 800]
+RECIPE += ["--learning_rate", 2e-3, "--text_encoder_lr", 2e-3, "--lr_scheduler", "constant", "--lr_warmup_steps", 0]
+RECIPE += ["--max_train_steps", 400]
 # The rejected samples are drawn as the evaluation draws: 20 steps at guidance 5 (generate_and_judge's settings).
 RECIPE += ["--rejected_inference_steps", 20, "--rejected_guidance_scale", 5]
 MIN_RISE = 0.2
