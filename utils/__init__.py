@@ -1,4 +1,5 @@
-"""Math every training script needs identically: noising, targets, timesteps, log-SNR, weightings."""
+"""Math every training script needs identically: noising, targets, timesteps, log-SNR, weightings, and the win-rate
+of validation by reward (which examples/eval/compare.py shares)."""
 
 from .diffusion import (
     DDPM_PREDICTION_TYPES,
@@ -18,6 +19,7 @@ from .diffusion import (
     sigmoid_loss_weight,
     unshift_sigmas,
 )
+from .validation import best_validation_step, reward_validation_metrics, validation_image_seed, win_rate
 
 
 __all__ = [
@@ -37,4 +39,8 @@ __all__ = [
     "shift_sigmas",
     "sigmoid_loss_weight",
     "unshift_sigmas",
+    "best_validation_step",
+    "reward_validation_metrics",
+    "validation_image_seed",
+    "win_rate",
 ]

@@ -27,6 +27,7 @@ import numpy as np
 from examples.lib.cli import InputError, finite_float, parse_checked_args, run_tool
 from examples.lib.files import prepare_output_folder, write_atomically
 from examples.lib.runs import ID_COLUMNS
+from utils.validation import win_rate  # the training scripts' validation by reward logs the same
 
 
 def parse_args(input_args=None):
@@ -131,12 +132,6 @@ def scores_by_prompt(rows, metric, source="the score table"):
             continue
         groups.setdefault(row["prompt"], []).append(number)
     return {prompt: np.asarray(values) for prompt, values in groups.items()}, unscored
-
-
-def win_rate(model_scores, baseline_scores):
-    """CaPO Appendix B.2 for one prompt: the share of the K x K' one-to-one comparisons the model wins, a tie half."""
-    model_scores, baseline_scores = np.asarray(model_scores)[:, None], np.asarray(baseline_scores)[None, :]
-    return float(((model_scores > baseline_scores) + 0.5 * (model_scores == baseline_scores)).mean())
 
 
 def bootstrap_interval(per_prompt_values, num_bootstrap, confidence, rng):

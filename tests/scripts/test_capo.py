@@ -188,6 +188,10 @@ def test_first_step_loss_is_each_objectives_value_at_initialisation(
 ):
     model = tiny_assets["model"] if pipeline == "sdxl" else tiny_sd("v_prediction")
     args = tiny_args({"model": model, "dataset": capo_pairs}, tmp_path, "--max_train_steps", 1)
+    if "--validation_prompts" in extra:  # and validation by reward, keeping the best step's LoRA
+        (tmp_path / "prompts.txt").write_text("a photo of a red ball\na photo of a blue ball\n")
+        extra = [*extra, "--validation_reward_models", "toy_ball", "--validation_images_per_prompt", 2]
+        extra += ["--validation_reward_prompts", tmp_path / "prompts.txt", "--keep_best_checkpoint"]
     result = launch("train_capo.py", [*args, "--objective", objective, *extra])
     assert f"Found an {'SDXL' if pipeline == 'sdxl' else 'SD1.x/SD2.x'} pipeline" in result.stdout
     summary = summary_of(tmp_path)
@@ -205,6 +209,10 @@ def test_first_step_loss_is_each_objectives_value_at_initialisation(
     )
     if "--validation_prompts" in extra:
         assert (tmp_path / "validation" / "step-000001.png").is_file()
+        assert list(summary["validation_win_rates"]) == ["0", "1"] and summary["validation_win_rates"]["0"] == 0.5
+        assert "Step 1: validation win-rate against the base" in result.stdout
+        assert summary["best_checkpoint"] in (0, 1)
+        assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").is_file()
     weights = (
         "pytorch_lora_weights.safetensors" if "--lora_rank" in extra else "unet/diffusion_pytorch_model.safetensors"
     )

@@ -189,6 +189,10 @@ def test_ddspo_first_step_loss_is_exactly_log2_in_every_mode_and_family(
     tiny_assets, tiny_sd, ddspo_pairs, tmp_path, pipeline, mode, extra
 ):
     model = tiny_assets["model"] if pipeline == "sdxl" else tiny_sd(pipeline.removeprefix("sd_"))
+    if "--validation_prompts" in extra:  # and validation by reward, keeping the best step's UNet
+        (tmp_path / "prompts.txt").write_text("a photo of a red ball\na photo of a blue ball\n")
+        extra = [*extra, "--validation_reward_models", "toy_ball", "--validation_images_per_prompt", 2]
+        extra += ["--validation_reward_prompts", tmp_path / "prompts.txt", "--keep_best_checkpoint"]
     result = launch("train_ddspo.py", ddspo_args(model, ddspo_pairs, tmp_path, "--negative_mode", mode, *extra))
     family = "SDXL" if pipeline == "sdxl" else "SD1.x/SD2.x"
     assert f"Found an {family} pipeline" in result.stdout
@@ -203,6 +207,9 @@ def test_ddspo_first_step_loss_is_exactly_log2_in_every_mode_and_family(
         assert summary["skipped_rows"] == {"empty_negative": 0, "negative_equals_caption": 0, "too_short": 0}
     if "--validation_prompts" in extra:  # rendered with the pipeline class of the family found
         assert (tmp_path / "validation" / "step-000001.png").is_file()
+        assert list(summary["validation_win_rates"]) == ["0", "1"] and summary["validation_win_rates"]["0"] == 0.5
+        assert "Step 1: validation win-rate against the base" in result.stdout
+        assert summary["best_checkpoint"] in (0, 1) and (tmp_path / "best" / "unet" / "config.json").is_file()
     weights = (
         "pytorch_lora_weights.safetensors" if "--lora_rank" in extra else "unet/diffusion_pytorch_model.safetensors"
     )

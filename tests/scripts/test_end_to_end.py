@@ -13,6 +13,9 @@ from safetensors.torch import load_file
 
 METRICS = {"loss", "implicit_acc", "reward_margin", "model_mse_w", "model_mse_l", "lr", "grad_norm"}
 DPO_METRICS = METRICS | {"ref_mse_w", "ref_mse_l"}
+# Validation by reward on two prompts, two images each, judged by toy_ball (no weights)
+REWARD_VALIDATION = ["--validation_reward_models", "toy_ball", "--validation_images_per_prompt", 2]
+REWARD_VALIDATION_PROMPTS = "a photo of a red ball\na photo of a blue ball\n"
 
 
 pytestmark = pytest.mark.slow
@@ -21,6 +24,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def mapo_lora_run(tiny_assets, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("mapo-lora")
+    prompts = tmp_path_factory.mktemp("mapo-lora-prompts") / "prompts.txt"
+    prompts.write_text(REWARD_VALIDATION_PROMPTS)
     result = launch(
         "train_mapo_sdxl.py",
         tiny_args(
@@ -52,6 +57,10 @@ def mapo_lora_run(tiny_assets, tmp_path_factory):
             8,
             "--preference_eval_timesteps",
             2,
+            *REWARD_VALIDATION,
+            "--validation_reward_prompts",
+            prompts,
+            "--keep_best_checkpoint",
         ),
     )
     return output_dir, result.stdout
@@ -83,6 +92,20 @@ def test_heldout_accuracy_before_training_is_logged_at_step_0(mapo_lora_run):
     assert [step for step, _ in logged] == [0, 2, 4]  # before training, at --validation_steps, at the end
     assert logged[0][1] == pytest.approx(summary["heldout_preference_accuracy_before"])
     assert logged[-1][1] == pytest.approx(summary["heldout_preference_accuracy_after"])
+
+
+def test_validation_by_reward_logs_the_win_rate_from_step_0_and_keeps_the_best_steps_lora(mapo_lora_run):
+    output_dir, log = mapo_lora_run
+    summary = summary_of(output_dir)
+    logged = scalar_events(output_dir / "logs")
+    assert {"validation/win_rate", "validation/win_rate_toy_ball", "validation/reward_toy_ball"} <= set(logged)
+    win_rates = dict(logged["validation/win_rate"])
+    assert list(win_rates) == [0, 2, 4] and win_rates[0] == 0.5  # the base against itself
+    assert {int(step): value for step, value in summary["validation_win_rates"].items()} == pytest.approx(win_rates)
+    assert set(summary["validation_reward_metrics"]["4"]) == {"win_rate", "win_rate_toy_ball", "reward_toy_ball"}
+    assert summary["best_checkpoint"] == max(win_rates, key=win_rates.get)
+    assert re.search(r"Step 4: validation win-rate against the base [0-9.]+: toy_ball [0-9.]+ \(mean reward", log)
+    assert (output_dir / "best" / "pytorch_lora_weights.safetensors").is_file() and not (output_dir / "unet").exists()
 
 
 def test_summary_reports_the_training_loops_peak_and_each_phase_apart(mapo_lora_run):
@@ -167,6 +190,14 @@ def test_dpo_trains_logs_reference_metrics_and_starts_at_log2(tiny_assets, tmp_p
         if mode == "lora"
         else ["--learning_rate", 1e-5, "--use_8bit_adam", "--gradient_checkpointing"]
     )
+    if mode == "full":  # validation by reward, keeping the best step's UNet
+        (tmp_path / "prompts.txt").write_text(REWARD_VALIDATION_PROMPTS)
+        extra += [
+            *REWARD_VALIDATION,
+            "--validation_reward_prompts",
+            tmp_path / "prompts.txt",
+            "--keep_best_checkpoint",
+        ]
     result = launch(
         "train_diffusion_dpo_sdxl.py",
         tiny_args(
@@ -183,6 +214,11 @@ def test_dpo_trains_logs_reference_metrics_and_starts_at_log2(tiny_assets, tmp_p
     assert "Diffusion-DPO (beta_dpo = 5000)" in card
     assert "`torch_dtype` is deprecated" not in result.stdout and "should be kept in float32" not in result.stdout
     assert (tmp_path / ("pytorch_lora_weights.safetensors" if mode == "lora" else "unet/config.json")).exists()
+    if mode == "full":
+        summary = summary_of(tmp_path)
+        assert list(summary["validation_win_rates"]) == ["0", "3"] and summary["validation_win_rates"]["0"] == 0.5
+        assert [step for step, _ in scalar_events(tmp_path / "logs")["validation/win_rate"]] == [0, 3]
+        assert summary["best_checkpoint"] in (0, 3) and (tmp_path / "best" / "unet" / "config.json").is_file()
 
 
 def test_sft_baseline_learns_from_the_winners_alone(tiny_assets, tmp_path):
@@ -255,9 +291,21 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tiny_ass
 
 
 def test_two_process_cpu_run_leaves_identical_weights_on_both_ranks(tiny_assets, tmp_path):
+    (tmp_path / "prompts.txt").write_text(REWARD_VALIDATION_PROMPTS)  # validation by reward: a prompt per process
+    validation = [*REWARD_VALIDATION, "--validation_reward_prompts", tmp_path / "prompts.txt"]
     result = launch(
         "train_mapo_sdxl.py",
-        tiny_args(tiny_assets, tmp_path, "--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 3),
+        tiny_args(
+            tiny_assets,
+            tmp_path / "out",
+            "--lora_rank",
+            4,
+            "--learning_rate",
+            1e-2,
+            "--max_train_steps",
+            3,
+            *validation,
+        ),
         num_processes=2,
     )
     assert (
@@ -265,7 +313,8 @@ def test_two_process_cpu_run_leaves_identical_weights_on_both_ranks(tiny_assets,
         and "total batch (parallel, accumulation) = 8" in result.stdout
     )
     assert "weights identical on all processes: yes" in result.stdout
-    assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+    assert summary_of(tmp_path / "out")["validation_win_rates"]["0"] == 0.5  # both prompts' scores, gathered
 
 
 def heldout_accuracies(log):

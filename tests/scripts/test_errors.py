@@ -7,7 +7,7 @@ import sys
 import datasets
 import numpy as np
 import pytest
-from kit import OFFLINE_ENV, REPO, one_line_error, run_python
+from kit import OFFLINE_ENV, REPO, one_line_error, parse_args_refusal, run_python
 
 
 SCRIPTS = ["train_diffusion_dpo_sdxl.py", "train_mapo_sdxl.py", "train_ddspo.py", "train_capo.py"]
@@ -116,3 +116,56 @@ def test_help_shows_groups_in_the_order_of_main_defaults_and_an_example(script):
     assert -1 not in positions and positions == sorted(positions), positions
     text = " ".join(result.stdout.split())  # argparse wraps at the terminal's width
     assert "(default: 1e-08)" in text and "(default: None)" not in text and f"accelerate launch {script}" in text
+
+
+def reward_validation_refusal(script, tmp_path, capsys, *flags):
+    """The one line with which `script` refuses validation-by-reward `flags` (in-process parse_args)."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    argv = ["--dataset_name", tmp_path / "data", "--output_dir", tmp_path / "out", *flags]
+    return parse_args_refusal(script.removesuffix(".py"), argv, capsys)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_validation_reward_is_one_line_naming_the_known_ones(tmp_path, script, capsys):
+    (tmp_path / "prompts.txt").write_text("a photo of a red ball\n")
+    flags = ["--validation_reward_models", "toy_ball", "nope", "--validation_reward_prompts", tmp_path / "prompts.txt"]
+    line = reward_validation_refusal(script, tmp_path, capsys, *flags)
+    assert "Unknown reward model(s) ['nope']" in line and "'pickscore'" in line and "'toy_ball'" in line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(
+    "prompts,message",
+    [
+        (None, "--validation_reward_models needs --validation_reward_prompts"),
+        ("nowhere.txt", "nowhere.txt': no such file here"),
+        ("empty.txt", "empty.txt' holds no prompt"),
+    ],
+)
+def test_validation_rewards_without_a_prompt_file_are_one_line(tmp_path, script, capsys, prompts, message):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    flags = ["--validation_reward_models", "toy_ball"]
+    flags += ["--validation_reward_prompts", tmp_path / prompts] if prompts else []
+    assert message in reward_validation_refusal(script, tmp_path, capsys, *flags)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--keep_best_checkpoint"], "--keep_best_checkpoint needs --validation_reward_models"),
+        (["--validation_reward_model_paths", "pickscore=/m"], "--validation_reward_model_paths needs --validation_"),
+        (["--validation_images_per_prompt", 0], "--validation_images_per_prompt must be positive, got 0"),
+    ],
+)
+def test_validation_by_reward_flags_without_their_rewards_are_one_line(tmp_path, script, capsys, flags, message):
+    assert message in reward_validation_refusal(script, tmp_path, capsys, *flags)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_validation_reward_weights_for_a_reward_not_asked_for_are_one_line(tmp_path, script, capsys):
+    (tmp_path / "prompts.txt").write_text("a photo of a red ball\n")
+    flags = ["--validation_reward_models", "toy_ball", "--validation_reward_prompts", tmp_path / "prompts.txt"]
+    flags += ["--validation_reward_model_paths", "pickscore=/models/pickscore"]
+    line = reward_validation_refusal(script, tmp_path, capsys, *flags)
+    assert "names 'pickscore', which is not in --validation_reward_models ['toy_ball']" in line
