@@ -672,7 +672,7 @@ from diffusers.utils import convert_unet_state_dict_to_peft  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from utils import (  # noqa: E402
+from utils.diffusion import (  # noqa: E402
     flow_matching_noisy_and_target,
     flow_matching_sigmas,
     per_sample_mse,

@@ -739,15 +739,17 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from PIL import Image, ImageOps  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from utils import (  # noqa: E402
+from utils.diffusion import (  # noqa: E402
     DDPM_PREDICTION_TYPES,
-    best_validation_step,
     noisy_latents_and_target,
     per_sample_mse,
-    reward_validation_metrics,
     sample_generators,
     sample_noise,
     sample_timesteps,
+)
+from utils.validation import (  # noqa: E402
+    best_validation_step,
+    reward_validation_metrics,
     validation_image_seed,
 )
 

@@ -693,7 +693,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from utils import (  # noqa: E402
+from utils.diffusion import (  # noqa: E402
     DDPM_PREDICTION_TYPES,
     noisy_latents_and_target,
     per_sample_mse,

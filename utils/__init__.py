@@ -1,46 +1,6 @@
-"""Math every training script needs identically: noising, targets, timesteps, log-SNR, weightings, and the win-rate
-of validation by reward (which examples/eval/compare.py shares)."""
+"""Math every training script needs identically, in two modules that the scripts import by name:
 
-from .diffusion import (
-    DDPM_PREDICTION_TYPES,
-    FLOW_TIMESTEP_SAMPLINGS,
-    flow_matching_log_snr,
-    flow_matching_noisy_and_target,
-    flow_matching_sigmas,
-    log_snr,
-    noisy_latents_and_target,
-    per_sample_mse,
-    preconditioned_outputs,
-    sample_flow_matching_u,
-    sample_generators,
-    sample_noise,
-    sample_timesteps,
-    shift_sigmas,
-    sigmoid_loss_weight,
-    unshift_sigmas,
-)
-from .validation import best_validation_step, reward_validation_metrics, validation_image_seed, win_rate
-
-
-__all__ = [
-    "DDPM_PREDICTION_TYPES",
-    "FLOW_TIMESTEP_SAMPLINGS",
-    "flow_matching_log_snr",
-    "flow_matching_noisy_and_target",
-    "flow_matching_sigmas",
-    "log_snr",
-    "noisy_latents_and_target",
-    "per_sample_mse",
-    "preconditioned_outputs",
-    "sample_flow_matching_u",
-    "sample_generators",
-    "sample_noise",
-    "sample_timesteps",
-    "shift_sigmas",
-    "sigmoid_loss_weight",
-    "unshift_sigmas",
-    "best_validation_step",
-    "reward_validation_metrics",
-    "validation_image_seed",
-    "win_rate",
-]
+- utils.diffusion: noising, targets, timesteps, log-SNR and weightings, for DDPM and flow-matching models (torch);
+- utils.validation: the win-rate of validation by reward and the best validation step (numpy only), which
+  examples/eval/compare.py shares, so that a tool that only compares score tables does not import torch.
+"""

@@ -24,7 +24,12 @@ import train_diffusion_dpo_sdxl
 import train_mapo_sdxl
 from examples.lib import calibration
 from examples.playground_2d import metrics
-from utils import log_snr, noisy_latents_and_target, per_sample_mse, sigmoid_loss_weight
+from utils.diffusion import (
+    log_snr,
+    noisy_latents_and_target,
+    per_sample_mse,
+    sigmoid_loss_weight,
+)
 
 
 NUM_TRAIN_TIMESTEPS = 1000  # DDPM's linear schedule, as SD1.x / SDXL count timesteps (MaPO's T in Eq. 6)

@@ -70,7 +70,12 @@ import numpy as np
 from examples.lib.cli import InputError, finite_float, run_tool
 from examples.lib.files import check_writable_folder
 from examples.tiny_world import world
-from utils import FLOW_TIMESTEP_SAMPLINGS, flow_matching_noisy_and_target, flow_matching_sigmas, sample_flow_matching_u
+from utils.diffusion import (
+    FLOW_TIMESTEP_SAMPLINGS,
+    flow_matching_noisy_and_target,
+    flow_matching_sigmas,
+    sample_flow_matching_u,
+)
 
 
 COLOR_NAMES = list(world.COLORS)

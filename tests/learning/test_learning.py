@@ -37,7 +37,7 @@ from kit import (
 )
 
 from examples.tiny_world.report import judge_run
-from utils import reward_validation_metrics
+from utils.validation import reward_validation_metrics
 
 
 TRAINING = ["--train_batch_size", 8, "--max_train_steps", 100, "--learning_rate", 5e-5, "--lr_scheduler", "constant"]

@@ -64,7 +64,7 @@ def test_an_sd3_folder_given_to_the_sdxl_script_names_the_sd3_script(tmp_path):
 
 def test_weighting_schemes_are_utils_timestep_samplings():
     import train_diffusion_dpo_sd3
-    from utils import FLOW_TIMESTEP_SAMPLINGS
+    from utils.diffusion import FLOW_TIMESTEP_SAMPLINGS
 
     assert train_diffusion_dpo_sd3.WEIGHTING_SCHEMES == FLOW_TIMESTEP_SAMPLINGS
 
@@ -76,7 +76,7 @@ def test_winner_and_loser_share_sigma_and_noise_and_the_target_is_the_flow_one(p
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from train_diffusion_dpo_sd3 import noisy_pair_inputs, transformer_prediction
-    from utils import sample_generators, shift_sigmas
+    from utils.diffusion import sample_generators, shift_sigmas
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     args = Namespace(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from utils import (
+from utils.diffusion import (
     flow_matching_log_snr,
     flow_matching_noisy_and_target,
     log_snr,

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from examples.eval import compare
-from utils import best_validation_step, reward_validation_metrics, validation_image_seed, win_rate
+from utils.validation import (
+    best_validation_step,
+    reward_validation_metrics,
+    validation_image_seed,
+    win_rate,
+)
 
 
 def test_win_rate_counts_every_one_of_the_k_by_k_prime_comparisons_and_a_tie_as_half():
