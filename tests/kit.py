@@ -439,7 +439,15 @@ def share(verdicts, field):
 
 def generate_and_judge(tiny_world, output_dir, model_name, *weights, prompts=PROMPTS, guidance_scale=5):
     """Draw IMAGES_PER_PROMPT images of each prompt with examples/eval/generate.py and judge each with the toy_ball
-    judge: {(prompt_index, k): verdict} (examples/tiny_world/report.judge_run)."""
+    judge: {(prompt_index, k): verdict} (examples/tiny_world/report.judge_run).
+
+    generate.py runs in this process (its main, on one thread as its subprocess runs with OMP_NUM_THREADS=1: the
+    images are byte for byte those of `python examples/eval/generate.py`), because this is the learning tests'
+    measuring instrument, called about twenty times, and a new interpreter would pay about 5 s of imports each
+    time. The tool itself is tested as users run it in tests/tools/test_eval.py."""
+    import torch
+
+    from examples.eval import generate
     from examples.tiny_world.report import judge_run
 
     prompts_file = Path(output_dir) / "prompts.txt"
@@ -449,8 +457,12 @@ def generate_and_judge(tiny_world, output_dir, model_name, *weights, prompts=PRO
     args += ["--model_name", model_name, "--images_per_prompt", IMAGES_PER_PROMPT, "--seed", 0, "--resolution", 64]
     args += ["--num_inference_steps", 20, "--guidance_scale", guidance_scale, "--batch_size", 96]
     args += ["--output_dir", output_dir, *weights]
-    result = run_python("examples/eval/generate.py", args)
-    assert result.returncode == 0, result.stdout[-4000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generate.main(generate.parse_args([str(arg) for arg in args]))
+    finally:
+        torch.set_num_threads(threads)
     return judge_run(Path(output_dir) / model_name)
 
 
