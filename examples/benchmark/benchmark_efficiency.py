@@ -277,12 +277,12 @@ def parse_args(argv=None):
     # Internal: the benchmark measures each floor in a child process of itself.
     parser.add_argument("--measure_floor", type=str, default=None, choices=list(METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--floor_output", type=str, default=None, help=argparse.SUPPRESS)
-    # Internal: the benchmark derives the DDSPO and CaPO datasets from --dataset_name in a child process too (torch
-    # needed): --derive_dataset names which, --derive_output the folder.
+    # Internal: the benchmark derives the DDSPO and CaPO datasets from --dataset_name in one child process too (torch
+    # needed): --derive_dataset names which, --derive_output their folders, in the same order.
     parser.add_argument(
-        "--derive_dataset", type=str, default=None, choices=list(DERIVED_DATASETS), help=argparse.SUPPRESS
+        "--derive_dataset", type=str, nargs="+", default=None, choices=list(DERIVED_DATASETS), help=argparse.SUPPRESS
     )
-    parser.add_argument("--derive_output", type=str, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--derive_output", type=str, nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     defaults = {"train_batch_size": (4, 2), "max_train_steps": (12, 4), "floor_steps": (10, 3)}
@@ -918,15 +918,21 @@ def derive_dataset(kind, dataset_name, output_dir, seed):
     return len(rows["caption"])
 
 
-def prepare_derived_dataset(args, kind):
-    """Set `kind`'s dataset flag (--ddspo_dataset_name, --capo_dataset_name): the given one, or the rows derived
-    from --dataset_name (built once, in a child process of this script: this process never imports torch)."""
-    flag = DERIVED_DATASETS[kind]
-    if getattr(args, flag) is not None:
-        return
-    folder = Path(args.output_dir, "assets", f"{Path(args.dataset_name).name}-{kind}")
-    if not (folder / "train.parquet").exists():
-        print(f"deriving the {METHODS[kind]['label']} dataset {folder} from {args.dataset_name} ...", flush=True)
+def prepare_derived_datasets(args, kinds):
+    """Set each of `kinds`' dataset flag (--ddspo_dataset_name, --capo_dataset_name): the given one, or the rows
+    derived from --dataset_name (built once, all in one child process of this script: this process never imports
+    torch, and the child pays the imports once)."""
+    missing = {}
+    for kind in kinds:
+        flag = DERIVED_DATASETS[kind]
+        if getattr(args, flag) is not None:
+            continue
+        folder = Path(args.output_dir, "assets", f"{Path(args.dataset_name).name}-{kind}")
+        if not (folder / "train.parquet").exists():
+            print(f"deriving the {METHODS[kind]['label']} dataset {folder} from {args.dataset_name} ...", flush=True)
+            missing[kind] = folder
+        setattr(args, flag, str(folder))
+    if missing:
         run(
             [
                 sys.executable,
@@ -941,14 +947,13 @@ def prepare_derived_dataset(args, kind):
                 "--seed",
                 args.seed,
                 "--derive_dataset",
-                kind,
+                *missing,
                 "--derive_output",
-                folder,
+                *missing.values(),
             ],
             args,
-            Path(args.output_dir, f"derive_{kind}_dataset.log"),
+            Path(args.output_dir, "derive_datasets.log"),
         )
-    setattr(args, flag, str(folder))
 
 
 def main(args):
@@ -957,15 +962,16 @@ def main(args):
         Path(args.floor_output).write_text(json.dumps(result))
         return result
     if args.derive_dataset is not None:
-        return derive_dataset(args.derive_dataset, args.dataset_name, args.derive_output, args.seed)
+        return [
+            derive_dataset(kind, args.dataset_name, output, args.seed)
+            for kind, output in zip(args.derive_dataset, args.derive_output, strict=True)
+        ]
 
     # the assets and latents caches of an earlier benchmark are reused; its report and runs are not mixed with ours
     prepare_output_folder(args.output_dir, ["benchmark.md", "benchmark.json", "runs"], args.overwrite)
     if args.pretrained_model_name_or_path is None:
         build_assets(args)
-    for kind in DERIVED_DATASETS:
-        if kind in args.methods:
-            prepare_derived_dataset(args, kind)
+    prepare_derived_datasets(args, [kind for kind in DERIVED_DATASETS if kind in args.methods])
     info = device_info(args)
     on_gpu = info["cuda"]
     budget = memory_budget_bytes(args, info)
