@@ -364,6 +364,45 @@ def parse_args(input_args=None):
         default=5.0,
         help="Classifier-free guidance for validation images.",
     )
+    logs.add_argument(
+        "--validation_reward_models",
+        type=str,
+        nargs="*",
+        default=None,
+        help="Reward models (names of examples/rewards/registry.py, e.g. pickscore hpsv21) that judge the images of "
+        "--validation_reward_prompts at step 0, every --validation_steps and at the end: the win-rate against the "
+        "base model's images (CaPO App. B.2, as examples/eval/compare.py computes it) and the mean reward are "
+        "logged per reward, and the win-rate averaged over them picks the best step.",
+    )
+    logs.add_argument(
+        "--validation_reward_model_paths",
+        type=str,
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="Local weights for some of --validation_reward_models, e.g. pickscore=/models/PickScore_v1 (default: "
+        "the published weights).",
+    )
+    logs.add_argument(
+        "--validation_reward_prompts",
+        type=str,
+        default=None,
+        help="Text file of the prompts that validation by reward draws, one a line (needed with "
+        "--validation_reward_models).",
+    )
+    logs.add_argument(
+        "--validation_images_per_prompt",
+        type=int,
+        default=4,
+        help="Images of each --validation_reward_prompts entry, image k of prompt i from seed SeedSequence((--seed, "
+        "i, k)) at every validation, as examples/eval/generate.py seeds it.",
+    )
+    logs.add_argument(
+        "--keep_best_checkpoint",
+        action="store_true",
+        help="Keep the weights of the step with the highest validation win-rate in best/ (the final output's "
+        "layout), replaced when a later step beats it. Needs --validation_reward_models.",
+    )
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the hub at the end.")
@@ -397,9 +436,11 @@ def check_args(args):
         )
     positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"]
     positive += ["preference_eval_timesteps", "vae_encode_batch_size", "num_train_epochs", "max_sequence_length"]
+    positive += ["validation_images_per_prompt"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
+    check_validation_reward_args(args)
     for name in ("max_train_steps", "max_train_samples"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
@@ -418,6 +459,71 @@ def check_args(args):
     resuming = args.resume_from_checkpoint is not None
     args.resume_from_checkpoint = resolve_checkpoint(args)
     check_output_dir(args, resuming)
+
+
+def read_validation_prompts(path):
+    """The prompts of a --validation_reward_prompts file: one a line, blank lines left out."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(
+            f"--validation_reward_prompts {path!r}: no such file here; expected a text file of prompts, one a line."
+        )
+    try:
+        prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise InputError(
+            f"--validation_reward_prompts {path!r} is not UTF-8 text; expected prompts, one a line."
+        ) from None
+    if not prompts:
+        raise InputError(f"--validation_reward_prompts {path!r} holds no prompt; expected prompts, one a line.")
+    return prompts
+
+
+def check_validation_reward_args(args):
+    """Validation by reward: known reward names, a prompt file, NAME=PATH weights; the other flags need the names.
+    The reward registry (and torch with it) is imported only when --validation_reward_models is given."""
+    if not args.validation_reward_models:
+        given = [
+            flag
+            for flag in ("validation_reward_prompts", "validation_reward_model_paths", "keep_best_checkpoint")
+            if getattr(args, flag)
+        ]
+        if given:
+            raise InputError(
+                f"--{given[0]} needs --validation_reward_models (reward names of examples/rewards/registry.py, "
+                "e.g. pickscore)."
+            )
+        return
+    if len(set(args.validation_reward_models)) != len(args.validation_reward_models):
+        raise InputError(f"--validation_reward_models names a reward twice: {args.validation_reward_models}.")
+    if args.validation_reward_prompts is None:
+        raise InputError(
+            "--validation_reward_models needs --validation_reward_prompts, a text file of prompts (one a line)."
+        )
+    read_validation_prompts(args.validation_reward_prompts)
+    paths = {}
+    for pair in args.validation_reward_model_paths:
+        name, separator, path = pair.partition("=")
+        if not separator or not name or not path:
+            raise InputError(f"--validation_reward_model_paths entries look like NAME=PATH, got {pair!r}.")
+        if name not in args.validation_reward_models:
+            raise InputError(
+                f"--validation_reward_model_paths names {name!r}, which is not in --validation_reward_models "
+                f"{args.validation_reward_models}."
+            )
+        paths[name] = path
+    args.validation_reward_model_paths = paths
+    try:
+        from examples.rewards.registry import RewardInputError, check_reward_model_names
+    except ImportError as error:
+        raise InputError(
+            f"--validation_reward_models needs the repository's examples/rewards/ ({error}); run the script from the "
+            "repository's root, or leave the flag out."
+        ) from None
+    try:
+        check_reward_model_names(args.validation_reward_models)
+    except RewardInputError as error:
+        raise InputError(f"--validation_reward_models: {error}") from None
 
 
 def names_local_path(value):
@@ -497,7 +603,7 @@ def resolve_checkpoint(args):
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # What a run of this script writes into --output_dir, besides its --logging_dir folder. Another run's are refused
 # unless it is resumed (--resume_from_checkpoint) or replaced (--overwrite); a user's other files there do not count.
-RUN_OUTPUTS = ["training_summary.json", "README.md", LORA_WEIGHTS, "transformer", "checkpoint-*", "validation"]
+RUN_OUTPUTS = ["training_summary.json", "README.md", LORA_WEIGHTS, "transformer", "checkpoint-*", "validation", "best"]
 
 
 def earlier_outputs(args):
@@ -680,6 +786,11 @@ from utils.diffusion import (  # noqa: E402
     sample_flow_matching_u,
     sample_generators,
     sample_noise,
+)
+from utils.validation import (  # noqa: E402
+    best_validation_step,
+    reward_validation_metrics,
+    validation_image_seed,
 )
 
 
@@ -1195,26 +1306,29 @@ def preference_accuracy(accelerator, transformer, vae, encode_captions, noise_sc
 
 
 @torch.no_grad()
-def validation_embeddings(args, encode_captions):
-    """The --validation_prompts' and the empty negative prompt's embeddings, encoded once at the start, so that
-    rendering needs no text encoder (T5 is freed or never loaded with --cache_latents)."""
-    prompt_embeds, pooled_prompt_embeds = encode_captions(list(args.validation_prompts))
+def validation_embeddings(encode_captions, prompts):
+    """The embeddings of `prompts` and of the empty negative prompt, encoded once at the start, so that rendering
+    needs no text encoder (T5 is freed or never loaded with --cache_latents)."""
     negative_embeds, negative_pooled_embeds = encode_captions([""])
-    return [
-        {
-            "prompt_embeds": prompt_embeds[i : i + 1],
-            "pooled_prompt_embeds": pooled_prompt_embeds[i : i + 1],
-            "negative_prompt_embeds": negative_embeds,
-            "negative_pooled_prompt_embeds": negative_pooled_embeds,
-        }
-        for i in range(len(args.validation_prompts))
-    ]
+    embeddings = []
+    for start in range(0, len(prompts), 64):
+        prompt_embeds, pooled_prompt_embeds = encode_captions(list(prompts[start : start + 64]))
+        embeddings += [
+            {
+                "prompt_embeds": prompt_embeds[i : i + 1],
+                "pooled_prompt_embeds": pooled_prompt_embeds[i : i + 1],
+                "negative_prompt_embeds": negative_embeds,
+                "negative_pooled_prompt_embeds": negative_pooled_embeds,
+            }
+            for i in range(len(prompt_embeds))
+        ]
+    return embeddings
 
 
 @torch.no_grad()
-def render_validation(args, accelerator, vae, transformer, noise_scheduler, prompt_embeddings):
-    """One image per --validation_prompts entry with `transformer`, a fixed seed per prompt (the stock
-    StableDiffusion3Pipeline, given the prompts' embeddings)."""
+def render_validation(args, accelerator, vae, transformer, noise_scheduler, prompt_embeddings, generators):
+    """Images of the prompts whose validation_embeddings are `prompt_embeddings` with `transformer`: for each prompt,
+    one image per generator in its list, in one call of the stock StableDiffusion3Pipeline."""
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config),
@@ -1228,19 +1342,29 @@ def render_validation(args, accelerator, vae, transformer, noise_scheduler, prom
     )
     pipeline.set_progress_bar_config(disable=True)
     images = []
-    for i, embeddings in enumerate(prompt_embeddings):
-        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + i)
+    for embeddings, prompt_generators in zip(prompt_embeddings, generators):
+        count = len(prompt_generators)  # the pipeline does not repeat given embeddings: one row per image
         with accelerator.autocast():
             output = pipeline(
-                **embeddings,
+                **{name: value.expand(count, *value.shape[1:]) for name, value in embeddings.items()},
                 num_inference_steps=args.validation_inference_steps,
                 guidance_scale=args.validation_guidance_scale,
                 height=args.resolution,
                 width=args.resolution,
-                generator=generator,
+                generator=prompt_generators,
             )
-        images.append(output.images[0])
+        images.append(output.images)
     return images
+
+
+def render_validation_prompts(args, accelerator, vae, transformer, noise_scheduler, prompt_embeddings):
+    """One image per --validation_prompts entry with `transformer`, a fixed seed per prompt."""
+    generators = [
+        [torch.Generator(device=accelerator.device).manual_seed(args.seed + i)]
+        for i in range(len(args.validation_prompts))
+    ]
+    images = render_validation(args, accelerator, vae, transformer, noise_scheduler, prompt_embeddings, generators)
+    return [prompt_images[0] for prompt_images in images]
 
 
 def log_validation(args, accelerator, base_images, images, step):
@@ -1261,6 +1385,99 @@ def log_validation(args, accelerator, base_images, images, step):
             caption = " | ".join(args.validation_prompts)
             tracker.log({"validation/base_vs_trained": wandb.Image(grid, caption=caption)}, step=step)
     logger.info(f"Validation images (base | trained) saved to {path}")
+
+
+def load_validation_rewards(args, device):
+    """The --validation_reward_models, each loaded once; examples/rewards is imported here, only when asked for."""
+    from examples.rewards.registry import RewardInputError, load_reward_model
+
+    rewards = {}
+    for name in args.validation_reward_models:
+        try:
+            rewards[name] = load_reward_model(name, path=args.validation_reward_model_paths.get(name), device=device)
+        except (OSError, RewardInputError) as error:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise InputError(
+                f"Could not load the validation reward {name}: {reason} Expected its published weights in the hub "
+                f"cache, or --validation_reward_model_paths {name}=PATH naming a local copy."
+            ) from error
+    return rewards
+
+
+@torch.no_grad()
+def prompt_share(accelerator, prompts):
+    """The indices of the prompts of validation by reward that this process draws: every num_processes-th one."""
+    return list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+
+
+@torch.no_grad()
+def validation_reward_scores(args, accelerator, vae, transformer, noise_scheduler, rewards, prompts, embeddings):
+    """Draw --validation_images_per_prompt images of each of `prompts` with `transformer` and score them with each
+    reward: {reward name: scores (P, K)}, on every process.
+
+    Image k of prompt i starts from a CPU generator seeded with validation_image_seed(--seed, i, k), as
+    examples/eval/generate.py draws it: every validation, the base's included, starts from the same noise. The
+    prompts are split between the processes (prompt_share; `embeddings` are the validation_embeddings of this
+    process's share) and the scores gathered.
+    """
+    mine = prompt_share(accelerator, prompts)
+    generators = [
+        [
+            torch.Generator("cpu").manual_seed(validation_image_seed(args.seed, i, k))
+            for k in range(args.validation_images_per_prompt)
+        ]
+        for i in mine
+    ]
+    training = transformer.training
+    transformer.eval()
+    images = render_validation(args, accelerator, vae, transformer, noise_scheduler, embeddings, generators)
+    transformer.train(training)
+    scores = {}
+    for i, prompt_images in zip(mine, images):
+        scores[i] = {name: reward.score(prompt_images, prompts[i]).tolist() for name, reward in rewards.items()}
+    gathered = {}
+    for part in gather_object([scores]):
+        gathered.update(part)
+    return {name: np.array([gathered[i][name] for i in range(len(prompts))]) for name in rewards}
+
+
+REWARD_VALIDATION_RECORD = "reward_validation.json"  # in validation/: what a resumed run validated before
+
+
+def reward_validation_settings(args, prompts):
+    """What makes win-rates of two validations comparable: the same rewards, prompts, seeds and sampler."""
+    return {
+        "rewards": args.validation_reward_models,
+        "reward_model_paths": args.validation_reward_model_paths,
+        "prompts": prompts,
+        "images_per_prompt": args.validation_images_per_prompt,
+        "seed": args.seed,
+        "inference_steps": args.validation_inference_steps,
+        "guidance_scale": args.validation_guidance_scale,
+        "resolution": args.resolution,
+        "max_sequence_length": args.max_sequence_length,
+    }
+
+
+def read_reward_validation_record(args, settings, first_step):
+    """{step: metrics} of the validations that an interrupted run made up to `first_step`, with the same settings."""
+    path = Path(args.output_dir, "validation", REWARD_VALIDATION_RECORD)
+    if first_step == 0 or not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    if record.get("settings") != settings:
+        logger.warning(f"{path} was written with other validation settings; its win-rates are not carried over.")
+        return {}
+    return {int(step): metrics for step, metrics in record["steps"].items() if int(step) <= first_step}
+
+
+def write_reward_validation_record(args, settings, history):
+    path = Path(args.output_dir, "validation", REWARD_VALIDATION_RECORD)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(
+        {"settings": settings, "steps": {str(step): history[step] for step in sorted(history)}}, indent=2
+    )
+    write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
 @contextlib.contextmanager
@@ -1508,6 +1725,12 @@ def main(args):
             repo_name = args.hub_model_id or Path(args.output_dir).name
             repo_id = create_repo(repo_name, exist_ok=True, token=args.hub_token).repo_id
 
+    # The rewards of validation by reward next: weights that cannot be found stop the run before SD3 loads.
+    validation_rewards, reward_prompts = {}, []
+    if args.validation_reward_models:
+        validation_rewards = load_validation_rewards(args, accelerator.device)
+        reward_prompts = read_validation_prompts(args.validation_reward_prompts)
+
     # Models. Frozen weights are loaded in the weight dtype (casting after loading warns in diffusers).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     model_path = args.pretrained_model_name_or_path
@@ -1520,6 +1743,7 @@ def main(args):
         or not (cache_path / "complete.json").exists()
         or eval_split is not None
         or bool(args.validation_prompts)
+        or bool(validation_rewards)
     )
     try:
         model_index = StableDiffusion3Pipeline.load_config(model_path, **load_kwargs)
@@ -1674,7 +1898,11 @@ def main(args):
     cache_skipped = []
     validation_prompt_embeddings = None
     if args.validation_prompts and accelerator.is_main_process:
-        validation_prompt_embeddings = validation_embeddings(args, encode_captions)
+        validation_prompt_embeddings = validation_embeddings(encode_captions, args.validation_prompts)
+    reward_prompt_embeddings = None  # this process's share, encoded now: the text encoders may be freed below
+    if validation_rewards:
+        mine = [reward_prompts[i] for i in prompt_share(accelerator, reward_prompts)]
+        reward_prompt_embeddings = validation_embeddings(encode_captions, mine)
     if args.cache_latents:
         reusing = (cache_path / "complete.json").exists()
         logger.info(f"--cache_latents: {'reusing' if reusing else 'building'} {cache_path}")
@@ -1773,12 +2001,63 @@ def main(args):
         return accuracy
 
     def render(model):
-        return render_validation(args, accelerator, vae, model, noise_scheduler, validation_prompt_embeddings)
+        return render_validation_prompts(args, accelerator, vae, model, noise_scheduler, validation_prompt_embeddings)
 
     def validate(step):
         with memory.phase("validation"):
             images = render(accelerator.unwrap_model(transformer))
             log_validation(args, accelerator, base_images, images, step)
+
+    def reward_scores(model):
+        return validation_reward_scores(
+            args,
+            accelerator,
+            vae,
+            model,
+            noise_scheduler,
+            validation_rewards,
+            reward_prompts,
+            reward_prompt_embeddings,
+        )
+
+    def keep_best(step):
+        """This step's weights replace best/: written beside it, then renamed into place."""
+        best, staging = Path(args.output_dir, "best"), Path(args.output_dir, ".best.partial")
+        if accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)
+        if args.lora_rank:
+            save_lora(transformer, staging)
+        else:
+            save_transformer(transformer, staging / "transformer")
+        if accelerator.is_main_process:
+            retired = Path(args.output_dir, ".best.replaced")
+            if best.exists():
+                os.replace(best, retired)
+            os.replace(staging, best)
+            if retired.exists():
+                shutil.rmtree(retired)
+            logger.info(f"Step {step} has the best validation win-rate so far; its weights are in {best}")
+        accelerator.wait_for_everyone()
+
+    def validate_by_reward(step, scores=None):
+        """Log the win-rate against the base's images and the mean reward of this step's images (`scores`, or drawn
+        now), per reward and averaged; with --keep_best_checkpoint, keep the weights of the best step so far."""
+        if scores is None:
+            with memory.phase("validation"):
+                scores = reward_scores(accelerator.unwrap_model(transformer))
+        metrics = reward_validation_metrics(scores, base_reward_scores)
+        accelerator.log({f"validation/{name}": value for name, value in metrics.items()}, step=step)
+        per_reward = ", ".join(
+            f"{name} {metrics[f'win_rate_{name}']:.3f} (mean reward {metrics[f'reward_{name}']:.4g})"
+            for name in validation_rewards
+        )
+        logger.info(f"Step {step}: validation win-rate against the base {metrics['win_rate']:.3f}: {per_reward}")
+        reward_history[step] = metrics
+        if accelerator.is_main_process:
+            write_reward_validation_record(args, reward_settings, reward_history)
+        win_rates = {done: values["win_rate"] for done, values in reward_history.items()}
+        if args.keep_best_checkpoint and best_validation_step(win_rates) == step:
+            keep_best(step)
 
     # Measured on the starting model, before a checkpoint is loaded.
     summary = {}
@@ -1794,6 +2073,15 @@ def main(args):
         with memory.phase("validation"):
             with adapters_disabled(accelerator.unwrap_model(transformer), args.lora_rank) as base:
                 base_images = render(base)
+    base_reward_scores, reward_history = None, {}
+    if validation_rewards:
+        with memory.phase("validation"):
+            with adapters_disabled(accelerator.unwrap_model(transformer), args.lora_rank) as base:
+                base_reward_scores = reward_scores(base)
+        reward_settings = reward_validation_settings(args, reward_prompts)
+        reward_history = read_reward_validation_record(args, reward_settings, first_step)
+        if first_step == 0:
+            validate_by_reward(0, base_reward_scores)  # the base against itself: 0.5
 
     global_step, first_epoch = first_step, first_step // num_update_steps_per_epoch
     if args.resume_from_checkpoint:
@@ -1914,6 +2202,8 @@ def main(args):
                         logger.info(f"Step {global_step}: held-out preference accuracy {accuracy:.3f}")
                     if base_images is not None:
                         validate(global_step)
+                    if validation_rewards:
+                        validate_by_reward(global_step)
                 step_started = time.perf_counter()  # checkpointing and validation are not step time
             if global_step >= args.max_train_steps:
                 break
@@ -1943,6 +2233,11 @@ def main(args):
             save_transformer(transformer, os.path.join(args.output_dir, "transformer"))
     if base_images is not None:
         validate(global_step)
+    if validation_rewards:
+        validate_by_reward(global_step)
+        summary["validation_win_rates"] = {step: reward_history[step]["win_rate"] for step in sorted(reward_history)}
+        summary["validation_reward_metrics"] = {step: reward_history[step] for step in sorted(reward_history)}
+        summary["best_checkpoint"] = best_validation_step(summary["validation_win_rates"])
     if accelerator.is_main_process:
         summary.update(
             {
@@ -2005,6 +2300,15 @@ def print_summary(args, summary):
     )
     if "replicas_identical" in summary:
         lines.append(f"   weights identical on all processes: {'yes' if summary['replicas_identical'] else 'NO'}")
+    if "best_checkpoint" in summary:
+        win_rates = summary["validation_win_rates"]
+        best = summary["best_checkpoint"]
+        kept = f", its weights in {Path(args.output_dir, 'best')}" if args.keep_best_checkpoint else ""
+        lines.append(
+            "   validation win-rate against the base: "
+            + ", ".join(f"{win_rates[step]:.3f} (step {step})" for step in win_rates)
+            + f"; best step {best}{kept}"
+        )
     print("\n".join(lines), flush=True)
 
 

@@ -22,10 +22,12 @@ def best_validation_step(win_rates):
     return best
 
 
-def validation_image_seed(seed, prompt_index, k):
-    """The seed of image k of prompt i: SeedSequence((seed, i, k)), as examples/eval/generate.py seeds its images, so
-    that a checkpoint drawn with generate.py and the same --seed renders the images its validation scored."""
-    return int(np.random.SeedSequence((seed, prompt_index, k)).generate_state(1)[0])
+def validation_image_seed(seed, *indices):
+    """The seed of one image, SeedSequence((seed, *indices)): (i, k) for image k of prompt i. The examples' tools
+    seed their images with this function (examples/lib/sampling.py's `image_seed`; a pair tool passes its row index),
+    so that a checkpoint drawn with examples/eval/generate.py and the same --seed renders the images its validation
+    scored. Independent of K, of the other prompts and of how the work is split."""
+    return int(np.random.SeedSequence((seed, *indices)).generate_state(1)[0])
 
 
 def reward_validation_metrics(scores, base_scores):

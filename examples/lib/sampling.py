@@ -11,6 +11,7 @@ from pathlib import Path
 
 from examples.lib.cli import InputError, finite_float
 from examples.lib.files import resolved_path
+from utils.validation import validation_image_seed
 
 
 SCHEDULERS = {
@@ -236,12 +237,9 @@ def unet_subfolder(unet_path):
     return model_subfolder(unet_path, "unet")
 
 
-def image_seed(base_seed, *indices):
-    """The seed of one image, from SeedSequence((base_seed, *indices)): (i, k) for image k of prompt i in
-    generate.py, the row index for a pair. Independent of K, of the other prompts and of how the work is split."""
-    import numpy as np
-
-    return int(np.random.SeedSequence((base_seed, *indices)).generate_state(1)[0])
+# The seed of one image: (i, k) for image k of prompt i in generate.py, the row index for a pair. The training scripts'
+# validation by reward seeds its images with the same function, so generate.py redraws what a validation scored.
+image_seed = validation_image_seed
 
 
 def generator_for(seed):

@@ -13,6 +13,7 @@ from kit import OFFLINE_ENV, REPO, one_line_error, parse_args_refusal, run_pytho
 SCRIPTS = ["train_diffusion_dpo_sdxl.py", "train_mapo_sdxl.py", "train_ddspo.py", "train_capo.py"]
 # train_mapo_personalization_sdxl.py needs --instance_data_dir to get further; test_sd3_dpo.py covers the SD3 script
 ALL_SCRIPTS = [*SCRIPTS, "train_mapo_personalization_sdxl.py", "train_diffusion_dpo_sd3.py"]
+REWARD_VALIDATION_SCRIPTS = [*SCRIPTS, "train_diffusion_dpo_sd3.py"]  # the scripts with validation by reward
 HUB_ID_NOT_HERE = "no-such-org/no-such-model"  # looks like a hub id: it can only fail when the models load
 
 
@@ -125,7 +126,7 @@ def reward_validation_refusal(script, tmp_path, capsys, *flags):
     return parse_args_refusal(script.removesuffix(".py"), argv, capsys)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", REWARD_VALIDATION_SCRIPTS)
 def test_unknown_validation_reward_is_one_line_naming_the_known_ones(tmp_path, script, capsys):
     (tmp_path / "prompts.txt").write_text("a photo of a red ball\n")
     flags = ["--validation_reward_models", "toy_ball", "nope", "--validation_reward_prompts", tmp_path / "prompts.txt"]
@@ -133,7 +134,7 @@ def test_unknown_validation_reward_is_one_line_naming_the_known_ones(tmp_path, s
     assert "Unknown reward model(s) ['nope']" in line and "'pickscore'" in line and "'toy_ball'" in line
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", REWARD_VALIDATION_SCRIPTS)
 @pytest.mark.parametrize(
     "prompts,message",
     [
@@ -149,7 +150,7 @@ def test_validation_rewards_without_a_prompt_file_are_one_line(tmp_path, script,
     assert message in reward_validation_refusal(script, tmp_path, capsys, *flags)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", REWARD_VALIDATION_SCRIPTS)
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -162,7 +163,7 @@ def test_validation_by_reward_flags_without_their_rewards_are_one_line(tmp_path,
     assert message in reward_validation_refusal(script, tmp_path, capsys, *flags)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", REWARD_VALIDATION_SCRIPTS)
 def test_validation_reward_weights_for_a_reward_not_asked_for_are_one_line(tmp_path, script, capsys):
     (tmp_path / "prompts.txt").write_text("a photo of a red ball\n")
     flags = ["--validation_reward_models", "toy_ball", "--validation_reward_prompts", tmp_path / "prompts.txt"]
