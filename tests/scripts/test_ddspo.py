@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from kit import REPO, launch, png_bytes, run_python, summary_of, tiny_args
+from kit import REPO, launch, parse_args_refusal, png_bytes, summary_of, tiny_args
 
 import train_ddspo
 from examples.tiny_world import world
@@ -216,37 +216,45 @@ def test_ddspo_first_step_loss_is_exactly_log2_in_every_mode_and_family(
     assert (tmp_path / weights).is_file()
 
 
+@pytest.fixture(scope="module")
+def sd_lora_run(tiny_sd, ddspo_pairs, tmp_path_factory):
+    """A 4-step LoRA run on the tiny SD1.x pipeline, with --overwrite over an earlier full fine-tune's folder (its
+    unet/ and checkpoint-9, and the user's notes.txt); a policy that left the reference, for the two-policies run."""
+    output_dir = tmp_path_factory.mktemp("sd-lora")
+    (output_dir / "unet").mkdir()
+    (output_dir / "unet" / "config.json").write_text("{}")
+    (output_dir / "checkpoint-9").mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    args = ["--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 4, "--beta_ddspo", 1000, "--overwrite"]
+    launch("train_ddspo.py", tiny_args({"model": tiny_sd("epsilon"), "dataset": ddspo_pairs}, output_dir, *args))
+    return output_dir
+
+
 @pytest.mark.slow
-def test_ddspo_lora_trains_and_its_output_loads_into_a_stock_sd_pipeline(tiny_sd, ddspo_pairs, tmp_path):
+def test_ddspo_lora_trains_and_its_output_loads_into_a_stock_sd_pipeline(tiny_sd, sd_lora_run):
     from diffusers import StableDiffusionPipeline
 
     # --overwrite over an earlier full fine-tune's folder: its unet/ and checkpoints go, the user's notes stay
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "config.json").write_text("{}")
-    (tmp_path / "checkpoint-9").mkdir()
-    (tmp_path / "notes.txt").write_text("mine")
-    args = ["--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 4, "--beta_ddspo", 1000, "--overwrite"]
-    launch("train_ddspo.py", tiny_args({"model": tiny_sd("epsilon"), "dataset": ddspo_pairs}, tmp_path, *args))
-    assert not (tmp_path / "unet").exists() and not (tmp_path / "checkpoint-9").exists()
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert summary_of(tmp_path)["last_step_metrics"]["model_mse_w"] > 0  # the policy left the reference
+    assert not (sd_lora_run / "unet").exists() and not (sd_lora_run / "checkpoint-9").exists()
+    assert (sd_lora_run / "notes.txt").read_text() == "mine"
+    assert summary_of(sd_lora_run)["last_step_metrics"]["model_mse_w"] > 0  # the policy left the reference
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd("epsilon"), safety_checker=None)
-    pipeline.load_lora_weights(str(tmp_path))
-    assert "ddspo" in (tmp_path / "README.md").read_text()
+    pipeline.load_lora_weights(str(sd_lora_run))
+    assert "ddspo" in (sd_lora_run / "README.md").read_text()
 
 
 @pytest.mark.slow
-def test_ddspo_with_targets_from_two_policies_logs_the_references_error_on_the_winner(tiny_sd, ddspo_pairs, tmp_path):
+def test_ddspo_with_targets_from_two_policies_logs_the_references_error_on_the_winner(
+    tiny_sd, ddspo_pairs, sd_lora_run, tmp_path
+):
     assets = {"model": tiny_sd("epsilon"), "dataset": ddspo_pairs}
-    policy = tmp_path / "policy"
-    launch(
-        "train_ddspo.py", tiny_args(assets, policy, "--lora_rank", 4, "--learning_rate", 1e-2, "--max_train_steps", 2)
-    )
     args = ["--lora_rank", 4, "--learning_rate", 1e-3, "--max_train_steps", 1, "--target_source", "policies"]
-    args += ["--winning_policy", policy, "--losing_policy", tiny_sd("epsilon") + "/unet"]
+    args += ["--winning_policy", sd_lora_run, "--losing_policy", tiny_sd("epsilon") + "/unet"]
     launch("train_ddspo.py", tiny_args(assets, tmp_path / "run", *args))
     first = summary_of(tmp_path / "run")["last_step_metrics"]
-    assert first["ref_mse_w"] > 0  # the winning policy's targets are not the reference's own predictions
+    # the winning policy's targets are not the reference's own predictions: 0.04 here, 4e-14 (float noise) with the
+    # base UNet as the winning policy, which `> 0` let pass
+    assert first["ref_mse_w"] > 1e-4
     assert first["ref_mse_l"] == pytest.approx(0, abs=1e-9)  # the losing policy is the base UNet, i.e. the reference
     assert first["loss"] == pytest.approx(LOG2, abs=1e-6)  # theta == ref at initialisation, whatever the targets
 
@@ -261,10 +269,9 @@ def test_ddspo_with_targets_from_two_policies_logs_the_references_error_on_the_w
         (["--min_removal", 0.8, "--max_removal", 0.5], "0 < min <= max < 1"),
     ],
 )
-def test_bad_flags_stop_with_one_line_before_any_model_loads(tmp_path, extra, message):
-    result = run_python("train_ddspo.py", ["--output_dir", tmp_path, *extra])
-    assert result.returncode == 2 and message in result.stdout
-    assert "Traceback" not in result.stdout
+def test_bad_flags_stop_with_one_line_before_any_model_loads(tmp_path, extra, message, capsys):
+    # in parse_args, before torch is imported (test_errors.py runs each script's refusal as users see it)
+    assert message in parse_args_refusal("train_ddspo", ["--output_dir", tmp_path, *extra], capsys)
 
 
 @pytest.mark.slow

@@ -7,7 +7,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from kit import launch, one_line_error_under_accelerate, pixels, run_python, summary_of
+from kit import (
+    error_in_process,
+    launch,
+    one_line_error_under_accelerate,
+    parse_args_refusal,
+    pixels,
+    run_python,
+    summary_of,
+)
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
@@ -15,6 +23,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 SCRIPT = "train_mapo_personalization_sdxl.py"
+MODULE = "train_mapo_personalization_sdxl"
 CAPTION = "a photo of <sks> ball"
 RESOLUTION = 64
 SAMPLER = ["--rejected_inference_steps", 3, "--rejected_guidance_scale", 5.0]
@@ -237,20 +246,22 @@ def test_a_dataset_of_images_without_captions_trains_with_instance_prompt(tiny_a
         (["--num_rejected_per_image", 0], "--num_rejected_per_image must be positive"),
     ],
 )
-def test_bad_personalization_flags_stop_with_one_line_before_any_model_loads(target_dir, tmp_path, flags, message):
-    result = run_python(SCRIPT, personal_args("/no/such/model", target_dir, tmp_path, *flags)[2:])
-    assert message in one_line_error_under_accelerate(result, SCRIPT)
+def test_bad_personalization_flags_stop_with_one_line_before_any_model_loads(
+    target_dir, tmp_path, flags, message, capsys
+):
+    # in parse_args, before torch is imported (test_errors.py runs each script's refusal as users see it)
+    argv = personal_args("/no/such/model", target_dir, tmp_path, *flags)[2:]
+    assert message in parse_args_refusal(MODULE, argv, capsys)
 
 
-def test_instance_prompt_without_an_instance_folder_is_refused(tmp_path):
-    result = run_python(SCRIPT, ["--instance_prompt", CAPTION, "--output_dir", tmp_path])
-    error = one_line_error_under_accelerate(result, SCRIPT)
+def test_instance_prompt_without_an_instance_folder_is_refused(tmp_path, capsys):
+    error = parse_args_refusal(MODULE, ["--instance_prompt", CAPTION, "--output_dir", tmp_path], capsys)
     assert "the following arguments are required: --instance_data_dir" in error
 
 
-def test_the_text_to_image_script_points_personalization_to_this_script(target_dir, tmp_path):
-    result = run_python("train_mapo_sdxl.py", ["--instance_data_dir", target_dir, "--output_dir", tmp_path])
-    error = one_line_error_under_accelerate(result, SCRIPT)
+def test_the_text_to_image_script_points_personalization_to_this_script(target_dir, tmp_path, capsys):
+    argv = ["--instance_data_dir", target_dir, "--output_dir", tmp_path]
+    error = parse_args_refusal("train_mapo_sdxl", argv, capsys)
     assert f"--instance_data_dir is personalization, which {SCRIPT} trains" in error
 
 
@@ -278,9 +289,10 @@ def test_bad_target_data_stops_with_one_line(tiny_assets, tmp_path, case, flags,
     assert not list((tmp_path / "out").glob("rejected_samples/*/*.png"))  # stopped before drawing anything
 
 
-def test_generate_py_loads_the_new_token_beside_the_lora_weights(tiny_assets, personal_run, tmp_path):
+def test_generate_py_loads_the_new_token_beside_the_lora_weights(tiny_assets, personal_run, tmp_path, capsys):
     """examples/eval/generate.py --lora_path on a personalization output also loads its token, so "<sks>" in an
     evaluation prompt reads the trained embeddings, not four unknown characters."""
+    from examples.eval import generate
     from examples.lib.sampling import load_pipeline, textual_inversion_file
 
     output_dir, _, _ = personal_run
@@ -305,8 +317,6 @@ def test_generate_py_loads_the_new_token_beside_the_lora_weights(tiny_assets, pe
         assert tokenizer.tokenize(CAPTION).count("<sks>") == 1
         row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<sks>")]
         assert torch.equal(row, embeddings[key][0]), key
-    missing = run_python(
-        "examples/eval/generate.py", [*args, "--model_name", "x", "--textual_inversion_path", tmp_path]
-    )
-    error = one_line_error_under_accelerate(missing, SCRIPT)
-    assert "--textual_inversion_path" in error and "no such file" in missing.stdout
+    # a folder without the embeddings is refused before any model loads (in this process, as `python -m` runs it)
+    error = error_in_process(generate, [*args, "--model_name", "x", "--textual_inversion_path", tmp_path], capsys)
+    assert "--textual_inversion_path" in error and "no such file" in error

@@ -1,5 +1,5 @@
 """DDSPO's image pairs (examples/ddspo/generate_pairs.py), run with plain `python` as a user would, on tiny pipelines;
-its refusals and its plan of the rows are checked in this process.
+its refusals (those of a resumed run too) and its plan of the rows are checked in this process.
 
 The degraded-prompt table below has 8 rows, 3 of which cannot make a pair; with --shard_size 4 the 5 pairs fall in two
 shards: rows 0, 1, 3 and rows 4, 7. One run on the tiny SDXL pipeline is made once per module; the tests that resume
@@ -295,27 +295,25 @@ def test_a_deleted_shard_is_made_again_and_only_it(sdxl_run, tiny_pipelines, tmp
 
 
 @pytest.mark.slow
-def test_a_resumed_run_with_another_setting_stops_with_one_line(sdxl_run, tiny_pipelines, tmp_path):
+def test_a_resumed_run_with_another_setting_stops_with_one_line(sdxl_run, tiny_pipelines, tmp_path, capsys):
     output_dir = copy_run(sdxl_run["output_dir"], tmp_path / "pairs")
     before = file_states(output_dir)
     args = generate_pairs_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], output_dir, "--guidance_scale", 7.5)
-    error = one_line_error(run_tool(SCRIPT, args, expect_success=False))
+    error = error_in_process(generate_pairs, args, capsys)  # before the model loads
     assert "guidance_scale: 5.0 on disk, 7.5 now" in error and "--output_dir" in error
     assert file_states(output_dir) == before
 
 
 @pytest.mark.slow
 def test_a_resumed_run_whose_negative_caption_changed_for_a_finished_shard_stops_with_one_line(
-    sdxl_run, tiny_pipelines, tmp_path
+    sdxl_run, tiny_pipelines, tmp_path, capsys
 ):
     output_dir = copy_run(sdxl_run["output_dir"], tmp_path / "pairs")
     before = file_states(output_dir)
     changed = list(NEGATIVE_CAPTIONS)
     changed[4] = "two cats"
     dataset = write_degraded_prompts(tmp_path / "negatives", negative_captions=changed)
-    error = one_line_error(
-        run_tool(SCRIPT, generate_pairs_args(tiny_pipelines["sdxl"], dataset, output_dir), expect_success=False)
-    )
+    error = error_in_process(generate_pairs, generate_pairs_args(tiny_pipelines["sdxl"], dataset, output_dir), capsys)
     assert "shard-00001.parquet" in error
     assert "row 4: negative_caption 'cats sofa' on disk, 'two cats' now" in error
     assert file_states(output_dir) == before

@@ -1,7 +1,9 @@
 """The evaluation tools (examples/eval) run as users run them, on the tiny SDXL pipeline and tiny reward stand-ins.
 
 Slow tests (marked) launch the tools on models; score.py's tests score a hand-made run folder (a manifest and
-its images) rather than generate.py's output, so that only the generate tests build the tiny SDXL pipeline.
+its images) rather than generate.py's output, so that only the generate tests build the tiny SDXL pipeline. A
+refusal runs in this process as `python -m` runs the tool (its main under examples/lib/cli.run_tool), without the
+seconds of a fresh interpreter; the unreachable published weights are refused in a fresh process, as users see it.
 """
 
 import csv
@@ -11,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kit import copy_run, launch, pixels, read_csv, run_tool, write_lines, write_run
+from kit import copy_run, error_in_process, launch, pixels, read_csv, run_tool, write_lines, write_run
 from PIL import Image
 
-from examples.eval import compare
+from examples.eval import compare, generate, score
 from examples.lib.prompts import PromptSetError, load_prompts
 from examples.lib.sampling import image_seed
 
@@ -131,8 +133,21 @@ def scored_run(tiny_rewards, tmp_path_factory):
     return {"dir": run_dir, "stdout": result.stdout}
 
 
-def error_lines(result):
-    return [line for line in result.stdout.splitlines() if line.strip()]
+def error_lines(output):
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def score_refusal(args, capsys):
+    """score.py refusing `args`, run in this process as `python -m` runs it (examples/lib/cli.run_tool over its main
+    and parse_args), without starting an interpreter: exit status 2 and no traceback; returns all it printed."""
+    from examples.lib.cli import run_tool as run_tool_in_process
+
+    with pytest.raises(SystemExit) as stopped:
+        run_tool_in_process(score.main, lambda: score.parse_args([str(arg) for arg in args]))
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert stopped.value.code == 2 and "Traceback" not in output, output[-3000:]
+    return output
 
 
 def test_every_tool_explains_itself_with_help():
@@ -207,14 +222,27 @@ def test_generate_under_accelerate_launch_splits_the_images_over_two_processes(e
         assert difference.max() <= 1
 
 
+@pytest.fixture(scope="module")
+def weighted_run(eval_assets, tiny_assets):
+    """run(weights): the images generate.py draws with eval_assets' LoRA ("lora") or fine-tuned UNet ("unet"),
+    beside the base run; drawn once for the module (the end-to-end test scores the LoRA's)."""
+    made = set()
+
+    def run(weights):
+        if weights not in made:
+            flag = ["--lora_path", eval_assets["lora"]] if weights == "lora" else ["--unet_path", eval_assets["full"]]
+            args = generate_args(tiny_assets, eval_assets["output_dir"], weights, eval_assets["prompts_file"], *flag)
+            run_tool(GENERATE, args)
+            made.add(weights)
+        return eval_assets["output_dir"] / weights
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["lora", "unet"])
-def test_trained_weights_change_the_images_but_not_the_seeds(weights, eval_assets, tiny_assets):
-    flag = ["--lora_path", eval_assets["lora"]] if weights == "lora" else ["--unet_path", eval_assets["full"]]
-    run_tool(
-        GENERATE,
-        generate_args(tiny_assets, eval_assets["output_dir"], weights, eval_assets["prompts_file"], *flag),
-    )
+def test_trained_weights_change_the_images_but_not_the_seeds(weights, eval_assets, weighted_run):
+    weighted_run(weights)
     base_rows, rows = (
         read_manifest(eval_assets["output_dir"] / "base"),
         read_manifest(eval_assets["output_dir"] / weights),
@@ -231,24 +259,20 @@ def test_trained_weights_change_the_images_but_not_the_seeds(weights, eval_asset
 
 
 @pytest.mark.slow
-def test_generate_refuses_to_mix_settings_in_one_folder(eval_assets, tiny_assets):
-    result = run_tool(
-        GENERATE,
-        generate_args(
-            tiny_assets, eval_assets["output_dir"], "base", eval_assets["prompts_file"], "--guidance_scale", 7.5
-        ),
-        expect_success=False,
+def test_generate_refuses_to_mix_settings_in_one_folder(eval_assets, tiny_assets, capsys):
+    args = generate_args(
+        tiny_assets, eval_assets["output_dir"], "base", eval_assets["prompts_file"], "--guidance_scale", 7.5
     )
-    assert result.returncode == 2
-    assert "guidance_scale: 5.0 on disk, 7.5 now" in result.stdout
+    assert "guidance_scale: 5.0 on disk, 7.5 now" in error_in_process(generate, args, capsys)  # before loading
 
 
 @pytest.mark.slow
-def test_generate_stops_on_an_empty_prompt_set_before_loading_a_model(eval_assets, tiny_assets, tmp_path):
+def test_generate_stops_on_an_empty_prompt_set_before_loading_a_model(eval_assets, tiny_assets, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    result = run_tool(GENERATE, generate_args(tiny_assets, tmp_path, "base", empty), expect_success=False)
-    assert result.returncode == 2 and "empty after cleaning" in result.stdout
+    assert "empty after cleaning" in error_in_process(
+        generate, generate_args(tiny_assets, tmp_path, "base", empty), capsys
+    )
     assert not (tmp_path / "base").exists()
 
 
@@ -298,14 +322,21 @@ def test_score_writes_one_row_per_image_with_the_reward_models_values(scored_run
     torch.testing.assert_close(torch.tensor([float(row["hpsv21"]) for row in rows]), expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.slow
-def test_score_resumes_computing_only_the_missing_columns(scored_run, tiny_rewards, tmp_path):
-    run_dir = copy_run(scored_run["dir"], tmp_path / "base")
+@pytest.fixture(scope="module")
+def rescored_run(scored_run, tiny_rewards, tmp_path_factory):
+    """A copy of scored_run scored again with the same pickscore and hpsv21 weights, and aesthetic."""
+    run_dir = copy_run(scored_run["dir"], tmp_path_factory.mktemp("rescored") / "base")
     before = read_csv(run_dir / "scores.csv")
     again = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", "hpsv21", "aesthetic")])
-    assert "pickscore: all 6 scores already present, model not loaded" in again.stdout
-    assert "hpsv21: all 6 scores already present, model not loaded" in again.stdout
-    assert "aesthetic: 6 computed, 0 already present" in again.stdout
+    return {"dir": run_dir, "before": before, "stdout": again.stdout}
+
+
+@pytest.mark.slow
+def test_score_resumes_computing_only_the_missing_columns(rescored_run):
+    run_dir, before, again = rescored_run["dir"], rescored_run["before"], rescored_run["stdout"]
+    assert "pickscore: all 6 scores already present, model not loaded" in again
+    assert "hpsv21: all 6 scores already present, model not loaded" in again
+    assert "aesthetic: 6 computed, 0 already present" in again
     rescored = read_csv(run_dir / "scores.csv")
     assert [row["pickscore"] for row in rescored] == [row["pickscore"] for row in before]  # kept, not recomputed
     assert all(row["aesthetic"] for row in rescored)
@@ -322,19 +353,16 @@ def test_score_records_which_weights_made_each_column(scored_run, tiny_rewards):
 
 @pytest.mark.slow
 def test_score_refuses_to_add_other_weights_to_a_column_and_leaves_the_table_alone(
-    scored_run, tiny_rewards, other_pickscore, tmp_path
+    scored_run, tiny_rewards, other_pickscore, tmp_path, capsys
 ):
     from examples.rewards import reward_weights_source
 
     run_dir = copy_run(scored_run["dir"], tmp_path / "base")
     table = (run_dir / "scores.csv").read_text()
     other = {"pickscore": other_pickscore}
-    result = run_tool(
-        SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", paths=other)], expect_success=False
-    )
-    assert result.returncode == 2
-    assert len(error_lines(result)) == 1 and "Traceback" not in result.stdout
-    error = error_lines(result)[0]
+    output = score_refusal(["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", paths=other)], capsys)
+    assert len(error_lines(output)) == 1
+    error = error_lines(output)[0]
     assert error.startswith("error: The pickscore scores in") and "--scores_filename" in error
     assert str(Path(tiny_rewards["pickscore"]).resolve()) in error  # the recorded source
     assert str(Path(other_pickscore).resolve()) in error  # the requested one
@@ -344,10 +372,12 @@ def test_score_refuses_to_add_other_weights_to_a_column_and_leaves_the_table_alo
 
 
 @pytest.mark.slow
-def test_score_accepts_the_same_weights_again_even_from_another_folder(scored_run, tiny_rewards, tmp_path):
+def test_score_accepts_the_same_weights_again_even_from_another_folder(
+    scored_run, rescored_run, tiny_rewards, tmp_path
+):
+    # the same folder: scored_run's pickscore weights given again (with others) are accepted, not recomputed
+    assert "pickscore: all 6 scores already present, model not loaded" in rescored_run["stdout"]
     run_dir = copy_run(scored_run["dir"], tmp_path / "base")
-    same = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")])
-    assert "pickscore: all 6 scores already present, model not loaded" in same.stdout
     moved = {"pickscore": shutil.copytree(tiny_rewards["pickscore"], tmp_path / "moved")}
     again = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore", paths=moved)])
     assert "pickscore: all 6 scores already present, model not loaded" in again.stdout
@@ -355,14 +385,14 @@ def test_score_accepts_the_same_weights_again_even_from_another_folder(scored_ru
 
 @pytest.mark.slow
 def test_score_does_not_trust_a_table_without_a_record_of_its_weights_unless_told_to(
-    scored_run, tiny_rewards, tmp_path
+    scored_run, tiny_rewards, tmp_path, capsys
 ):
     run_dir = copy_run(scored_run["dir"], tmp_path / "base")
     (run_dir / "scores.csv.sources.json").unlink(missing_ok=True)  # a table from before score.py kept the record
     table = (run_dir / "scores.csv").read_text()
-    refused = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], expect_success=False)
-    assert refused.returncode == 2 and len(error_lines(refused)) == 1
-    assert "records no weights" in refused.stdout and "--adopt_unrecorded_scores" in refused.stdout
+    refused = score_refusal(["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], capsys)
+    assert len(error_lines(refused)) == 1
+    assert "records no weights" in refused and "--adopt_unrecorded_scores" in refused
     assert (run_dir / "scores.csv").read_text() == table
     adopted = run_tool(
         SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore"), "--adopt_unrecorded_scores"]
@@ -372,29 +402,29 @@ def test_score_does_not_trust_a_table_without_a_record_of_its_weights_unless_tol
 
 
 @pytest.mark.slow
-def test_score_stops_with_one_line_when_weights_cannot_be_reached(tmp_path):
+def test_score_stops_with_one_line_when_weights_cannot_be_reached(tmp_path, capsys):
     run_dir = write_random_run(tmp_path / "base")
+    # the published weights as a user meets them offline (a fresh process: the tests' HF_HUB_OFFLINE=1)
     published = run_tool(SCORE, ["--run_dirs", run_dir, "--reward_models", "pickscore"], expect_success=False)
+    assert published.returncode == 2
     missing_path = tmp_path / "no_such_folder"
-    local = run_tool(
-        SCORE,
-        ["--run_dirs", run_dir, "--reward_models", "hpsv21", "--reward_model_paths", f"hpsv21={missing_path}"],
-        expect_success=False,
+    local = score_refusal(
+        ["--run_dirs", run_dir, "--reward_models", "hpsv21", "--reward_model_paths", f"hpsv21={missing_path}"], capsys
     )
-    for result, names in ((published, "yuvalkirstain/PickScore_v1"), (local, str(missing_path))):
-        assert result.returncode == 2 and "Traceback" not in result.stdout
-        assert len(error_lines(result)) == 1 and error_lines(result)[0].startswith("error: ")
-        assert names in result.stdout and "--reward_model_paths" in result.stdout
+    for output, names in ((published.stdout, "yuvalkirstain/PickScore_v1"), (local, str(missing_path))):
+        assert "Traceback" not in output
+        assert len(error_lines(output)) == 1 and error_lines(output)[0].startswith("error: ")
+        assert names in output and "--reward_model_paths" in output
     assert "HF_HUB_OFFLINE" in published.stdout
     assert not (run_dir / "scores.csv").exists()
 
 
 @pytest.mark.slow
-def test_score_stops_on_a_missing_image_unless_told_to_skip_it(tiny_rewards, tmp_path):
+def test_score_stops_on_a_missing_image_unless_told_to_skip_it(tiny_rewards, tmp_path, capsys):
     run_dir = write_random_run(tmp_path / "base")
     (run_dir / "00001_00.png").unlink()
-    stopped = run_tool(SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], expect_success=False)
-    assert stopped.returncode == 2 and "1 images listed" in stopped.stdout and "00001_00.png" in stopped.stdout
+    stopped = score_refusal(["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore")], capsys)
+    assert "1 images listed" in stopped and "00001_00.png" in stopped
     skipped = run_tool(
         SCORE, ["--run_dirs", run_dir, *reward_args(tiny_rewards, "pickscore"), "--skip_missing_images"]
     )
@@ -403,10 +433,10 @@ def test_score_stops_on_a_missing_image_unless_told_to_skip_it(tiny_rewards, tmp
     assert empty_cells == [False, False, True, False, False, False]
 
 
-def test_score_rejects_an_unknown_reward_model_before_loading_anything(tmp_path):
+def test_score_rejects_an_unknown_reward_model_before_loading_anything(tmp_path, capsys):
     run_dir = write_random_run(tmp_path / "base")
-    result = run_tool(SCORE, ["--run_dirs", run_dir, "--reward_models", "pickscore", "hsp"], expect_success=False)
-    assert result.returncode == 2 and "Unknown reward model(s) ['hsp']" in result.stdout
+    result = score_refusal(["--run_dirs", run_dir, "--reward_models", "pickscore", "hsp"], capsys)
+    assert "Unknown reward model(s) ['hsp']" in result
 
 
 def test_score_offers_every_registered_reward_model_and_only_those(monkeypatch, capsys, tmp_path):
@@ -537,20 +567,8 @@ def test_chart_has_one_bar_per_model_and_metric_at_the_mean(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_score_compare_end_to_end(eval_assets, tiny_assets, tiny_rewards):
-    base, lora = eval_assets["output_dir"] / "base", eval_assets["output_dir"] / "lora"
-    # resumable: a no-op when the LoRA test above already made these images
-    run_tool(
-        GENERATE,
-        generate_args(
-            tiny_assets,
-            eval_assets["output_dir"],
-            "lora",
-            eval_assets["prompts_file"],
-            "--lora_path",
-            eval_assets["lora"],
-        ),
-    )
+def test_generate_score_compare_end_to_end(eval_assets, weighted_run, tiny_rewards):
+    base, lora = eval_assets["output_dir"] / "base", weighted_run("lora")
     run_tool(SCORE, ["--run_dirs", base, lora, *reward_args(tiny_rewards, "pickscore", "imagereward")])
     prefix = eval_assets["root"] / "report" / "table"
     result = run_tool(
