@@ -851,6 +851,7 @@ from utils.diffusion import (  # noqa: E402
 )
 from utils.validation import (  # noqa: E402
     best_validation_step,
+    describe_reward_validation,
     reward_validation_metrics,
     validation_image_seed,
 )
@@ -2195,10 +2196,7 @@ def main(args):
                 )
         metrics = reward_validation_metrics(scores, base_reward_scores)
         accelerator.log({f"validation/{name}": value for name, value in metrics.items()}, step=step)
-        per_reward = ", ".join(
-            f"{name} {metrics[f'win_rate_{name}']:.3f} (mean reward {metrics[f'reward_{name}']:.4g})"
-            for name in validation_rewards
-        )
+        per_reward = describe_reward_validation(metrics, validation_rewards)
         logger.info(f"Step {step}: validation win-rate against the base {metrics['win_rate']:.3f}: {per_reward}")
         reward_history[step] = metrics
         if accelerator.is_main_process:

@@ -14,10 +14,11 @@ def win_rate(model_scores, baseline_scores):
 
 
 def best_validation_step(win_rates):
-    """The step with the highest win-rate in {step: win-rate}; the earliest of equal ones (None when empty)."""
+    """The step with the highest win-rate in {step: win-rate}; the earliest of equal ones. A step whose win-rate is
+    not a number (no image of it had a finite score) is never the best; None when no step has one."""
     best = None
     for step in sorted(win_rates):
-        if best is None or win_rates[step] > win_rates[best]:
+        if np.isfinite(win_rates[step]) and (best is None or win_rates[step] > win_rates[best]):
             best = step
     return best
 
@@ -32,11 +33,33 @@ def validation_image_seed(seed, *indices):
 
 def reward_validation_metrics(scores, base_scores):
     """{reward: scores (P, K)} of a model and {reward: scores (P, K')} of the base on the same prompts -> per reward
-    `win_rate_<reward>` (the mean over prompts of `win_rate`, as compare.py averages it) and `reward_<reward>` (the
-    mean score), and `win_rate`, the mean of the rewards' win-rates."""
+    `win_rate_<reward>` (the mean over prompts of `win_rate`, as compare.py averages it), `reward_<reward>` (the
+    mean score) and `unscored_<reward>` (the model's images without a finite score), and `win_rate`, the mean of the
+    rewards' win-rates. As in compare.py, a nan or infinite score (a reward that failed on an image) is left out
+    and counted, not scored as a loss: the win-rate of a prompt is over its finite scores, and a prompt without
+    one on either side is left out (nan when every prompt is)."""
     metrics = {}
     for name, prompt_scores in scores.items():
-        prompt_win_rates = [win_rate(model, base) for model, base in zip(prompt_scores, base_scores[name])]
-        metrics[f"win_rate_{name}"] = float(np.mean(prompt_win_rates))
-        metrics[f"reward_{name}"] = float(np.mean(prompt_scores))
-    return {"win_rate": float(np.mean([metrics[f"win_rate_{name}"] for name in scores])), **metrics}
+        model_scores = [np.asarray(model, dtype=np.float64) for model in prompt_scores]
+        finite_pairs = [
+            (model[np.isfinite(model)], base[np.isfinite(base)])
+            for model, base in zip(model_scores, (np.asarray(b, dtype=np.float64) for b in base_scores[name]))
+        ]
+        prompt_win_rates = [win_rate(model, base) for model, base in finite_pairs if len(model) and len(base)]
+        finite = np.concatenate([model for model, _ in finite_pairs]) if finite_pairs else np.array([])
+        metrics[f"win_rate_{name}"] = float(np.mean(prompt_win_rates)) if prompt_win_rates else float("nan")
+        metrics[f"reward_{name}"] = float(np.mean(finite)) if len(finite) else float("nan")
+        metrics[f"unscored_{name}"] = int(sum(model.size for model in model_scores) - len(finite))
+    rates = [metrics[f"win_rate_{name}"] for name in scores if np.isfinite(metrics[f"win_rate_{name}"])]
+    return {"win_rate": float(np.mean(rates)) if rates else float("nan"), **metrics}
+
+
+def describe_reward_validation(metrics, names):
+    """The log line's per-reward part: `name win-rate (mean reward r)`, and how many images had no finite score."""
+    parts = []
+    for name in names:
+        part = f"{name} {metrics[f'win_rate_{name}']:.3f} (mean reward {metrics[f'reward_{name}']:.4g})"
+        if metrics[f"unscored_{name}"]:
+            part += f" [{metrics[f'unscored_{name}']} images without a finite score, left out]"
+        parts.append(part)
+    return ", ".join(parts)
