@@ -73,3 +73,11 @@ def interval(values):
         return float(finite[0]), math.nan, 1
     half_width = t_quantile(len(finite) - 1) * finite.std(ddof=1) / math.sqrt(len(finite))
     return float(finite.mean()), float(half_width), len(finite)
+
+
+def intervals_overlap(values, other_values):
+    """Whether the 95 % t-intervals of two sets of per-seed values overlap (or either cannot be computed, so that
+    more seeds are what it needs)."""
+    mean, half_width, _ = interval(values)
+    other_mean, other_half_width, _ = interval(other_values)
+    return not abs(mean - other_mean) > half_width + other_half_width

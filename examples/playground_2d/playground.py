@@ -8,11 +8,14 @@ A small MLP denoiser with a class embedding is trained as the reference on a noi
   DDSPO (DDSPO Fig. 2, §4.1);
 - mismatch: winners from the true modes moved outward by a shift d; Diffusion-DPO vs MaPO vs SFT (MaPO §3.1);
 - capo: a reward on the plane, N images per group from the reference, calibration and pair selection with
-  examples/capo/select_pairs.py; CaPO vs DPO on the same pairs.
+  examples/capo/select_pairs.py; CaPO vs DPO on the same pairs;
+- beta_sweep (not run by default): modes over a low β grid, with more seeds where the methods' intervals overlap.
 
-Writes results.md (the table), results.json (every seed's numbers), modes.png, mismatch.png and capo.png:
+Writes results.md (the table), results.json (every seed's numbers), modes.png, mismatch.png and capo.png
+(beta_sweep: beta_sweep.png and a beta_sweep_samples_round<n>.png per round):
 
     python -m examples.playground_2d.playground --output_dir docs/toy2d
+    python -m examples.playground_2d.playground --experiments beta_sweep --output_dir docs/toy2d/sweep
 """
 
 import argparse
@@ -24,9 +27,12 @@ from examples.lib.cli import HelpFormatter, InputError, finite_float, parse_chec
 from examples.lib.files import OVERWRITE_HELP, prepare_output_folder
 
 
-EXPERIMENTS = ("modes", "mismatch", "capo")
+EXPERIMENTS = ("modes", "mismatch", "capo")  # the default run
+SWEEP = "beta_sweep"
+SWEEP_SETTINGS = ("sweep_betas", "sweep_more_seeds")
 MIN_SEEDS = 5
 OUTPUT_NAMES = ["results.md", "results.json", "modes.png", "mismatch.png", "capo.png"]  # --overwrite replaces them
+OUTPUT_NAMES += ["beta_sweep.png", "beta_sweep_samples_round1.png", "beta_sweep_samples_round2.png"]
 
 
 def parse_args(input_args=None):
@@ -68,7 +74,13 @@ def parse_args(input_args=None):
         help="β grid of MaPO (an exponent: Table 3).",
     )
     experiments = parser.add_argument_group("experiments")
-    experiments.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    experiments.add_argument(
+        "--experiments",
+        nargs="+",
+        choices=[*EXPERIMENTS, SWEEP],
+        default=list(EXPERIMENTS),
+        help=f"Which to run; {SWEEP} (about 3 minutes) is not part of the default run.",
+    )
     experiments.add_argument("--pairs_per_class", type=int, default=2, help="modes: pairs per class (DDSPO: N = 2).")
     experiments.add_argument(
         "--shifts",
@@ -80,6 +92,20 @@ def parse_args(input_args=None):
     experiments.add_argument("--mismatch_pairs_per_class", type=int, default=16, help="mismatch: pairs per class.")
     experiments.add_argument("--capo_groups_per_class", type=int, default=8, help="capo: groups (prompts) per class.")
     experiments.add_argument("--capo_images_per_group", type=int, default=8, help="capo: images N per group.")
+    experiments.add_argument(
+        "--sweep_betas",
+        type=finite_float,
+        nargs="+",
+        default=[0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0],
+        help="beta_sweep: β grid of Diffusion-DPO and DDSPO on the class modes.",
+    )
+    experiments.add_argument(
+        "--sweep_more_seeds",
+        type=int,
+        default=20,
+        help="beta_sweep: fresh seeds of the second round, at every β where the two methods' mode-accuracy intervals "
+        "overlap after --num_seeds seeds (0: no second round).",
+    )
     evaluation = parser.add_argument_group("evaluation and output")
     evaluation.add_argument("--num_seeds", type=int, default=5, help=f"Seeds per number (at least {MIN_SEEDS}).")
     evaluation.add_argument("--seed", type=int, default=0, help="First seed; the others follow it.")
@@ -116,11 +142,21 @@ def check_args(args):
         raise InputError(f"--label_noise is a share in [0, 1], got {args.label_noise}.")
     if any(not beta > 0 for beta in args.betas + args.mapo_betas):
         raise InputError(f"--betas and --mapo_betas must be positive, got {args.betas} and {args.mapo_betas}.")
+    if any(not beta > 0 for beta in args.sweep_betas):
+        raise InputError(f"--sweep_betas must be positive, got {args.sweep_betas}.")
+    if SWEEP in args.experiments and args.sweep_more_seeds != 0 and args.sweep_more_seeds <= args.num_seeds:
+        raise InputError(
+            f"--sweep_more_seeds must be more than --num_seeds ({args.num_seeds}) to narrow the intervals, or 0 for "
+            f"no second round, got {args.sweep_more_seeds}."
+        )
     prepare_output_folder(args.output_dir, OUTPUT_NAMES, args.overwrite)
 
 
 def settings_of(args):
-    return {key: value for key, value in sorted(vars(args).items()) if key not in ("output_dir", "overwrite")}
+    left_out = ["output_dir", "overwrite"]
+    if SWEEP not in args.experiments:
+        left_out += SWEEP_SETTINGS  # a run without the sweep keeps the record it had before the sweep existed
+    return {key: value for key, value in sorted(vars(args).items()) if key not in left_out}
 
 
 def main(args):
@@ -145,6 +181,14 @@ def main(args):
     if "capo" in results:
         title = "CaPO vs DPO on the same calibrated pairs (seed %d)" % args.seed
         report.modes_figure(results, output_dir / "capo.png", title, "capo", ["capo", "capo_dpo"])
+    if SWEEP in results:
+        report.sweep_figure(summary[SWEEP], output_dir / "beta_sweep.png")
+        for number, round_ in enumerate(results[SWEEP]["rounds"], start=1):
+            title = f"β sweep, round {number}: Diffusion-DPO vs DDSPO, N = {args.pairs_per_class} pairs per class"
+            title += f" (seed {round_['seeds'][0]})"
+            in_round = {**results, **round_, SWEEP: round_}  # the round's seeds, reference, pairs and training data
+            path = output_dir / f"beta_sweep_samples_round{number}.png"
+            report.modes_figure(in_round, path, title, SWEEP, ["dpo", "ddspo"])
     (output_dir / "results.md").write_text(report.markdown(summary, settings), encoding="utf-8")
     wall_seconds = time.time() - start
     report.write_json(output_dir / "results.json", summary, settings, wall_seconds)

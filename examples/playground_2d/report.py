@@ -34,6 +34,45 @@ def summary_row(name, run, metric, select=None):
     return {"name": name, "mean": mean, "half_width": half_width, "n": n, "per_seed": values, "diverged": diverged}
 
 
+def add_beta_rows(rows, runs, methods):
+    """Append to each metric's rows one row per method and β (method by method, β ascending)."""
+    for method in methods:
+        run = runs[method]
+        for beta in sorted({info["beta"] for info in run["members"]}):
+            name = f"{METHOD_NAMES[method]}, β = {beta:g}"
+            for metric in rows:
+                rows[metric].append(summary_row(name, run, metric, lambda info, beta=beta: info["beta"] == beta))
+
+
+def sweep_round(round_):
+    """One round of the β sweep: the class-modes table, and per β the gap in mode accuracy DDSPO − Diffusion-DPO,
+    paired by seed (both start from the seed's reference and train on the seed's pairs)."""
+    reference = round_["reference"]
+    rows = {metric: [summary_row("reference", reference, metric)] for metric in ("mode_acc", "swd", "spread")}
+    add_beta_rows(rows, round_["runs"], ("dpo", "ddspo"))
+    gaps = []
+    for beta in sorted({info["beta"] for info in round_["runs"]["dpo"]["members"]}):
+        dpo, ddspo = (
+            summary_row(method, round_["runs"][method], "mode_acc", lambda info, beta=beta: info["beta"] == beta)
+            for method in ("dpo", "ddspo")
+        )
+        differences = [value - other for value, other in zip(ddspo["per_seed"], dpo["per_seed"])]
+        mean, half_width, n = metrics.interval(differences)
+        gaps.append(
+            {
+                "beta": beta,
+                "mean": mean,
+                "half_width": half_width,
+                "n": n,
+                "per_seed": differences,
+                "diverged": sorted(set(dpo["diverged"] + ddspo["diverged"])),
+                "intervals_overlap": metrics.intervals_overlap(dpo["per_seed"], ddspo["per_seed"]),
+            }
+        )
+    seeds = [member["seed"] for member in reference["members"]]
+    return {"seeds": seeds, "rows": rows, "gaps": gaps}
+
+
 def summarise(results):
     """The numbers of every table, as plain data (what results.json holds and the tests compare)."""
     summary = {}
@@ -43,12 +82,7 @@ def summarise(results):
         rows = {
             metric: [summary_row(name, run, metric) for name, run in fixed] for metric in ("mode_acc", "swd", "spread")
         }
-        for method in ("dpo", "ddspo"):
-            run = results["modes"]["runs"][method]
-            for beta in sorted({info["beta"] for info in run["members"]}):
-                name = f"{METHOD_NAMES[method]}, β = {beta:g}"
-                for metric in rows:
-                    rows[metric].append(summary_row(name, run, metric, lambda info, beta=beta: info["beta"] == beta))
+        add_beta_rows(rows, results["modes"]["runs"], ("dpo", "ddspo"))
         summary["modes"] = rows
     if "mismatch" in results:
         runs = results["mismatch"]["runs"]
@@ -65,20 +99,17 @@ def summarise(results):
     if "capo" in results:
         rows = {metric: [summary_row("reference", results["reference"], metric)] for metric in ("reward", "mode_acc")}
         rows.update({metric: [summary_row("reference", results["reference"], metric)] for metric in ("swd", "spread")})
-        for method in ("capo", "capo_dpo"):
-            run = results["capo"]["runs"][method]
-            for beta in sorted({info["beta"] for info in run["members"]}):
-                name = f"{METHOD_NAMES[method]}, β = {beta:g}"
-                for metric in rows:
-                    rows[metric].append(summary_row(name, run, metric, lambda info, beta=beta: info["beta"] == beta))
+        add_beta_rows(rows, results["capo"]["runs"], ("capo", "capo_dpo"))
         summary["capo"] = rows
+    if "beta_sweep" in results:
+        summary["beta_sweep"] = [sweep_round(round_) for round_ in results["beta_sweep"]["rounds"]]
     return summary
 
 
-def cell(row, digits=3):
+def cell(row, digits=3, sign=""):
     if row["n"] == 0:
         return "diverged"
-    text = f"{row['mean']:.{digits}f}"
+    text = f"{row['mean']:{sign}.{digits}f}"
     if math.isfinite(row["half_width"]):
         text += f" ± {row['half_width']:.{digits}f}"
     return text
@@ -153,8 +184,62 @@ def markdown(summary, settings):
         columns = [("reward", "reward ↑"), ("mode_acc", "mode accuracy ↑"), ("swd", "SWD ↓"), ("spread", "spread")]
         lines += metric_table(summary["capo"], columns)
         lines.append("")
+    if "beta_sweep" in summary:
+        lines += sweep_markdown(summary["beta_sweep"])
     lines += ["## Settings", "", "```", json.dumps(settings, indent=None, sort_keys=True), "```", ""]
     return "\n".join(lines)
+
+
+def seed_range(seeds):
+    return f"{seeds[0]}–{seeds[-1]}"
+
+
+def gap_cells(gap):
+    """The gap's two cells: the paired difference, and whether the two methods' own intervals overlap."""
+    if gap is None:
+        return ["–", "not run"]
+    overlap = "overlap" if gap["intervals_overlap"] else "apart"
+    if gap["diverged"]:
+        overlap += f" (diverged: seed {', '.join(str(seed) for seed in gap['diverged'])})"
+    return [cell(gap, sign="+"), overlap]
+
+
+def sweep_markdown(rounds):
+    """The β sweep's section: each round's class-modes table, then the gap in mode accuracy per β and round."""
+    lines = [
+        "## β sweep: Diffusion-DPO vs DDSPO on the class modes",
+        "",
+        f"Round 1: seeds {seed_range(rounds[0]['seeds'])} at every β of the grid. Round 2, where there is one: fresh",
+        "seeds, each with its own reference and pairs, at every β where round 1's mode-accuracy intervals of the two",
+        "methods overlapped. Mode accuracy, SWD and spread as in the class-modes table.",
+        "",
+    ]
+    columns = [("mode_acc", "mode accuracy ↑"), ("swd", "SWD ↓"), ("spread", "spread")]
+    for number, round_ in enumerate(rounds, start=1):
+        lines += [f"### Round {number}: seeds {seed_range(round_['seeds'])}", ""]
+        lines += metric_table(round_["rows"], columns)
+        lines.append("")
+    header = "| β |"
+    for number, round_ in enumerate(rounds, start=1):
+        header += f" round {number}: DDSPO − Diffusion-DPO ({len(round_['seeds'])} seeds) | intervals |"
+    lines += [
+        "### The gap in mode accuracy",
+        "",
+        "DDSPO − Diffusion-DPO, paired by seed (both start from the seed's reference and train on its pairs): mean",
+        "± the half-width of the 95 % t-interval of the per-seed differences. Intervals: whether the two methods'",
+        "own intervals (the tables above) overlap.",
+        "",
+        header,
+        "|---" * (2 * len(rounds) + 1) + "|",
+    ]
+    for first_gap in rounds[0]["gaps"]:
+        cells = []
+        for round_ in rounds:
+            gaps = {gap["beta"]: gap for gap in round_["gaps"]}
+            cells += gap_cells(gaps.get(first_gap["beta"]))
+        lines.append(f"| {first_gap['beta']:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def write_json(path, summary, settings, wall_seconds):
@@ -261,5 +346,46 @@ def mismatch_figure(summary, path):
     axis.legend(fontsize=7)
     axis.set_title("Reference mismatch: mean ± 95 % interval over seeds", fontsize=9)
     figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def sweep_figure(rounds, path):
+    """Mode accuracy and SWD against β (log scale), mean ± 95 % interval, both methods, every round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = {"dpo": "#1f77b4", "ddspo": "#d62728"}
+    for axis, (metric, label) in zip(axes, [("mode_acc", "mode accuracy ↑"), ("swd", "SWD to the true modes ↓")]):
+        reference = rounds[0]["rows"][metric][0]
+        axis.axhline(reference["mean"], color="black", linestyle="--", linewidth=1, label="reference")
+        for number, round_ in enumerate(rounds, start=1):
+            rows = {row["name"]: row for row in round_["rows"][metric]}
+            betas = [gap["beta"] for gap in round_["gaps"]]
+            for index, method in enumerate(("dpo", "ddspo")):
+                cells = [rows[f"{METHOD_NAMES[method]}, β = {beta:g}"] for beta in betas]
+                offset = 1.0 + 0.06 * (2 * (number - 1) + index - 1.5)  # side by side, no hidden error bars
+                axis.errorbar(
+                    [beta * offset for beta in betas],
+                    [c["mean"] for c in cells],
+                    yerr=[0.0 if not math.isfinite(c["half_width"]) else c["half_width"] for c in cells],
+                    marker="o" if number == 1 else "s",
+                    markersize=4,
+                    capsize=2,
+                    color=colours[method],
+                    markerfacecolor=colours[method] if number == 1 else "white",
+                    linestyle="-" if number == 1 else ":",
+                    label=f"{METHOD_NAMES[method]}, round {number} ({len(round_['seeds'])} seeds)",
+                )
+        axis.set_xscale("log")
+        axis.set_xlabel("β")
+        axis.set_ylabel(label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7)
+    figure.suptitle("β sweep on the class modes: mean ± 95 % interval over seeds", fontsize=9)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -1,4 +1,4 @@
-"""The 2-D world, the denoiser, the three experiments and their report (examples/playground_2d/README.md).
+"""The 2-D world, the denoiser, the experiments and their report (examples/playground_2d/README.md).
 
 Every objective is the training scripts' own function, called through its module (`train_ddspo.ddspo_loss`, ...)
 so that a change to a script's loss changes the playground; noise, targets and weights come from `utils/`, the
@@ -10,6 +10,7 @@ the M·B pairs of a step is the sum of the members' own objectives, and Adam upd
 member trains exactly as it would alone.
 """
 
+import argparse
 import math
 import time
 import zlib
@@ -23,7 +24,7 @@ import train_ddspo
 import train_diffusion_dpo_sdxl
 import train_mapo_sdxl
 from examples.lib import calibration
-from examples.playground_2d import metrics
+from examples.playground_2d import metrics, report
 from utils.diffusion import (
     log_snr,
     noisy_latents_and_target,
@@ -343,7 +344,7 @@ def reward(points, centres):
 
 
 # ----------------------------------------------------------------------------------------------
-# The three experiments
+# The experiments (beta_sweep: the modes experiment over a β grid, in two rounds of seeds)
 # ----------------------------------------------------------------------------------------------
 def grid(*axes):
     """Every combination of the axes, the last varying fastest: [(a0, b0), (a0, b1), ...]."""
@@ -478,6 +479,35 @@ def capo_experiment(world, reference, seeds, args):
     return {"pairs": {key: value.numpy() for key, value in pairs.items()}, "runs": runs}
 
 
+def with_settings(args, **changes):
+    """A copy of the flags with some of them changed (an experiment run again on another grid or other seeds)."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def beta_sweep_experiment(world, reference, seeds, args):
+    """The class-modes experiment over --sweep_betas in two rounds: the run's seeds at every β, then
+    --sweep_more_seeds fresh seeds (their own references and pairs) at every β where Diffusion-DPO's and DDSPO's
+    mode-accuracy intervals overlapped in the first round, so that a gap there can be confirmed or ruled out.
+
+    A round holds its seeds, their reference's results, the pairs and the runs; the second also the training data
+    of its first seed (for the figure; the first round's is the run's)."""
+    first = modes_experiment(world, reference, seeds, with_settings(args, betas=args.sweep_betas))
+    rounds = [{"seeds": seeds, "reference": reference_results(world, reference, seeds, args), **first}]
+    overlapping = [gap["beta"] for gap in report.sweep_round(rounds[0])["gaps"] if gap["intervals_overlap"]]
+    if overlapping and args.sweep_more_seeds > 0:
+        more_seeds = [seeds[-1] + 1 + index for index in range(args.sweep_more_seeds)]
+        start = time.time()
+        more_reference, data, data_labels = train_reference(world, more_seeds, args)
+        seconds = time.time() - start
+        print(f"references of seeds {more_seeds[0]}-{more_seeds[-1]} trained in {seconds:.0f} s", flush=True)
+        second_args = with_settings(args, betas=overlapping, seed=more_seeds[0])
+        second = modes_experiment(world, more_reference, more_seeds, second_args)
+        second["reference"] = reference_results(world, more_reference, more_seeds, second_args)
+        second["noisy_training_data"] = (data[0].numpy(), data_labels[0].numpy())
+        rounds.append({"seeds": more_seeds, **second})
+    return {"rounds": rounds}
+
+
 def reference_results(world, reference, seeds, args):
     points, results = evaluate(reference, world, seeds, args, "reference")
     results["reward"] = np.stack([reward(points[m], world.centres[:, None, :]).mean(-1) for m in range(len(seeds))])
@@ -517,6 +547,7 @@ def run_all(args):
     out["noisy_training_data"] = (data[0].numpy(), data_labels[0].numpy())
     out["reference"] = reference_results(world, reference, seeds, args)
     experiments = {"modes": modes_experiment, "mismatch": mismatch_experiment, "capo": capo_experiment}
+    experiments["beta_sweep"] = beta_sweep_experiment
     for name, experiment in experiments.items():
         if name in args.experiments:
             start = time.time()

@@ -15,6 +15,7 @@ from examples.playground_2d import metrics
 
 PLAYGROUND = "examples/playground_2d/playground.py"
 COMMITTED = REPO / "docs" / "toy2d"
+COMMITTED_SWEEP = COMMITTED / "sweep"
 # A rerun of the default setting must give every committed mean to within this much, or half its interval's
 # half-width where that is wider (docs/toy2d/results.md, examples/playground_2d/README.md).
 ABSOLUTE_TOLERANCE = 0.01
@@ -77,6 +78,30 @@ def test_interval_is_the_student_t_interval_and_leaves_out_diverged_seeds():
     assert metrics.interval([1.0, math.nan, 3.0])[::2] == (2.0, 2)
 
 
+def test_intervals_overlap_unless_the_means_are_further_apart_than_the_two_half_widths():
+    assert not metrics.intervals_overlap([1.0, 1.1, 0.9, 1.0, 1.0], [0.0, 0.1, -0.1, 0.0, 0.0])
+    assert metrics.intervals_overlap([1.0, 3.0, -1.0, 1.0, 1.0], [0.0, 0.1, -0.1, 0.0, 0.0])
+    assert metrics.intervals_overlap([1.0], [0.0, 0.1, -0.1])  # one seed has no interval: more seeds are needed
+
+
+def test_the_sweep_gap_is_the_mean_of_the_per_seed_differences_paired_by_seed():
+    from examples.playground_2d import report
+
+    members = [{"beta": 10.0, "seed": seed} for seed in range(5)]
+    dpo = np.array([[0.5], [0.9], [0.6], [0.8], [0.7]])
+    ddspo = dpo + np.array([[0.10], [0.12], [0.08], [0.10], [0.10]])  # the seeds' spread is far wider than the gap
+    blank = np.zeros((5, 1))
+    runs = {
+        "dpo": {"members": members, "mode_acc": dpo, "swd": blank, "spread": blank},
+        "ddspo": {"members": members, "mode_acc": ddspo, "swd": blank, "spread": blank},
+    }
+    reference = {"members": [{"seed": seed} for seed in range(5)], "mode_acc": blank, "swd": blank, "spread": blank}
+    gap = report.sweep_round({"reference": reference, "runs": runs})["gaps"][0]
+    assert gap["beta"] == 10.0 and gap["n"] == 5 and gap["mean"] == pytest.approx(0.10)
+    assert gap["half_width"] == pytest.approx(2.776 * np.std([0.10, 0.12, 0.08, 0.10, 0.10], ddof=1) / math.sqrt(5))
+    assert gap["intervals_overlap"]  # unpaired, the two methods' intervals cannot tell them apart
+
+
 def test_a_diverged_seed_is_named_in_the_table_not_dropped():
     from examples.playground_2d import report
 
@@ -95,8 +120,14 @@ def test_a_diverged_seed_is_named_in_the_table_not_dropped():
         (["--num_classes", 0], "--num_classes must be at least 2"),
         (["--shifts", 0, -1], "--shifts are distances and cannot be negative"),
         (["--num_seeds", 4], "--num_seeds must be at least 5"),
+        (["--sweep_betas", 1, 0], "--sweep_betas must be positive"),
+        (["--sweep_betas", 1, "inf"], "'inf' is not a finite number"),
+        (
+            ["--experiments", "beta_sweep", "--sweep_more_seeds", 5],
+            "--sweep_more_seeds must be more than --num_seeds (5)",
+        ),
     ],
-    ids=["zero classes", "negative shift", "four seeds"],
+    ids=["zero classes", "negative shift", "four seeds", "zero sweep beta", "infinite sweep beta", "five more seeds"],
 )
 def test_a_setting_that_cannot_run_stops_with_one_line(tmp_path, flags, message):
     result = run_python(PLAYGROUND, [*flags, "--output_dir", tmp_path / "out"], timeout=60)
@@ -151,6 +182,37 @@ def test_a_reduced_run_goes_end_to_end_through_every_script_objective(tmp_path, 
     assert all(row["n"] == 5 for row in summary["summary"]["modes"]["mode_acc"])
 
 
+def test_a_reduced_beta_sweep_reruns_with_more_seeds_only_where_the_intervals_overlap(tmp_path, monkeypatch):
+    from examples.playground_2d import playground, report
+
+    sweep_round = report.sweep_round
+
+    def overlapping_at_one_only(round_):  # the verdicts are fixed here; the rule has its own test above
+        summary = sweep_round(round_)
+        for gap in summary["gaps"]:
+            gap["intervals_overlap"] = gap["beta"] == 1.0
+        return summary
+
+    monkeypatch.setattr(report, "sweep_round", overlapping_at_one_only)
+    flags = [*REDUCED, "--experiments", "beta_sweep", "--sweep_betas", 1, 100, "--sweep_more_seeds", 6]
+    record = playground.main(playground.parse_args([*map(str, flags), "--output_dir", str(tmp_path)]))
+    for name in ("results.md", "results.json", "beta_sweep.png", "beta_sweep_samples_round1.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    first, second = record["summary"]["beta_sweep"]
+    assert first["seeds"] == [0, 1, 2, 3, 4] and [gap["beta"] for gap in first["gaps"]] == [1.0, 100.0]
+    assert second["seeds"] == list(range(5, 11)) and [gap["beta"] for gap in second["gaps"]] == [1.0]
+    table = (tmp_path / "results.md").read_text()
+    for number, betas, seeds in ((1, [1, 100], 5), (2, [1], 6)):
+        section = table.split(f"### Round {number}:", 1)[1].split("###", 1)[0]
+        rows = re.findall(r"^\| (Diffusion-DPO|DDSPO), β = (\d+) \| .* \| (\d+) \|$", section, re.M)
+        assert rows == [(method, str(beta), str(seeds)) for method in ("Diffusion-DPO", "DDSPO") for beta in betas]
+    gaps = table.split("### The gap in mode accuracy", 1)[1]
+    assert re.search(
+        r"^\| 1 \| [+-]\d\.\d{3} ± \d\.\d{3} \| overlap \| [+-]\d\.\d{3} ± \d\.\d{3} \| overlap \|$", gaps, re.M
+    )
+    assert re.search(r"^\| 100 \| [+-]\d\.\d{3} ± \d\.\d{3} \| apart \| – \| not run \|$", gaps, re.M), gaps
+
+
 # ----------------------------------------------------------------------------------------------
 # The committed numbers: the playground README quotes them, a default run reproduces them
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +228,29 @@ def test_the_readme_quotes_the_committed_table(heading):
     assert lines
     missing = [line for line in lines if line not in readme]
     assert not missing, f"examples/playground_2d/README.md lacks {missing}"
+
+
+def test_the_committed_sweep_table_is_what_its_results_json_renders():
+    from examples.playground_2d import report
+
+    record = json.loads((COMMITTED_SWEEP / "results.json").read_text())
+    assert report.markdown(record["summary"], record["settings"]) == (COMMITTED_SWEEP / "results.md").read_text()
+
+
+def test_the_readme_quotes_the_committed_sweep():
+    """The gap table, and every mean ± half-width the README's β-sweep section quotes, come from docs/toy2d/sweep."""
+    readme = (REPO / "examples" / "playground_2d" / "README.md").read_text()
+    committed = (COMMITTED_SWEEP / "results.md").read_text()
+    gap_table = committed.split("### The gap in mode accuracy", 1)[1].split("\n## ", 1)[0]
+    gap_lines = [line for line in gap_table.splitlines() if line.startswith("| ") and not line.startswith("| β |")]
+    assert len(gap_lines) == len(json.loads((COMMITTED_SWEEP / "results.json").read_text())["settings"]["sweep_betas"])
+    missing = [line for line in gap_lines if line not in readme]
+    assert not missing, f"examples/playground_2d/README.md lacks {missing}"
+    section = readme.split("## β sweep", 1)[1].split("\n## ", 1)[0]
+    quoted = re.findall(r"[+-]?\d\.\d{3} ± \d\.\d{3}", section)
+    assert len(quoted) > len(gap_lines)
+    not_committed = [number for number in quoted if number not in committed]
+    assert not not_committed, f"the README's β sweep quotes {not_committed}, not in {COMMITTED_SWEEP}/results.md"
 
 
 def committed_means(summary):
