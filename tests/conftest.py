@@ -17,6 +17,12 @@ from PIL import Image
 # inherited by every script the tests launch.
 HF_HOME = tempfile.mkdtemp(prefix="preference-tests-hf-")
 os.environ.update({"HF_HOME": HF_HOME, "HF_DATASETS_CACHE": os.path.join(HF_HOME, "datasets")})
+# One torch thread in every pytest process, as in every process the tests start (kit.OFFLINE_ENV), set before
+# anything imports torch. The suite runs in parallel across processes (three xdist workers and their children
+# on two cores); a second thread per process only adds OpenMP threads that spin while they wait for a core,
+# which on these tiny models cost more CPU than the work: an in-process test that takes 10 s of CPU alone took
+# 37 s in a full run with two threads a worker.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def built_once(tmp_path_factory, name, build):

@@ -46,3 +46,12 @@ def test_tests_of_one_xdist_group_run_on_one_worker_and_share_its_module_fixture
     assert "12 passed" in result.stdout, result.stdout[-3000:]
     setups = sorted(line.split()[0] for line in log.read_text().splitlines())
     assert setups == ["first", "second", "third"], f"module fixtures set up per worker, not per group: {setups}"
+
+
+def test_every_pytest_process_computes_on_one_torch_thread():
+    # conftest.py sets OMP_NUM_THREADS=1 before torch loads: three workers on two cores with two threads each spent
+    # more CPU in OpenMP threads spinning for a core than on the tiny models' work. A torch imported before conftest
+    # runs (a plugin, a new import at the top of kit.py) would take the machine's core count and undo it.
+    import torch
+
+    assert torch.get_num_threads() == 1
