@@ -102,7 +102,9 @@ def test_validation_by_reward_logs_the_win_rate_from_step_0_and_keeps_the_best_s
     win_rates = dict(logged["validation/win_rate"])
     assert list(win_rates) == [0, 2, 4] and win_rates[0] == 0.5  # the base against itself
     assert {int(step): value for step, value in summary["validation_win_rates"].items()} == pytest.approx(win_rates)
-    assert set(summary["validation_reward_metrics"]["4"]) == {"win_rate", "win_rate_toy_ball", "reward_toy_ball"}
+    metrics = summary["validation_reward_metrics"]["4"]
+    assert set(metrics) == {"win_rate", "win_rate_toy_ball", "reward_toy_ball", "unscored_toy_ball"}
+    assert metrics["unscored_toy_ball"] == 0  # every image scored
     assert summary["best_checkpoint"] == max(win_rates, key=win_rates.get)
     assert re.search(r"Step 4: validation win-rate against the base [0-9.]+: toy_ball [0-9.]+ \(mean reward", log)
     assert (output_dir / "best" / "pytorch_lora_weights.safetensors").is_file() and not (output_dir / "unet").exists()

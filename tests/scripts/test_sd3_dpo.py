@@ -253,7 +253,9 @@ def test_validation_by_reward_logs_win_rates_from_step_0_and_best_holds_the_best
     win_rates = {int(step): value for step, value in summary["validation_win_rates"].items()}
     assert list(win_rates) == [0, 1, 2, 3] and win_rates[0] == 0.5  # the base against itself
     assert dict(scalar_events(output_dir / "logs")["validation/win_rate"]) == pytest.approx(win_rates)
-    assert set(summary["validation_reward_metrics"]["3"]) == {"win_rate", "win_rate_toy_ball", "reward_toy_ball"}
+    metrics = summary["validation_reward_metrics"]["3"]
+    assert set(metrics) == {"win_rate", "win_rate_toy_ball", "reward_toy_ball", "unscored_toy_ball"}
+    assert metrics["unscored_toy_ball"] == 0  # every image scored
     logged = re.findall(r"Step (\d+): validation win-rate against the base [0-9.]+: toy_ball [0-9.]+ \(mean", log)
     assert logged == ["0", "1", "2", "3"]
     best = summary["best_checkpoint"]
