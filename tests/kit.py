@@ -438,8 +438,9 @@ def share(verdicts, field):
 
 
 def generate_and_judge(tiny_world, output_dir, model_name, *weights, prompts=PROMPTS, guidance_scale=5):
-    """Draw IMAGES_PER_PROMPT images of each prompt with examples/eval/generate.py and judge each with the toy_ball
-    judge: {(prompt_index, k): verdict} (examples/tiny_world/report.judge_run).
+    """Draw IMAGES_PER_PROMPT images of each prompt with examples/eval/generate.py (with the flags in
+    tiny_world["sampling"], if any) and judge each with the toy_ball judge: {(prompt_index, k): verdict}
+    (examples/tiny_world/report.judge_run).
 
     generate.py runs in this process (its main, on one thread as its subprocess runs with OMP_NUM_THREADS=1: the
     images are byte for byte those of `python examples/eval/generate.py`), because this is the learning tests'
@@ -456,7 +457,7 @@ def generate_and_judge(tiny_world, output_dir, model_name, *weights, prompts=PRO
     args = ["--pretrained_model_name_or_path", tiny_world["model"], "--prompts", prompts_file]
     args += ["--model_name", model_name, "--images_per_prompt", IMAGES_PER_PROMPT, "--seed", 0, "--resolution", 64]
     args += ["--num_inference_steps", 20, "--guidance_scale", guidance_scale, "--batch_size", 96]
-    args += ["--output_dir", output_dir, *weights]
+    args += ["--output_dir", output_dir, *tiny_world.get("sampling", ()), *weights]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
