@@ -201,6 +201,11 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(ti
             tiny_assets["dataset"],
             "--resolution",
             "64",
+            # Cached latents only: the cached rows are the ones the issues' targets read, and an uncached row differs
+            # only in the script's --cache_latents (the scripts' own tests run both); the uncached rows' 8 runs
+            # (timed and memory probe) were a third of this test's time.
+            "--latents",
+            "cached",
         ],
         cwd=REPO,
         env={**os.environ, **OFFLINE_ENV},
@@ -213,9 +218,7 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(ti
 
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert {(row["method"], row["latents"]) for row in report["rows"]} == {
-        (method, latents)
-        for method in ("MaPO", "Diffusion-DPO", "DDSPO", "CaPO")
-        for latents in ("cached", "uncached")
+        (method, "cached") for method in ("MaPO", "Diffusion-DPO", "DDSPO", "CaPO")
     }
     for row in report["rows"]:
         for column in (
@@ -231,9 +234,7 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(ti
             assert row[column] is not None and row[column] > 0, (row["method"], row["latents"], column, row[column])
         assert row["time_ratio_to_floor"] == pytest.approx(row["seconds_per_step"] / row["floor_seconds_per_step"])
         assert row["peak_memory_kind"] == "rss"
-    assert set(report["mapo_vs_dpo"]) == {"cached", "uncached"}
-    assert set(report["ddspo_vs_dpo"]) == {"cached", "uncached"}
-    assert set(report["capo_vs_dpo"]) == {"cached", "uncached"}
+    assert set(report["mapo_vs_dpo"]) == set(report["ddspo_vs_dpo"]) == set(report["capo_vs_dpo"]) == {"cached"}
     # Reported, met or not: no wall-clock assertion.
     assert "DDSPO within 1.10x of its floor" in report["targets"]
     assert "CaPO time within 1.10x of Diffusion-DPO" in report["targets"]
@@ -276,7 +277,7 @@ def test_benchmark_in_its_reduced_setting_fills_every_column_for_every_method(ti
     assert markdown.strip() in result.stdout  # what it prints is what it writes
     labels = ("| MaPO |", "| Diffusion-DPO |", "| DDSPO |", "| CaPO |")
     table = [line for line in markdown.splitlines() if line.startswith(labels)]
-    assert len(table) == 8
+    assert len(table) == 4
     for line in table:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert len(cells) == 9 and all(cells) and "n/a" not in cells, line
