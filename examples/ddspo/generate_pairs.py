@@ -55,8 +55,11 @@ from examples.lib.pair_shards import (
 from examples.lib.sampling import (
     add_pipeline_arguments,
     add_sampling_arguments,
+    add_trained_weights_arguments,
     check_pipeline_path,
     check_sampling_args,
+    check_trained_weights,
+    trained_weight_settings,
     weight_dtype_for,
 )
 
@@ -96,6 +99,8 @@ def parse_args(input_args=None):
         model,
         "The reference pipeline (hub id or folder): SDXL, SD1.x or SD2.x. Use the model DDSPO will train.",
     )
+    # A fine-tuned reference: the pipeline with these weights in place of the base's (e.g. an SFT stage's output).
+    add_trained_weights_arguments(model)
 
     data = parser.add_argument_group("degraded prompts")
     data.add_argument(
@@ -153,6 +158,7 @@ def check_args(args):
             "name the column of the prompts and the column of their degraded versions."
         )
     check_pipeline_path(args.pretrained_model_name_or_path)
+    check_trained_weights(args)
     check_safetensors_in(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     if args.pretrained_vae_model_name_or_path is not None:
         check_safetensors_in(args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path")
@@ -298,7 +304,11 @@ def main(args):
         )
 
     output_dir = Path(args.output_dir)
-    settings = {**pair_settings(args, weight_dtype), "negatives_per_prompt": args.negatives_per_prompt}
+    settings = {
+        **pair_settings(args, weight_dtype),
+        **trained_weight_settings(args),
+        "negatives_per_prompt": args.negatives_per_prompt,
+    }
     on_disk = finished_pairs(  # on every process, so that all of them stop together
         output_dir,
         settings,

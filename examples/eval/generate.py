@@ -37,7 +37,7 @@ import argparse
 import json
 from pathlib import Path
 
-from examples.lib.cli import InputError, finite_float, parse_checked_args, run_tool
+from examples.lib.cli import InputError, parse_checked_args, run_tool
 from examples.lib.files import (
     check_safetensors,
     check_safetensors_in,
@@ -47,19 +47,19 @@ from examples.lib.files import (
     resolved_path,
     write_atomically,
 )
-from examples.lib.prompts import PROMPT_SET_NAMES, looks_local, read_prompts
+from examples.lib.prompts import PROMPT_SET_NAMES, read_prompts
 from examples.lib.sampling import (
     FLOW_PIPELINES,
-    LORA_WEIGHT_NAME,
     TEXTUAL_INVERSION_NAME,
     add_pipeline_arguments,
     add_sampling_arguments,
+    add_trained_weights_arguments,
     check_sampling_args,
+    check_trained_weights,
     draw,
     image_seed,
     load_pipeline_for,
     local_pipeline_class,
-    model_subfolder,
     sampler_settings,
     share_of_this_process,
     textual_inversion_file,
@@ -72,39 +72,13 @@ def parse_args(input_args=None):
     add_pipeline_arguments(
         parser, "Base pipeline (hub id or folder): SDXL, SD1.x, SD2.x or SD3, the class its model_index.json names."
     )
-    parser.add_argument(
-        "--lora_path",
-        type=str,
-        default=None,
-        help=f"LoRA weights to apply: a training output folder holding {LORA_WEIGHT_NAME}, or a .safetensors file.",
-    )
-    parser.add_argument(
-        "--lora_scale",
-        type=finite_float,
-        default=1.0,
-        help="Scale of the LoRA update when it is fused into the weights.",
-    )
+    add_trained_weights_arguments(parser)
     parser.add_argument(
         "--textual_inversion_path",
         type=str,
         default=None,
         help=f"A new token's embeddings (train_mapo_personalization_sdxl.py --placeholder_token): a folder "
         f"holding {TEXTUAL_INVERSION_NAME} or the file. Default: the --lora_path folder's, when it holds one.",
-    )
-    parser.add_argument(
-        "--unet_path",
-        type=str,
-        default=None,
-        help="A fine-tuned UNet: a training output folder holding unet/, the unet/ folder itself, "
-        "or a hub repository of either kind.",
-    )
-    parser.add_argument(
-        "--transformer_path",
-        type=str,
-        default=None,
-        help="A fine-tuned transformer of a flow pipeline (SD3, SD3.5): a training output folder holding "
-        "transformer/ (train_diffusion_dpo_sd3.py's full fine-tuning), the transformer/ folder itself, or a hub "
-        "repository of either kind.",
     )
     parser.add_argument(
         "--model_name",
@@ -170,47 +144,17 @@ def check_args(args):
     check_safetensors_in(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     if args.max_prompts is not None and args.max_prompts <= 0:
         raise InputError(f"--max_prompts must be positive, got {args.max_prompts}.")
-    trained = [f"--{flag}" for flag in ("lora_path", "unet_path", "transformer_path") if getattr(args, flag)]
-    if len(trained) > 1:
-        raise InputError(
-            f"Give one of --lora_path, --unet_path, --transformer_path, not {' and '.join(trained)}: each evaluates "
-            "one trained model against the same base."
-        )
-    if args.lora_path is not None:
-        lora = Path(args.lora_path)
-        if lora.is_dir() and not (lora / LORA_WEIGHT_NAME).is_file():
-            raise InputError(
-                f"--lora_path {args.lora_path!r} is a folder without {LORA_WEIGHT_NAME}; "
-                "expected a training output folder or the .safetensors file."
-            )
-        if not lora.exists():
-            raise InputError(f"--lora_path {args.lora_path!r} does not exist.")
-        check_safetensors(lora / LORA_WEIGHT_NAME if lora.is_dir() else lora, "--lora_path")
+    check_trained_weights(args)
     args.textual_inversion_path = textual_inversion_file(args.textual_inversion_path, args.lora_path)
     if args.textual_inversion_path is not None and Path(args.textual_inversion_path).is_file():
         check_safetensors(args.textual_inversion_path, "--textual_inversion_path")
     class_name = local_pipeline_class(args.pretrained_model_name_or_path)
-    if class_name in FLOW_PIPELINES:  # (a hub id is checked by load_pipeline, before its weights load)
-        sdxl_only = [flag for flag in ("unet_path", "textual_inversion_path") if getattr(args, flag) is not None]
-        if sdxl_only:
-            raise InputError(
-                f"--{sdxl_only[0]} is for UNet pipelines (SD1.x, SD2.x, SDXL), but "
-                f"{args.pretrained_model_name_or_path!r} is a {class_name}; give its trained weights as --lora_path "
-                "or --transformer_path."
-            )
-    elif class_name is not None and args.transformer_path is not None:
+    if class_name in FLOW_PIPELINES and args.textual_inversion_path is not None:  # (a hub id: load_pipeline checks)
         raise InputError(
-            f"--transformer_path is for flow pipelines (SD3, SD3.5), but {args.pretrained_model_name_or_path!r} is a "
-            f"{class_name}; give a fine-tuned UNet as --unet_path."
+            f"--textual_inversion_path is for UNet pipelines (SD1.x, SD2.x, SDXL), but "
+            f"{args.pretrained_model_name_or_path!r} is a {class_name}; give its trained weights as --lora_path "
+            "or --transformer_path."
         )
-    for name in ("unet", "transformer"):
-        path = getattr(args, f"{name}_path")
-        if path is not None and looks_local(path) and not Path(path).expanduser().exists():
-            raise InputError(f"--{name}_path {path!r} does not exist.")
-        if path is not None and Path(path).exists():
-            subfolder = model_subfolder(path, name)  # a hub id is checked when the model loads
-            for weights in sorted(Path(path, subfolder or "").glob("*.safetensors")):
-                check_safetensors(weights, f"--{name}_path: the weight file")
     if (
         not args.model_name
         or any(character in args.model_name for character in "/\\")

@@ -18,6 +18,7 @@ from examples.lib.sampling import (
     png_bytes,
     sampler_settings,
     share_of_this_process,
+    trained_weights,
 )
 
 
@@ -160,7 +161,7 @@ def write_pending_shards(accelerator, args, shards, config, on_disk, weight_dtyp
     generated, flagged = 0, 0
     my_shards = share_of_this_process(accelerator, pending)
     if my_shards:
-        pipeline = load_pipeline_for(args, weight_dtype, accelerator.device)
+        pipeline = load_pipeline_for(args, weight_dtype, accelerator.device, **trained_weights(args))
         progress = tqdm(
             total=sum(len(shards[shard]) for shard in my_shards),
             desc="generating pairs (this process's share)",

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from examples.lib.cli import InputError, finite_float
-from examples.lib.files import resolved_path
+from examples.lib.files import check_safetensors, resolved_path
+from examples.lib.prompts import looks_local
 from utils.validation import validation_image_seed
 
 
@@ -89,6 +90,97 @@ def add_sampling_arguments(parser):
         choices=["no", "fp16", "bf16"],
         help="Weights and activations precision (default: the accelerate config's).",
     )
+
+
+def add_trained_weights_arguments(parser):
+    """The flags that load trained weights into the pipeline: --lora_path, --lora_scale, --unet_path and
+    --transformer_path (examples/eval/generate.py, examples/ddspo/generate_pairs.py)."""
+    parser.add_argument(
+        "--lora_path",
+        type=str,
+        default=None,
+        help=f"LoRA weights to apply: a training output folder holding {LORA_WEIGHT_NAME}, or a .safetensors file.",
+    )
+    parser.add_argument(
+        "--lora_scale",
+        type=finite_float,
+        default=1.0,
+        help="Scale of the LoRA update when it is fused into the weights.",
+    )
+    parser.add_argument(
+        "--unet_path",
+        type=str,
+        default=None,
+        help="A fine-tuned UNet: a training output folder holding unet/, the unet/ folder itself, "
+        "or a hub repository of either kind.",
+    )
+    parser.add_argument(
+        "--transformer_path",
+        type=str,
+        default=None,
+        help="A fine-tuned transformer of a flow pipeline (SD3, SD3.5): a training output folder holding "
+        "transformer/ (train_diffusion_dpo_sd3.py's full fine-tuning), the transformer/ folder itself, or a hub "
+        "repository of either kind.",
+    )
+
+
+def check_trained_weights(args):
+    """Refuse trained weights that cannot load, before any model does: more than one of --lora_path, --unet_path and
+    --transformer_path, a path that is not there, a LoRA folder without its weights, a truncated weight file, or
+    weights of the other family (a UNet for a flow pipeline, a transformer for a UNet pipeline)."""
+    trained = [f"--{flag}" for flag in ("lora_path", "unet_path", "transformer_path") if getattr(args, flag)]
+    if len(trained) > 1:
+        raise InputError(
+            f"Give one of --lora_path, --unet_path, --transformer_path, not {' and '.join(trained)}: each replaces "
+            "the base's weights with one trained model's."
+        )
+    if args.lora_path is not None:
+        lora = Path(args.lora_path)
+        if lora.is_dir() and not (lora / LORA_WEIGHT_NAME).is_file():
+            raise InputError(
+                f"--lora_path {args.lora_path!r} is a folder without {LORA_WEIGHT_NAME}; "
+                "expected a training output folder or the .safetensors file."
+            )
+        if not lora.exists():
+            raise InputError(f"--lora_path {args.lora_path!r} does not exist.")
+        check_safetensors(lora / LORA_WEIGHT_NAME if lora.is_dir() else lora, "--lora_path")
+    class_name = local_pipeline_class(args.pretrained_model_name_or_path)
+    if class_name in FLOW_PIPELINES and args.unet_path is not None:  # (a hub id is checked by load_pipeline)
+        raise InputError(
+            f"--unet_path is for UNet pipelines (SD1.x, SD2.x, SDXL), but {args.pretrained_model_name_or_path!r} is "
+            f"a {class_name}; give its trained weights as --lora_path or --transformer_path."
+        )
+    if class_name is not None and class_name not in FLOW_PIPELINES and args.transformer_path is not None:
+        raise InputError(
+            f"--transformer_path is for flow pipelines (SD3, SD3.5), but {args.pretrained_model_name_or_path!r} is a "
+            f"{class_name}; give a fine-tuned UNet as --unet_path."
+        )
+    for name in ("unet", "transformer"):
+        path = getattr(args, f"{name}_path")
+        if path is not None and looks_local(path) and not Path(path).expanduser().exists():
+            raise InputError(f"--{name}_path {path!r} does not exist.")
+        if path is not None and Path(path).exists():
+            subfolder = model_subfolder(path, name)  # a hub id is checked when the model loads
+            for weights in sorted(Path(path, subfolder or "").glob("*.safetensors")):
+                check_safetensors(weights, f"--{name}_path: the weight file")
+
+
+def trained_weights(args):
+    """The trained weights `args` names, as load_pipeline_for's keyword arguments (none for a tool without the
+    flags of add_trained_weights_arguments)."""
+    weights = {name: getattr(args, name, None) for name in ("lora_path", "unet_path", "transformer_path")}
+    weights = {name: path for name, path in weights.items() if path}
+    if "lora_path" in weights:
+        weights["lora_scale"] = args.lora_scale
+    return weights
+
+
+def trained_weight_settings(args):
+    """The trained weights among the settings a resumed folder must match: only those given, with resolved paths,
+    so that a folder made without them (or before the flags) resumes."""
+    return {
+        name: value if name == "lora_scale" else resolved_path(value) for name, value in trained_weights(args).items()
+    }
 
 
 def check_sampling_args(args):

@@ -169,6 +169,9 @@ BAD_INPUTS = {  # name: (flags, what the one line says); MODEL, DATASET, A_FILE 
     "output_cannot_be_written": (["--output_dir", "A_FILE/pairs"], "cannot be written"),
     "truncated_weights": (["--pretrained_model_name_or_path", "TRUNCATED"], "is truncated"),
     "truncated_vae": (["--pretrained_vae_model_name_or_path", "TRUNCATED/unet"], "is truncated"),
+    "missing_unet": (["--unet_path", "./no-such-unet"], "--unet_path './no-such-unet' does not exist"),
+    "unet_without_config": (["--unet_path", "TRUNCATED"], "unet/config.json nor config.json"),
+    "unet_and_lora": (["--unet_path", "TRUNCATED", "--lora_path", "A_FILE"], "Give one of --lora_path, --unet_path"),
 }
 
 
@@ -240,6 +243,36 @@ def test_both_images_of_a_pair_are_the_reference_models_draws_from_the_stored_se
     for image, column in zip(drawn, ("jpg_w", "jpg_l")):
         # drawn alone here, in a batch of two by the tool: float reductions may move a pixel by one level
         assert np.abs(image - pixels(pair[column])).max() <= 1, column
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_reference_given_as_unet_path_draws_the_pairs(sdxl_run, tiny_pipelines, tmp_path):
+    """`--unet_path`: the pairs are the draws of the pipeline with that UNet in place of the base's (here the tiny
+    base's UNet with its weights moved), not the base's, and the settings file names it."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    fine_tuned = tmp_path / "fine-tuned"
+    shutil.copytree(tiny_pipelines["sdxl"], fine_tuned)  # a whole pipeline, so that draw_again can load it
+    unet = UNet2DConditionModel.from_pretrained(fine_tuned / "unet")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    unet.save_pretrained(fine_tuned / "unet")
+    output_dir = tmp_path / "pairs"
+    args = generate_pairs_args(tiny_pipelines["sdxl"], sdxl_run["dataset"], output_dir, "--unet_path", fine_tuned)
+    run_tool(SCRIPT, args)
+    pair, base_pair = read_pairs(output_dir)[2], read_pairs(sdxl_run["output_dir"])[2]  # row 3, the same seed
+    assert pair["seed"] == base_pair["seed"]
+    drawn = draw_again(fine_tuned, pair["seed"], [pair["caption"], pair["negative_caption"]])
+    for image, column in zip(drawn, ("jpg_w", "jpg_l")):
+        assert np.abs(image - pixels(pair[column])).max() <= 1, column
+        assert np.abs(pixels(pair[column]) - pixels(base_pair[column])).mean() > 0.5, column
+    config = json.loads((output_dir / "pairs_config.json").read_text())
+    assert config["unet_path"] == str(fine_tuned.resolve()) and "lora_path" not in config
 
 
 @pytest.mark.slow
