@@ -416,6 +416,7 @@ def check_args(args):
     for name in ("max_train_steps", "max_train_samples"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}.")
+    check_not_sd3(args.pretrained_model_name_or_path)
     check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, PIPELINE_FILES)
     if args.pretrained_vae_model_name_or_path is not None:
         check_local_path(
@@ -501,6 +502,21 @@ def check_validation_reward_args(args):
 def names_local_path(value):
     """Hub ids look like `name` or `org/name`; anything else (or anything that exists on disk) is a local path."""
     return os.path.exists(value) or value.startswith((".", "/", "~")) or value.count("/") > 1
+
+
+def check_not_sd3(value):
+    """An SD3 or SD3.5 pipeline folder (model_index.json's _class_name) is trained by train_mapo_sd3.py."""
+    path = Path(value).expanduser() / "model_index.json"
+    if not names_local_path(value) or not path.is_file():
+        return
+    found = ""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: the usual checks say what is wrong
+        found = str(json.loads(path.read_text()).get("_class_name", ""))
+    if found.startswith("StableDiffusion3"):
+        raise InputError(
+            f"--pretrained_model_name_or_path {value!r} is a {found} (SD3, SD3.5; its model_index.json), not an "
+            "SDXL pipeline; train it with train_mapo_sd3.py."
+        )
 
 
 def check_local_path(flag, value, required_files):

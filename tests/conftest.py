@@ -177,6 +177,7 @@ LONGEST_FIRST = [  # then the modules whose units take minutes
     "scripts/test_personalization.py",
     "scripts/test_ddspo.py",
     "scripts/test_sd3_dpo.py",
+    "scripts/test_mapo_sd3.py",
     "scripts/test_caching.py",
     "tools/test_eval.py",
     "scripts/test_bad_inputs_sdxl.py",

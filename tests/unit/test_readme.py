@@ -10,6 +10,7 @@ import train_ddspo
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 import train_mapo_personalization_sdxl
+import train_mapo_sd3
 import train_mapo_sdxl
 
 
@@ -62,6 +63,7 @@ SCRIPTS = [
     train_diffusion_dpo_sdxl,
     train_diffusion_dpo_sd3,
     train_mapo_sdxl,
+    train_mapo_sd3,
     train_mapo_personalization_sdxl,
     train_ddspo,
     train_capo,
@@ -73,6 +75,7 @@ GUIDES = {
     "train_diffusion_dpo_sdxl": "examples/dpo/README.md",
     "train_diffusion_dpo_sd3": "examples/dpo/README.md",
     "train_mapo_sdxl": "examples/mapo/README.md",
+    "train_mapo_sd3": "examples/mapo/README.md",
     "train_mapo_personalization_sdxl": "examples/mapo/README.md",
     "train_ddspo": "examples/ddspo/README.md",
     "train_capo": "examples/capo/README.md",
@@ -137,7 +140,7 @@ def test_files_named_in_the_two_commands_exist():
 DOCUMENTS = [*MARKDOWN, "requirements.txt", "train_diffusion_dpo_sdxl.py"]
 DOCUMENTS += ["train_mapo_sdxl.py", "utils/diffusion.py", "tests/run_tests.sh", "examples/setup_env.sh"]
 DOCUMENTS += ["train_mapo_personalization_sdxl.py"]
-DOCUMENTS += ["train_ddspo.py", "train_capo.py", "train_diffusion_dpo_sd3.py"]
+DOCUMENTS += ["train_ddspo.py", "train_capo.py", "train_diffusion_dpo_sd3.py", "train_mapo_sd3.py"]
 
 
 def test_every_repository_file_the_docs_point_to_exists():
