@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """CaPO (Calibrated Preference Optimization, Lee et al. 2025) for SDXL and SD1.x/SD2.x, with DPO and IPO on the
-same pairs for the paper's comparisons.
+same pairs for the paper's comparisons (SD3 and SD3.5: train_capo_sd3.py).
 
 The objective (docs/METHODS.md, "CaPO"; paper Eq. 8, 21-23): for a pair (c, x0_pos, x0_neg) with calibrated
 rewards R_ca(x_pos), R_ca(x_neg) in [0, 1] (examples/capo/select_pairs.py), one timestep t and, by default,
@@ -470,6 +470,7 @@ def check_args(args):
         raise InputError(
             "--overwrite deletes the earlier run's outputs that --resume_from_checkpoint continues; give one of them."
         )
+    check_not_sd3(args.pretrained_model_name_or_path)
     check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, PIPELINE_FILES)
     if args.pretrained_vae_model_name_or_path is not None:
         check_local_path(
@@ -575,6 +576,21 @@ def check_validation_reward_args(args):
 def names_local_path(value):
     """Hub ids look like `name` or `org/name`; anything else (or anything that exists on disk) is a local path."""
     return os.path.exists(value) or value.startswith((".", "/", "~")) or value.count("/") > 1
+
+
+def check_not_sd3(value):
+    """An SD3 or SD3.5 pipeline folder (model_index.json's _class_name) is trained by train_capo_sd3.py."""
+    path = Path(value).expanduser() / "model_index.json"
+    if not names_local_path(value) or not path.is_file():
+        return
+    found = ""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: the usual checks say what is wrong
+        found = str(json.loads(path.read_text()).get("_class_name", ""))
+    if found.startswith("StableDiffusion3"):
+        raise InputError(
+            f"--pretrained_model_name_or_path {value!r} is a {found} (SD3, SD3.5; its model_index.json), not an "
+            "SDXL or SD1.x/SD2.x pipeline; train it with train_capo_sd3.py."
+        )
 
 
 def check_local_path(flag, value, required_files):

@@ -113,6 +113,35 @@ def base_verdicts(tiny_world, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def capo_pairs(tiny_assets, tmp_path_factory):
+    """The tiny Pick-a-Pic pairs as CaPO rows (reward_pos 0.8, reward_neg 0.2: a gap of 0.6), plus a row whose reward
+    is NaN and one whose two images are the same file, each to be skipped and counted: the folder, for
+    train_capo.py and train_capo_sd3.py."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def build(folder):
+        folder.mkdir(parents=True)
+        table = pq.read_table(Path(tiny_assets["dataset"]) / "train.parquet").to_pydict()
+        rows = {"caption": [], "jpg_pos": [], "jpg_neg": [], "reward_pos": [], "reward_neg": []}
+        for caption, first, second, label in zip(table["caption"], table["jpg_0"], table["jpg_1"], table["label_0"]):
+            if label == 0.5:
+                continue
+            positive, negative = (first, second) if label == 1.0 else (second, first)
+            for column, value in zip(rows, (caption, positive, negative, 0.8, 0.2)):
+                rows[column].append(value)
+        for pos, neg, reward in (
+            (rows["jpg_pos"][0], rows["jpg_neg"][0], float("nan")),
+            (rows["jpg_pos"][1],) * 2 + (0.8,),
+        ):
+            for column, value in zip(rows, (rows["caption"][0], pos, neg, reward, 0.2)):
+                rows[column].append(value)
+        pq.write_table(pa.table(rows), folder / "train.parquet")
+
+    return str(built_once(tmp_path_factory, "capo_pairs", build))
+
+
+@pytest.fixture(scope="session")
 def tiny_world_sd3(tiny_assets):
     """The tiny-world SD3 base (TINY_WORLD_BASES/tiny-world-sd3), with the tiny Pick-a-Pic dataset. `sampling`: the
     flags kit.generate_and_judge draws its images with, T5's 77 tokens, the length train_diffusion_dpo_sd3.py trains

@@ -527,3 +527,49 @@ def bad_prompt_source(tmp_path, kind):
     folder.mkdir()
     (folder / "notes.bin").write_bytes(b"\x00\x01")
     return folder
+
+
+# CaPO's pairs in the learning tests: 16 occurrences of each caption, 8 samples each (generate.py
+# --keep_duplicate_prompts), 96 prompt groups, each calibrated on its own (Eq. 7) and paired best against worst, as
+# the paper's N = 16 images of a prompt.
+CAPO_REPEATS, CAPO_SAMPLES = 16, 8
+
+
+def capo_pair_sets(tiny_world, root, rewards):
+    """{reward: pairs folder} for each of `rewards` ("toy_ball", and "reversed", its negative: a reward that prefers
+    the ball at the bottom): the base's own samples (drawn with tiny_world["sampling"], if any) scored by toy_ball,
+    calibrated and paired by select_pairs.py."""
+    import csv
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prompts.txt").write_text("\n".join(PROMPTS * CAPO_REPEATS) + "\n")
+    args = ["--pretrained_model_name_or_path", tiny_world["model"], "--prompts", root / "prompts.txt"]
+    args += ["--keep_duplicate_prompts", "--images_per_prompt", CAPO_SAMPLES, "--seed", 100, "--resolution", 64]
+    args += ["--num_inference_steps", 20, "--guidance_scale", 5, "--batch_size", 96, "--output_dir", root]
+    args += ["--model_name", "base", *tiny_world.get("sampling", ())]
+    for script, script_args in (
+        ("examples/eval/generate.py", args),
+        ("examples/eval/score.py", ["--run_dirs", root / "base", "--reward_models", "toy_ball"]),
+    ):
+        result = run_python(script, script_args)
+        assert result.returncode == 0, result.stdout[-4000:]
+    scores = root / "base" / "scores.csv"
+    with open(scores, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["reversed"] = repr(-float(row["toy_ball"]))
+    with open(scores, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    folders = {}
+    for reward in rewards:
+        folders[reward] = root / f"pairs-{reward}"
+        result = run_python(
+            "examples/capo/select_pairs.py",
+            ["--run_dirs", root / "base", "--reward_models", reward, "--reward_kinds", f"{reward}=bradley_terry"]
+            + ["--selection", "best_worst", "--output_dir", folders[reward]],
+        )
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert f"{CAPO_REPEATS * len(PROMPTS)} pairs" in result.stdout
+    return folders

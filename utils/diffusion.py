@@ -87,6 +87,29 @@ def sigmoid_loss_weight(log_snr_values, bias):
     return torch.sigmoid(bias - log_snr_values)
 
 
+def sample_uniform_log_snr(generators, low=-10.0, high=10.0, device="cpu"):
+    """lambda ~ U[low, high], one per generator, shape (B,): CaPO's flow-model timestep draw (App. A.3, U[-10, 10]).
+
+    The noise level is then s = sigmoid(-lambda / 2), the inverse of `flow_matching_log_snr`, continuous rather than
+    taken from the scheduler's table (`flow_sigma_from_log_snr`).
+    """
+    return torch.cat([low + (high - low) * torch.rand((1,), generator=g, device=device) for g in generators])
+
+
+def flow_sigma_from_log_snr(log_snr_values):
+    """s = sigmoid(-lambda / 2): the flow noise level of a log-SNR, the inverse of `flow_matching_log_snr`."""
+    return torch.sigmoid(-0.5 * log_snr_values.double()).float()
+
+
+def flow_sigmoid_loss_weight(log_snr_values, bias):
+    """w = 1 / (exp((lambda - b) / 2) + exp(-(lambda - b) / 2)): CaPO's weight on the flow loss (App. A.3, Eq. 26
+    shifted by b), computed as sigmoid(b - lambda) * exp((lambda - b) / 2) without overflow, so |lambda - b| may be
+    large. docs/METHODS.md, "CaPO on a flow model", says how it relates to sigmoid(b - lambda) on the epsilon loss.
+    """
+    half = 0.5 * (log_snr_values.double() - bias)
+    return torch.exp(-half.abs() - torch.log1p(torch.exp(-2.0 * half.abs()))).float()
+
+
 FLOW_TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 
 

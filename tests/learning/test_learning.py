@@ -35,6 +35,9 @@ from kit import (
     share,
     summary_of,
 )
+from kit import (
+    capo_pair_sets as capo_pair_sets_of,
+)
 
 from examples.tiny_world.report import judge_run
 from utils.validation import reward_validation_metrics
@@ -179,49 +182,13 @@ def test_flipped_labels_move_generated_balls_to_the_bottom_half(tiny_world, base
 # ----------------------------------------------------------------------------------------------
 # CaPO: pairs the toy_ball reward picks from the base's own samples
 # ----------------------------------------------------------------------------------------------
-# 16 occurrences of each caption, 8 samples each (generate.py --keep_duplicate_prompts): 96 prompt groups, each
-# calibrated on its own (Eq. 7) and paired best against worst, as the paper's N = 16 images of a prompt.
-CAPO_REPEATS, CAPO_SAMPLES, CAPO_BETA = 16, 8, 20
+CAPO_BETA = 20
 
 
 @pytest.fixture(scope="module")
 def capo_pair_sets(tiny_world, tmp_path_factory):
-    """{"toy_ball": pairs folder, "reversed": pairs folder}: the base's samples scored by toy_ball, and by its
-    negative (a reward that prefers the ball at the bottom), each calibrated and paired by select_pairs.py."""
-    import csv
-
-    root = tmp_path_factory.mktemp("capo-samples")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS * CAPO_REPEATS) + "\n")
-    args = ["--pretrained_model_name_or_path", tiny_world["model"], "--prompts", root / "prompts.txt"]
-    args += ["--keep_duplicate_prompts", "--images_per_prompt", CAPO_SAMPLES, "--seed", 100, "--resolution", 64]
-    args += ["--num_inference_steps", 20, "--guidance_scale", 5, "--batch_size", 96, "--output_dir", root]
-    args += ["--model_name", "base"]
-    for script, script_args in (
-        ("examples/eval/generate.py", args),
-        ("examples/eval/score.py", ["--run_dirs", root / "base", "--reward_models", "toy_ball"]),
-    ):
-        result = run_python(script, script_args)
-        assert result.returncode == 0, result.stdout[-4000:]
-    scores = root / "base" / "scores.csv"
-    with open(scores, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        row["reversed"] = repr(-float(row["toy_ball"]))
-    with open(scores, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    folders = {}
-    for reward in ("toy_ball", "reversed"):
-        folders[reward] = root / f"pairs-{reward}"
-        result = run_python(
-            "examples/capo/select_pairs.py",
-            ["--run_dirs", root / "base", "--reward_models", reward, "--reward_kinds", f"{reward}=bradley_terry"]
-            + ["--selection", "best_worst", "--output_dir", folders[reward]],
-        )
-        assert result.returncode == 0, result.stdout[-4000:]
-        assert f"{CAPO_REPEATS * len(PROMPTS)} pairs" in result.stdout
-    return folders
+    """{"toy_ball": pairs folder, "reversed": pairs folder} of the base's own samples (kit.capo_pair_sets)."""
+    return capo_pair_sets_of(tiny_world, tmp_path_factory.mktemp("capo-samples"), ("toy_ball", "reversed"))
 
 
 @pytest.mark.parametrize("reward,direction", [("toy_ball", 1), ("reversed", -1)])

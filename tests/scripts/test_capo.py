@@ -2,7 +2,6 @@
 SDXL pipelines, alone and after generate.py -> score.py -> select_pairs.py."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +27,7 @@ from train_capo import beta_range_warning, capo_loss
 
 
 LOG2 = math.log(2.0)
-GAP = 0.6  # reward_pos - reward_neg of every pair of the tiny CaPO data
+GAP = 0.6  # reward_pos - reward_neg of every pair of the tiny CaPO data (conftest `capo_pairs`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,29 +140,6 @@ def test_pairs_are_not_flipped_unless_random_flip_is_given(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # End to end on tiny data
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def capo_pairs(tiny_assets, tmp_path_factory):
-    """The tiny Pick-a-Pic pairs as CaPO rows (reward_pos 0.8, reward_neg 0.2), plus a row whose reward is NaN and
-    one whose two images are the same file, each to be skipped and counted."""
-    folder = tmp_path_factory.mktemp("capo-pairs")
-    table = pq.read_table(Path(tiny_assets["dataset"]) / "train.parquet").to_pydict()
-    rows = {"caption": [], "jpg_pos": [], "jpg_neg": [], "reward_pos": [], "reward_neg": []}
-    for caption, first, second, label in zip(table["caption"], table["jpg_0"], table["jpg_1"], table["label_0"]):
-        if label == 0.5:
-            continue
-        positive, negative = (first, second) if label == 1.0 else (second, first)
-        for column, value in zip(rows, (caption, positive, negative, 0.5 + GAP / 2, 0.5 - GAP / 2)):
-            rows[column].append(value)
-    for pos, neg, reward in (
-        (rows["jpg_pos"][0], rows["jpg_neg"][0], float("nan")),
-        (rows["jpg_pos"][1],) * 2 + (0.8,),
-    ):
-        for column, value in zip(rows, (rows["caption"][0], pos, neg, reward, 0.2)):
-            rows[column].append(value)
-    pq.write_table(pa.table(rows), folder / "train.parquet")
-    return str(folder)
-
-
 METRICS = {"loss", "implicit_acc", "reward_margin", "target_margin", "grad_norm"}
 METRICS |= {"model_mse_pos", "model_mse_neg", "ref_mse_pos", "ref_mse_neg"}
 
