@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-r"""Generate K images per prompt from an SD1.x/2.x, SDXL or SD3 pipeline, optionally with trained weights, to evaluate.
+r"""Generate K images per prompt from an SD1.x/2.x, SDXL, SD3 or SANA pipeline, optionally with trained weights.
 
     accelerate launch -m examples.eval.generate --model_name mapo \
         --lora_path sdxl-mapo --prompts pickapic_v2_test --images_per_prompt 4 --output_dir generated
@@ -18,6 +18,10 @@ prompt_index, k, seed, image), `prompts.json` and `generation_config.json`.
           --output_dir generated
   `--lora_path` takes a train_diffusion_dpo_sd3.py LoRA output and `--transformer_path` its full fine-tuning
   output (a folder with `transformer/`); `--unet_path` and `--textual_inversion_path` are for UNet pipelines.
+- SANA (SanaPipeline) as SD3: its own scheduler (DPM-Solver on flow sigmas, which flow_dpmpp_2m equals), its
+  flow_shift, and its prompt encoding (Gemma2, `max_sequence_length` 300 behind the pipeline's complex human
+  instruction) unless `--shift` or `--max_sequence_length` are given; it draws at `--resolution` itself, a multiple
+  of 32 (no binning to its trained sizes).
 - Trained weights: `--lora_path` (a training output folder with `pytorch_lora_weights.safetensors`,
   or the file) or `--unet_path` (a folder with `unet/`, the `unet/` folder itself, or a hub repository
   such as mhdang/dpo-sdxl-text2image-v1); neither for the base model. A personalization run's new token
@@ -70,7 +74,8 @@ from examples.lib.sampling import (
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_arguments(
-        parser, "Base pipeline (hub id or folder): SDXL, SD1.x, SD2.x or SD3, the class its model_index.json names."
+        parser,
+        "Base pipeline (hub id or folder): SDXL, SD1.x, SD2.x, SD3 or SANA, the class its model_index.json names.",
     )
     add_trained_weights_arguments(parser)
     parser.add_argument(

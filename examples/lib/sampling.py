@@ -25,7 +25,10 @@ SCHEDULERS = {
     # DPM-Solver++(2M) on the flow's sigmas: CaPO's SD3 sampler (50 steps, guidance 5.0, shift 3.0)
     "flow_dpmpp_2m": "DPMSolverMultistepScheduler",
 }
-FLOW_PIPELINES = ("StableDiffusion3Pipeline",)  # flow-matching pipelines: velocity prediction, a shifted schedule
+# SANA: flow matching on an AutoencoderDC's latents, prompts read by Gemma2 behind its complex human instruction
+SANA_PIPELINES = ("SanaPipeline",)
+SANA_SIDE_MULTIPLE = 32  # SanaPipeline refuses other sides
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", *SANA_PIPELINES)  # flow matching: velocity prediction, shifted sigmas
 FLOW_SCHEDULERS = ("default", "flow_dpmpp_2m")  # the samplers of a flow-matching pipeline
 FLOW_PATCH_SIZE = 2  # SD3's transformer patchifies its latents 2x2: the side must be a multiple of 8 x 2
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -72,14 +75,15 @@ def add_sampling_arguments(parser):
         "--shift",
         type=finite_float,
         default=None,
-        help="SD3 only: the flow scheduler's shift, sigma <- s sigma / (1 + (s - 1) sigma) (CaPO: 3.0). Default: "
-        "the pipeline's scheduler's own (3.0 for SD3 and SD3.5).",
+        help="SD3 and SANA only: the flow scheduler's shift, sigma <- s sigma / (1 + (s - 1) sigma) (CaPO: 3.0). "
+        "Default: the pipeline's scheduler's own (3.0 for SD3, SD3.5 and SANA 1024px: its flow_shift).",
     )
     parser.add_argument(
         "--max_sequence_length",
         type=int,
         default=None,
-        help="SD3 only: T5 tokens of each prompt (at most 512). Default: the pipeline's own (256).",
+        help="SD3 and SANA only: T5 (SANA: Gemma2) tokens of each prompt (at most 512). Default: the pipeline's own "
+        "(256; SANA: 300, read behind its complex human instruction).",
     )
     parser.add_argument("--resolution", type=int, default=1024, help="Side of the square images.")
     parser.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call on each process.")
@@ -219,6 +223,13 @@ def check_flags_for_pipeline(class_name, args):
                 f"--scheduler {args.scheduler} is a sampler of SD1.x, SD2.x and SDXL; {class_name} is a flow-matching "
                 f"pipeline: use one of {', '.join(FLOW_SCHEDULERS)}."
             )
+        if class_name in SANA_PIPELINES:
+            if args.resolution % SANA_SIDE_MULTIPLE != 0:
+                raise InputError(
+                    f"--resolution must be a multiple of {SANA_SIDE_MULTIPLE} for {class_name} (the pipeline draws "
+                    f"no other sides), got {args.resolution}."
+                )
+            return
         if args.resolution % (8 * FLOW_PATCH_SIZE) != 0:
             raise InputError(
                 f"--resolution must be a multiple of {8 * FLOW_PATCH_SIZE} for {class_name} (the VAE downsamples 8x, "
@@ -428,13 +439,14 @@ def load_pipeline(
     )
     if flow:
         config = pipeline.scheduler.config
-        shift = config.get("shift", 1.0) if shift is None else shift
+        shift_name = "flow_shift" if config.get("use_flow_sigmas") else "shift"  # SANA's DPM-Solver on flow sigmas
+        shift = config.get(shift_name, 1.0) if shift is None else shift
         if scheduler == "flow_dpmpp_2m":
             pipeline.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
                 config, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift
             )
-        elif shift != config.get("shift", 1.0):
-            pipeline.scheduler = type(pipeline.scheduler).from_config(config, shift=shift)
+        elif shift != config.get(shift_name, 1.0):
+            pipeline.scheduler = type(pipeline.scheduler).from_config(config, **{shift_name: shift})
     elif SCHEDULERS[scheduler] is not None:
         pipeline.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipeline.scheduler.config)
     if textual_inversion_path is not None:
@@ -491,6 +503,8 @@ def draw(pipeline, prompts, seeds, args, negative_prompts=None):
     extra = {"negative_prompt": negative_prompts} if negative_prompts is not None else {}
     if args.max_sequence_length is not None:  # SD3's T5 length (check_flags_for_pipeline refused it elsewhere)
         extra["max_sequence_length"] = args.max_sequence_length
+    if type(pipeline).__name__ in SANA_PIPELINES:  # at --resolution itself, not at the nearest of SANA's trained sizes
+        extra["use_resolution_binning"] = False
     output = pipeline(
         prompt=prompts,
         num_inference_steps=args.num_inference_steps,

@@ -18,6 +18,8 @@ a model that learns the preference does.
     # -> tiny/tiny-sd: an SD1.x-style pipeline (one text encoder; --family sd_v: v-prediction -> tiny/tiny-sd-v)
     python -m examples.tiny_world.make_tiny_assets --output_dir tiny --family sd3 --skip_dataset
     # -> tiny/tiny-sd3: a StableDiffusion3Pipeline (MMDiT, two CLIP encoders and T5, 16-channel VAE, shift 3.0)
+    python -m examples.tiny_world.make_tiny_assets --output_dir tiny --family sana --skip_dataset
+    # -> tiny/tiny-sana: a SanaPipeline (linear-attention DiT, Gemma2, 32-channel AutoencoderDC, flow DPM-Solver)
 
 `--unet_preset bench` builds the efficiency benchmark's model instead: a ~24 M-parameter UNet
 (64, 128, 256 channels, 2 layers per block) for 256 px images (32x32 latents), the same tiny text
@@ -38,6 +40,7 @@ from examples.tiny_world.world import (
     DEFAULT_VAE_FIT_STEPS,
     UNET_PRESETS,
     build_tiny_pickapic,
+    build_tiny_sana_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd_pipeline,
     build_tiny_sdxl_pipeline,
@@ -88,16 +91,20 @@ def parse_args(argv=None):
         "--family",
         type=str,
         default="sdxl",
-        choices=["sdxl", "sd", "sd_v", "sd3"],
+        choices=["sdxl", "sd", "sd_v", "sd3", "sana"],
         help="Pipeline to build: sdxl (two text encoders, micro-conditioning), sd (SD1.x-style, one text encoder, "
-        "epsilon-prediction), sd_v (the same with v-prediction, as SD2.x 768) or sd3 (flow matching: a 2-block "
-        "MMDiT, two CLIP encoders and T5, a 16-channel VAE; tiny preset only).",
+        "epsilon-prediction), sd_v (the same with v-prediction, as SD2.x 768), sd3 (flow matching: a 2-block "
+        "MMDiT, two CLIP encoders and T5, a 16-channel VAE; tiny preset only) or sana (flow matching: a 2-block "
+        "linear-attention DiT, Gemma2, a 32-channel AutoencoderDC that is not fitted; tiny preset only, "
+        "no --vae_fit_steps, sides a multiple of 32).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the model weights and the images.")
     parser.add_argument("--skip_model", action="store_true", help="Only write the dataset.")
     parser.add_argument("--skip_dataset", action="store_true", help="Only write the pipeline.")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
+    if args.family == "sana" and args.vae_fit_steps is not None and not args.skip_model:
+        parser.error("--vae_fit_steps is not used by --family sana (its AutoencoderDC is not fitted); drop it.")
     if args.resolution is None:
         args.resolution = DEFAULT_RESOLUTION[args.unet_preset]
     if args.vae_fit_steps is None:
@@ -110,8 +117,14 @@ def parse_args(argv=None):
     for name in ("num_ties", "vae_fit_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} cannot be negative, got {getattr(args, name)}.")
-    if args.family == "sd3" and args.unet_preset != "tiny" and not args.skip_model:
-        parser.error(f"--family sd3 has only the tiny preset, got --unet_preset {args.unet_preset}; drop it.")
+    if args.family in ("sd3", "sana") and args.unet_preset != "tiny" and not args.skip_model:
+        parser.error(
+            f"--family {args.family} has only the tiny preset, got --unet_preset {args.unet_preset}; drop it."
+        )
+    if args.family == "sana" and args.resolution % 32 != 0 and not args.skip_model:
+        parser.error(
+            f"--family sana draws sides that are multiples of 32 (SanaPipeline), got --resolution {args.resolution}."
+        )
     if args.skip_model and args.skip_dataset:
         parser.error("--skip_model and --skip_dataset together write nothing; give one of them at most.")
     return args
@@ -144,13 +157,17 @@ def main(args=None):
                 path, seed=args.seed, resolution=args.resolution, vae_fit_steps=args.vae_fit_steps
             )
             kind = "SD3 (flow matching)"
+        elif args.family == "sana":
+            path = os.path.join(args.output_dir, f"{preset}-sana")
+            num_parameters = build_tiny_sana_pipeline(path, seed=args.seed, resolution=args.resolution)
+            kind = "SANA (flow matching, linear attention)"
         else:
             path = os.path.join(args.output_dir, f"{preset}-{args.family.replace('_', '-')}")
             prediction_type = "v_prediction" if args.family == "sd_v" else "epsilon"
             num_parameters = build_tiny_sd_pipeline(path, prediction_type=prediction_type, **common)
             kind = f"SD1.x-style ({prediction_type})"
         print(
-            f"{preset} {kind} pipeline: {path} ({'transformer' if args.family == 'sd3' else 'UNet'}: "
+            f"{preset} {kind} pipeline: {path} ({'transformer' if args.family in ('sd3', 'sana') else 'UNet'}: "
             f"{num_parameters / 1e6:.2f} M parameters, "
             f"{args.resolution // 8}x{args.resolution // 8} latents)"
         )

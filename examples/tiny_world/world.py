@@ -444,3 +444,125 @@ def build_tiny_sd3_pipeline(output_dir, seed=0, resolution=64, num_layers=2, vae
     )
     pipe.save_pretrained(output_dir)
     return sum(p.numel() for p in transformer.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# SANA (flow matching, linear attention)
+# ----------------------------------------------------------------------------------------------
+GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+
+
+def tiny_gemma_tokenizer():
+    """A Gemma tokenizer (transformers' GemmaTokenizer: a BPE model with byte fallback, spaces read as "▁") made on the
+    spot: <pad>=0, <eos>=1, <bos>=2, <unk>=3, <mask>=4 and the 256 byte pieces <0x00>...<0xFF> as in Gemma, every
+    printable ASCII character and the newline as a single piece, so that any text (SANA's long complex human
+    instruction among them) reads without <unk>, and the tiny world's words as single pieces, with the leading "▁"
+    and without it (a prompt's first word has none, as in Gemma). <bos> starts every text and padding goes to the
+    right, as SANA's tokenizer does."""
+    import string
+
+    from transformers import GemmaTokenizer
+
+    pieces = list(GEMMA_SPECIAL_TOKENS) + [f"<0x{byte:02X}>" for byte in range(256)]
+    pieces += ["▁", "\n"] + list(string.ascii_letters + string.digits + string.punctuation)
+    merges = []
+    for word in [f"▁{word}" for word in T5_WORDS] + T5_WORDS:  # the "▁" words' merges rank first
+        parts = list(word)
+        while len(parts) > 1:
+            merges.append((parts[0], parts[1]))
+            parts = [parts[0] + parts[1]] + parts[2:]
+            pieces.append(parts[0])
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    return GemmaTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), add_bos_token=True, padding_side="right")
+
+
+def build_tiny_sana_pipeline(output_dir, seed=0, resolution=64, num_layers=2, flow_shift=3.0):
+    """Save a small SanaPipeline to `output_dir`, built from configs; returns the transformer's parameters.
+
+    The SANA layout in miniature: a SanaTransformer2DModel (linear-attention DiT) of `num_layers` blocks on 32-channel
+    latents, patch size 1 and no positional embedding as SANA 1600M 1024px has; a Gemma2Model (width 32 = the
+    transformer's caption_channels, 8192 positions as gemma-2-2b, room for the pipeline's complex human instruction and
+    its 300 prompt tokens) with tiny_gemma_tokenizer; an AutoencoderDC with SANA's 32 latent channels, ResBlock stages
+    then EfficientViT (linear attention) stages, strided-conv downsampling and interpolating upsampling, but 4 stages
+    (8, 16, 32, 32 channels: 8x downsampling, 8x8 latents at 64 px) where SANA's has 6 (32x, 32x32 latents at 1024 px);
+    and the scheduler the SANA diffusers repositories ship, DPMSolverMultistepScheduler on flow sigmas
+    (use_flow_sigmas, prediction_type "flow_prediction") with `flow_shift` (SANA's 3.0 up to 2K px).
+
+    The VAE is not fitted: fit_tiny_vae works on an AutoencoderKL's posterior (latent_dist, quant_conv) and
+    AutoencoderDC's encoder is deterministic, so the pipeline only has to run. Its scaling_factor gives its latents
+    of the tiny world's images unit variance, as SANA's 0.41407 does for real images (no shift_factor: SANA has
+    none). The transformer's sample_size is the latent side (resolution / 8), so the pipeline's resolution binning,
+    whose bins start at 512 px, is turned off when it draws (`use_resolution_binning=False`).
+    """
+    import torch
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_gemma_tokenizer()
+    gemma_width = 32
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=gemma_width,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,  # = head_dim, as gemma-2-2b's 256
+            max_position_embeddings=8192,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
+    )
+    latent_channels = 32
+    transformer = SanaTransformer2DModel(
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_cross_attention_heads=4,
+        cross_attention_head_dim=16,
+        cross_attention_dim=64,  # = the blocks' width, heads x head dim
+        caption_channels=gemma_width,
+        mlp_ratio=2.5,
+        sample_size=resolution // 8,
+        patch_size=1,
+        interpolation_scale=None,
+    )
+    block_types = ("ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock")
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=latent_channels,
+        attention_head_dim=8,
+        encoder_block_types=block_types,
+        decoder_block_types=block_types,
+        encoder_block_out_channels=(8, 16, 32, 32),
+        decoder_block_out_channels=(8, 16, 32, 32),
+        encoder_layers_per_block=(1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1),
+        encoder_qkv_multiscales=((), (), (5,), (5,)),
+        decoder_qkv_multiscales=((), (), (5,), (5,)),
+        upsample_block_type="interpolate",
+        downsample_block_type="Conv",
+        decoder_norm_types=("batch_norm", "batch_norm", "rms_norm", "rms_norm"),
+        decoder_act_fns=("relu", "relu", "silu", "silu"),
+        scaling_factor=1.0,
+    ).eval()
+    rng = np.random.default_rng(seed + 2)
+    colors, halves = list(COLORS), ("top", "bottom")
+    images = np.stack([make_image(colors[i % len(colors)], halves[i % 2], rng, resolution) for i in range(32)])
+    with torch.no_grad():
+        latents = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).latent
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    scheduler = DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=flow_shift
+    )
+    pipe = SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.save_pretrained(output_dir)
+    return sum(p.numel() for p in transformer.parameters())
