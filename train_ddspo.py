@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DDSPO (Direct Diffusion Score Preference Optimization) for SD1.x/SD2.x and SDXL.
+"""DDSPO (Direct Diffusion Score Preference Optimization) for SD1.x/SD2.x and SDXL (SD3, SD3.5: train_ddspo_sd3.py).
 
 The objective (docs/METHODS.md, "DDSPO"; paper Eq. 6-7): per-timestep targets come from the frozen
 reference model instead of the forward-process noise. For a pair (c, c-, x0_w, x0_l), one timestep
@@ -56,7 +56,7 @@ PIPELINE_FILES = [
 NEGATIVE_MODES = ["paired", "rand_positive", "not_paired"]
 TARGET_SOURCES = ["prompt_perturbation", "policies"]
 # The authors' release (KU-MIIL/DDSPO) for SD1.x and SDXL, per --target_source: train_ddspo.sh (16000) and, for targets
-# from a trained policy pair, train_ddspo_lora_target.sh (8000). (2000 for SD3 / SANA with LoRA rank 128.)
+# from a trained policy pair, train_ddspo_lora_target.sh (8000). (SD3: train_ddspo_sd3.py, 1000 with LoRA rank 128.)
 DEFAULT_BETA_DDSPO = {"prompt_perturbation": 16000.0, "policies": 8000.0}
 # The family's native size, used when --resolution is not given (the release: 512 for SD1.x, 1024 for SDXL).
 NATIVE_RESOLUTION = {"SD1.x": 512, "SD2.x v-prediction": 768, "SDXL": 1024}
@@ -512,6 +512,7 @@ def check_args(args):
         raise InputError(
             "--overwrite deletes the earlier run's outputs that --resume_from_checkpoint continues; give one of them."
         )
+    check_not_sd3(args.pretrained_model_name_or_path)
     check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, PIPELINE_FILES)
     if args.pretrained_vae_model_name_or_path is not None:
         check_local_path(
@@ -684,6 +685,21 @@ def check_validation_reward_args(args):
 def names_local_path(value):
     """Hub ids look like `name` or `org/name`; anything else (or anything that exists on disk) is a local path."""
     return os.path.exists(value) or value.startswith((".", "/", "~")) or value.count("/") > 1
+
+
+def check_not_sd3(value):
+    """An SD3 or SD3.5 pipeline folder (model_index.json's _class_name) is trained by train_ddspo_sd3.py."""
+    path = Path(value).expanduser() / "model_index.json"
+    if not names_local_path(value) or not path.is_file():
+        return
+    found = ""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: the usual checks say what is wrong
+        found = str(json.loads(path.read_text()).get("_class_name", ""))
+    if found.startswith("StableDiffusion3"):
+        raise InputError(
+            f"--pretrained_model_name_or_path {value!r} is a {found} (SD3, SD3.5; its model_index.json), not an "
+            "SD1.x/SD2.x or SDXL pipeline; train it with train_ddspo_sd3.py."
+        )
 
 
 def check_local_path(flag, value, required_files):

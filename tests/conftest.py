@@ -113,6 +113,34 @@ def base_verdicts(tiny_world, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def ddspo_pairs(tiny_assets, tmp_path_factory):
+    """The tiny Pick-a-Pic pairs as DDSPO rows (caption, negative_caption, jpg_w, jpg_l) plus two bad rows (an empty
+    negative caption, and one equal to its caption): the folder, for train_ddspo.py and train_ddspo_sd3.py."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def build(folder):
+        folder.mkdir(parents=True)
+        table = pq.read_table(Path(tiny_assets["dataset"]) / "train.parquet").to_pydict()
+        rows = {"caption": [], "negative_caption": [], "jpg_w": [], "jpg_l": []}
+        for caption, first, second, label in zip(table["caption"], table["jpg_0"], table["jpg_1"], table["label_0"]):
+            if label == 0.5:
+                continue
+            winner, loser = (first, second) if label == 1.0 else (second, first)
+            rows["caption"].append(caption)
+            rows["negative_caption"].append(caption.replace("photo of a ", ""))
+            rows["jpg_w"].append(winner)
+            rows["jpg_l"].append(loser)
+        for negative in ("", rows["caption"][0]):
+            for column in ("caption", "jpg_w", "jpg_l"):
+                rows[column].append(rows[column][0])
+            rows["negative_caption"].append(negative)
+        pq.write_table(pa.table(rows), folder / "train.parquet")
+
+    return str(built_once(tmp_path_factory, "ddspo_pairs", build))
+
+
+@pytest.fixture(scope="session")
 def capo_pairs(tiny_assets, tmp_path_factory):
     """The tiny Pick-a-Pic pairs as CaPO rows (reward_pos 0.8, reward_neg 0.2: a gap of 0.6), plus a row whose reward
     is NaN and one whose two images are the same file, each to be skipped and counted: the folder, for

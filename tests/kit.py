@@ -535,18 +535,18 @@ def bad_prompt_source(tmp_path, kind):
 CAPO_REPEATS, CAPO_SAMPLES = 16, 8
 
 
-def capo_pair_sets(tiny_world, root, rewards):
+def capo_pair_sets(tiny_world, root, rewards, sampling_steps=20):
     """{reward: pairs folder} for each of `rewards` ("toy_ball", and "reversed", its negative: a reward that prefers
-    the ball at the bottom): the base's own samples (drawn with tiny_world["sampling"], if any) scored by toy_ball,
-    calibrated and paired by select_pairs.py."""
+    the ball at the bottom): the base's own samples (`sampling_steps` steps, with tiny_world["sampling"], if any)
+    scored by toy_ball, calibrated and paired by select_pairs.py."""
     import csv
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "prompts.txt").write_text("\n".join(PROMPTS * CAPO_REPEATS) + "\n")
     args = ["--pretrained_model_name_or_path", tiny_world["model"], "--prompts", root / "prompts.txt"]
     args += ["--keep_duplicate_prompts", "--images_per_prompt", CAPO_SAMPLES, "--seed", 100, "--resolution", 64]
-    args += ["--num_inference_steps", 20, "--guidance_scale", 5, "--batch_size", 96, "--output_dir", root]
-    args += ["--model_name", "base", *tiny_world.get("sampling", ())]
+    args += ["--num_inference_steps", sampling_steps, "--guidance_scale", 5, "--batch_size", 96]
+    args += ["--output_dir", root, "--model_name", "base", *tiny_world.get("sampling", ())]
     for script, script_args in (
         ("examples/eval/generate.py", args),
         ("examples/eval/score.py", ["--run_dirs", root / "base", "--reward_models", "toy_ball"]),

@@ -23,10 +23,11 @@ points down but keeps the colour below 0.9, and a third training run would add a
 
 CaPO (train_capo_sd3.py, the same settings, its App. A.3 draw and weighting: lambda ~ U[-10, 10], b = -1) on 96
 best-against-worst pairs of the SD3 base's own samples (kit.capo_pair_sets: 16 occurrences of each caption, 8
-samples each, drawn as the judge draws), β 20 as the SDXL CaPO test: toy_ball's pairs 0.438 -> 0.656 (colour 0.969),
-the reversed reward's 0.219 (colour 0.927). At the script's default β 50 (the middle of the paper's SD3-M sweep)
-toy_ball's pairs reached 0.583 (colour 0.979): 14.5 points, under the bound, as a larger β holds the policy closer to
-the reference (the SDXL test saw the same trend).
+samples each, 10 sampling steps), β 20 as the SDXL CaPO test: toy_ball's pairs 0.438 -> 0.667 (colour 0.979), the
+reversed reward's 0.208 (colour 0.932). With samples of 20 steps, as the judge draws (25 s more of sampling): 0.656
+(colour 0.969) and 0.219 (0.927); there, at the script's default β 50 (the middle of the paper's SD3-M sweep),
+toy_ball's pairs reached 0.583 (colour 0.979): 14.5 points, under the bound, as a larger β holds the policy closer
+to the reference (the SDXL test saw the same trend).
 """
 
 import pyarrow.compute as pc
@@ -109,7 +110,8 @@ def test_mapo_on_sd3_moves_generated_balls_the_raters_way_and_keeps_their_colour
 @pytest.fixture(scope="module")
 def sd3_capo_pair_sets(tiny_world_sd3, tmp_path_factory):
     """{"toy_ball", "reversed"}: pairs folders of the SD3 base's own samples (kit.capo_pair_sets, as the SDXL test)."""
-    return capo_pair_sets(tiny_world_sd3, tmp_path_factory.mktemp("sd3-capo-samples"), ("toy_ball", "reversed"))
+    root = tmp_path_factory.mktemp("sd3-capo-samples")
+    return capo_pair_sets(tiny_world_sd3, root, ("toy_ball", "reversed"), sampling_steps=10)
 
 
 @pytest.mark.parametrize("reward,direction", [("toy_ball", 1), ("reversed", -1)])

@@ -3,7 +3,6 @@
 import math
 import re
 import shlex
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -148,28 +147,6 @@ def test_pairs_are_not_flipped_unless_random_flip_is_given(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # End to end
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ddspo_pairs(tiny_assets, tmp_path_factory):
-    """The tiny Pick-a-Pic pairs as DDSPO rows (caption, negative_caption, jpg_w, jpg_l) plus two bad rows."""
-    folder = tmp_path_factory.mktemp("ddspo-pairs")
-    table = pq.read_table(Path(tiny_assets["dataset"]) / "train.parquet").to_pydict()
-    rows = {"caption": [], "negative_caption": [], "jpg_w": [], "jpg_l": []}
-    for caption, first, second, label in zip(table["caption"], table["jpg_0"], table["jpg_1"], table["label_0"]):
-        if label == 0.5:
-            continue
-        winner, loser = (first, second) if label == 1.0 else (second, first)
-        rows["caption"].append(caption)
-        rows["negative_caption"].append(caption.replace("photo of a ", ""))
-        rows["jpg_w"].append(winner)
-        rows["jpg_l"].append(loser)
-    for negative in ("", rows["caption"][0]):  # an empty negative caption, and one equal to its caption
-        for column in ("caption", "jpg_w", "jpg_l"):
-            rows[column].append(rows[column][0])
-        rows["negative_caption"].append(negative)
-    pq.write_table(pa.table(rows), folder / "train.parquet")
-    return str(folder)
-
-
 def ddspo_args(model, dataset, output_dir, *extra):
     assets = {"model": model, "dataset": dataset}
     return tiny_args(assets, output_dir, "--max_train_steps", 1, *extra)

@@ -8,6 +8,7 @@ import pytest
 import train_capo
 import train_capo_sd3
 import train_ddspo
+import train_ddspo_sd3
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 import train_mapo_personalization_sdxl
@@ -69,6 +70,7 @@ SCRIPTS = [
     train_ddspo,
     train_capo,
     train_capo_sd3,
+    train_ddspo_sd3,
 ]
 
 
@@ -80,6 +82,7 @@ GUIDES = {
     "train_mapo_sd3": "examples/mapo/README.md",
     "train_mapo_personalization_sdxl": "examples/mapo/README.md",
     "train_ddspo": "examples/ddspo/README.md",
+    "train_ddspo_sd3": "examples/ddspo/README.md",
     "train_capo": "examples/capo/README.md",
     "train_capo_sd3": "examples/capo/README.md",
 }
@@ -144,7 +147,7 @@ DOCUMENTS = [*MARKDOWN, "requirements.txt", "train_diffusion_dpo_sdxl.py"]
 DOCUMENTS += ["train_mapo_sdxl.py", "utils/diffusion.py", "tests/run_tests.sh", "examples/setup_env.sh"]
 DOCUMENTS += ["train_mapo_personalization_sdxl.py"]
 DOCUMENTS += ["train_ddspo.py", "train_capo.py", "train_diffusion_dpo_sd3.py", "train_mapo_sd3.py"]
-DOCUMENTS += ["train_capo_sd3.py"]
+DOCUMENTS += ["train_capo_sd3.py", "train_ddspo_sd3.py"]
 
 
 def test_every_repository_file_the_docs_point_to_exists():

@@ -7,6 +7,7 @@ import torch
 import train_capo
 import train_capo_sd3
 import train_ddspo
+import train_ddspo_sd3
 import train_diffusion_dpo_sd3
 import train_diffusion_dpo_sdxl
 import train_mapo_personalization_sdxl
@@ -15,7 +16,7 @@ import train_mapo_sdxl
 
 
 SCRIPTS = [train_diffusion_dpo_sdxl, train_mapo_sdxl, train_mapo_personalization_sdxl, train_ddspo, train_capo]
-SCRIPTS += [train_diffusion_dpo_sd3, train_mapo_sd3, train_capo_sd3]
+SCRIPTS += [train_diffusion_dpo_sd3, train_mapo_sd3, train_capo_sd3, train_ddspo_sd3]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
