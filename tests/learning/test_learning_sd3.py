@@ -21,13 +21,15 @@ README.md, "SD3 and SD3.5"): β 8 0.755 (colour 0.943), β 32 0.760 (0.969); fli
 raters' labels) 0.052 (colour 0.703). No flipped MaPO case runs here: at β 2 and 8 it moves the balls 37 to 39
 points down but keeps the colour below 0.9, and a third training run would add about a minute.
 
-CaPO (train_capo_sd3.py, the same settings, its App. A.3 draw and weighting: lambda ~ U[-10, 10], b = -1) on 96
-best-against-worst pairs of the SD3 base's own samples (kit.capo_pair_sets: 16 occurrences of each caption, 8
-samples each, 10 sampling steps), β 20 as the SDXL CaPO test: toy_ball's pairs 0.438 -> 0.667 (colour 0.979), the
-reversed reward's 0.208 (colour 0.932). With samples of 20 steps, as the judge draws (25 s more of sampling): 0.656
-(colour 0.969) and 0.219 (0.927); there, at the script's default β 50 (the middle of the paper's SD3-M sweep),
-toy_ball's pairs reached 0.583 (colour 0.979): 14.5 points, under the bound, as a larger β holds the policy closer
-to the reference (the SDXL test saw the same trend).
+CaPO (train_capo_sd3.py, the same settings, its App. A.3 draw and weighting: lambda ~ U[-10, 10], b = -1) on 48
+best-against-worst pairs of the SD3 base's own samples (kit.capo_pair_sets: 8 occurrences of each caption, 8 samples
+each, 10 sampling steps), β 20 as the SDXL CaPO test: toy_ball's pairs 0.438 -> 0.698 (colour 0.974), the reversed
+reward's 0.193 (colour 0.906; not asserted, as in the SDXL test: the reversed reward prefers the wrong colour too).
+With 96 pairs (16 occurrences): 0.667 (colour 0.979) and 0.208 (0.932) from samples of 10 steps, 0.656 (0.969) and
+0.219 (0.927) from samples of 20 steps, as the judge draws; there, at the script's default β 50 (the middle of the
+paper's SD3-M sweep), toy_ball's pairs reached 0.583 (colour 0.979): 14.5 points, under the bound, as a larger β
+holds the policy closer to the reference (the SDXL test saw the same trend). The smaller pair set saves about 45 s of
+the suite's time.
 """
 
 import pyarrow.compute as pc
@@ -111,7 +113,7 @@ def test_mapo_on_sd3_moves_generated_balls_the_raters_way_and_keeps_their_colour
 def sd3_capo_pair_sets(tiny_world_sd3, tmp_path_factory):
     """{"toy_ball", "reversed"}: pairs folders of the SD3 base's own samples (kit.capo_pair_sets, as the SDXL test)."""
     root = tmp_path_factory.mktemp("sd3-capo-samples")
-    return capo_pair_sets(tiny_world_sd3, root, ("toy_ball", "reversed"), sampling_steps=10)
+    return capo_pair_sets(tiny_world_sd3, root, ("toy_ball", "reversed"))
 
 
 @pytest.mark.parametrize("reward,direction", [("toy_ball", 1), ("reversed", -1)])
@@ -128,4 +130,5 @@ def test_capo_on_sd3_on_pairs_the_reward_picked_from_the_bases_samples_moves_the
     before, after, colour = share(sd3_base_verdicts, "top"), share(verdicts, "top"), share(verdicts, "color_match")
     print(f"SD3 capo ({reward} pairs): top-half share {before:.3f} -> {after:.3f}, colour {colour:.3f}")
     assert direction * (after - before) >= MIN_CHANGE, f"capo ({reward}): top-half share {before:.3f} -> {after:.3f}"
-    assert colour >= MIN_COLOR_MATCH, f"capo ({reward}): colour {colour:.3f}"
+    if direction > 0:  # the reversed reward also prefers the wrong colour (its log-probability term is negated)
+        assert colour >= MIN_COLOR_MATCH, f"capo ({reward}): colour {colour:.3f}"

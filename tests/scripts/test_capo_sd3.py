@@ -2,8 +2,9 @@
 
 Fast tests: the paper's SD3-M defaults, the draw of lambda and the noise, refusals. Launches, on the tiny SD3 pipeline
 (conftest `tiny_sd3`) and the tiny Pick-a-Pic pairs as CaPO rows (reward gap GAP): one-step runs whose first loss is
-each objective's value at initialisation, and a LoRA run resumed from its checkpoint, whose LoRA loads in the stock
-StableDiffusion3Pipeline. Learning: tests/learning/test_learning_sd3.py."""
+the objective's value at initialisation (CaPO and DPO; IPO's 1 is the same function's, tested equal to train_capo's),
+and an IPO LoRA run resumed from its checkpoint, whose LoRA loads in the stock StableDiffusion3Pipeline. Learning:
+tests/learning/test_learning_sd3.py."""
 
 import argparse
 import json
@@ -167,7 +168,6 @@ def test_the_weight_is_app_a3s_flow_weight_of_each_images_log_snr():
 FIRST_STEP_RUNS = {  # name: (objective, flags); each a one-step run on capo_pairs
     "lora-capo": ("capo", ["--lora_rank", 4, "--learning_rate", 1e-3, "--validation_prompts", PROMPT]),
     "full-dpo": ("dpo", ["--learning_rate", 1e-4, "--cache_latents", "--shared_noise"]),
-    "lora-ipo-mode": ("ipo", ["--lora_rank", 4, "--loss_weighting", "constant", "--weighting_scheme", "mode"]),
 }
 
 
@@ -194,7 +194,7 @@ def first_step_run(tiny_sd3, capo_pairs, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,expected", [("lora-capo", GAP**2), ("full-dpo", LOG2), ("lora-ipo-mode", 1.0)])
+@pytest.mark.parametrize("name,expected", [("lora-capo", GAP**2), ("full-dpo", LOG2)])
 def test_first_step_loss_is_each_objectives_value_at_initialisation(first_step_run, name, expected):
     objective, _ = FIRST_STEP_RUNS[name]
     run = first_step_run(name)
@@ -212,12 +212,8 @@ def test_first_step_loss_is_each_objectives_value_at_initialisation(first_step_r
         f"tags: [sd3, stable-diffusion-3, text-to-image, diffusers, capo, {objective}]"
         in (output_dir / "README.md").read_text()
     )
-    if "--loss_weighting" in extra:
-        assert (summary["weighting_scheme"], summary["log_snr_range"]) == ("mode", None)
-        assert "sigma ~ mode with no weighting" in log
-    else:
-        assert (summary["sigmoid_bias"], summary["log_snr_range"]) == (-1.0, [-10.0, 10.0])
-        assert "lambda ~ U[-10, 10] with sigmoid weighting b = -1, " in log
+    assert (summary["sigmoid_bias"], summary["log_snr_range"]) == (-1.0, [-10.0, 10.0])
+    assert "lambda ~ U[-10, 10] with sigmoid weighting b = -1, " in log
     if "--validation_prompts" in extra:
         assert (output_dir / "validation" / "step-000001.png").is_file()
         assert list(summary["validation_win_rates"]) == ["0", "1"] and summary["validation_win_rates"]["0"] == 0.5
@@ -238,10 +234,12 @@ def test_shared_noise_changes_the_negatives_draw_only(first_step_run):
 
 @pytest.fixture(scope="module")
 def lora_runs(tiny_sd3, capo_pairs, tmp_path_factory):
-    """A 4-step LoRA run (checkpoints at 2 and 4) and its resumption from a copy of checkpoint-2."""
+    """A 4-step LoRA run (checkpoints at 2 and 4) and its resumption from a copy of checkpoint-2, with the IPO
+    objective, no weighting and sigma from diffusers' `mode` density (the first-step runs take the defaults' draw)."""
     assets = {"model": str(tiny_sd3), "dataset": capo_pairs}
     common = ["--max_train_steps", 4, "--lora_rank", 4, "--learning_rate", 5e-2, "--checkpointing_steps", 2]
-    common += ["--train_batch_size", 2]
+    common += ["--train_batch_size", 2, "--objective", "ipo", "--loss_weighting", "constant"]
+    common += ["--weighting_scheme", "mode"]
     output_dir = tmp_path_factory.mktemp("capo-sd3-lora")
     launch(SCRIPT, tiny_args(assets, output_dir, *common))
     resumed = tmp_path_factory.mktemp("capo-sd3-lora-resumed")
@@ -253,6 +251,9 @@ def lora_runs(tiny_sd3, capo_pairs, tmp_path_factory):
 @pytest.mark.slow
 def test_resumed_lora_run_ends_with_the_weights_of_the_uninterrupted_one(lora_runs):
     assert f"Resuming from {lora_runs['resumed'] / 'checkpoint-2'}" in lora_runs["resumed_log"]
+    assert "IPO (CaPO Eq. 22) (beta = 100, sigma ~ mode with no weighting" in lora_runs["resumed_log"]
+    summary = summary_of(lora_runs["resumed"])
+    assert (summary["objective"], summary["weighting_scheme"], summary["log_snr_range"]) == ("ipo", "mode", None)
     assert_same_tensors(
         load_file(lora_runs["output_dir"] / "pytorch_lora_weights.safetensors"),
         load_file(lora_runs["resumed"] / "pytorch_lora_weights.safetensors"),
