@@ -575,3 +575,32 @@ def capo_pair_sets(tiny_world, root, rewards, sampling_steps=CAPO_SAMPLING_STEPS
         assert result.returncode == 0, result.stdout[-4000:]
         assert f"{repeats * len(PROMPTS)} pairs" in result.stdout
     return folders
+
+
+def sd3_lora_change(model, lora_folder, prompt="a photo of a red ball"):
+    """A trained LoRA in the stock StableDiffusion3Pipeline: (its rank as the pipeline reads it, the largest change it
+    makes to a 64 px image drawn in 2 steps from seed 0)."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    def render(pipeline):
+        pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        return pipeline(prompt, num_inference_steps=2, height=64, width=64, output_type="np", generator=generator)
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(str(model))
+    before = render(pipeline).images
+    pipeline.load_lora_weights(str(lora_folder))
+    (config,) = pipeline.transformer.peft_config.values()
+    return config.r, float(abs(render(pipeline).images - before).max())
+
+
+def other_family_refusal(script, found, tmp_path):
+    """The one error line of `script` given a pipeline folder whose model_index.json names `found`."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": found}))
+    argv = ["--pretrained_model_name_or_path", model, "--dataset_name", tmp_path, "--output_dir", tmp_path / "o"]
+    return one_line_error(run_python(script, argv))

@@ -7,7 +7,6 @@ and an IPO LoRA run resumed from its checkpoint, whose LoRA loads in the stock S
 tests/learning/test_learning_sd3.py."""
 
 import argparse
-import json
 import math
 import shutil
 
@@ -16,9 +15,9 @@ import torch
 from kit import (
     assert_same_tensors,
     launch,
-    one_line_error,
+    other_family_refusal,
     parse_args_refusal,
-    run_python,
+    sd3_lora_change,
     summary_of,
     tiny_args,
 )
@@ -90,11 +89,7 @@ def test_a_flag_the_chosen_draw_does_not_read_is_refused_not_ignored(tmp_path, e
     ],
 )
 def test_a_pipeline_of_the_other_family_names_the_script_that_trains_it(tmp_path, script, found, sibling):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "model_index.json").write_text(json.dumps({"_class_name": found}))
-    argv = ["--pretrained_model_name_or_path", model, "--dataset_name", tmp_path, "--output_dir", tmp_path / "o"]
-    line = one_line_error(run_python(script, argv))
+    line = other_family_refusal(script, found, tmp_path)
     assert f"is a {found}" in line and f"train it with {sibling}" in line
 
 
@@ -262,19 +257,7 @@ def test_resumed_lora_run_ends_with_the_weights_of_the_uninterrupted_one(lora_ru
 
 @pytest.mark.slow
 def test_saved_lora_loads_in_the_stock_sd3_pipeline_and_changes_its_images(tiny_sd3, lora_runs):
-    from diffusers import StableDiffusion3Pipeline
-
     weights = load_file(lora_runs["output_dir"] / "pytorch_lora_weights.safetensors")
     assert any(".attn.add_q_proj." in key for key in weights)  # the context stream's projections are trained too
-
-    def render(pipeline):
-        pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator().manual_seed(0)
-        return pipeline(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np", generator=generator)
-
-    pipeline = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3))
-    before = render(pipeline).images
-    pipeline.load_lora_weights(str(lora_runs["output_dir"]))
-    (config,) = pipeline.transformer.peft_config.values()
-    assert config.r == 4
-    assert abs(render(pipeline).images - before).max() > 4e-3  # a level of an 8-bit image or more
+    rank, change = sd3_lora_change(tiny_sd3, lora_runs["output_dir"], PROMPT)
+    assert rank == 4 and change > 4e-3  # a level of an 8-bit image or more
