@@ -197,7 +197,10 @@ def check_sampling_args(args):
     if args.shift is not None and args.shift <= 0:
         raise InputError(f"--shift must be positive, got {args.shift}.")
     if args.max_sequence_length is not None and not 0 < args.max_sequence_length <= 512:
-        raise InputError(f"--max_sequence_length must lie in 1..512 (SD3's T5 limit), got {args.max_sequence_length}.")
+        raise InputError(
+            f"--max_sequence_length must lie in 1..512 (SD3's T5 limit; SANA reads 300 behind its instruction), got "
+            f"{args.max_sequence_length}."
+        )
     class_name = local_pipeline_class(args.pretrained_model_name_or_path)
     if class_name is not None:  # a hub id is checked by load_pipeline_for, before its weights load
         check_flags_for_pipeline(class_name, args)
