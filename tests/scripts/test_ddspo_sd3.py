@@ -97,6 +97,8 @@ def test_first_step_loss_is_exactly_log2_preconditioned_or_not(tiny_sd3, ddspo_p
     }
     assert first["model_mse_w"] == pytest.approx(0, abs=1e-9)  # the policy is the reference: tgt_w is its output
     assert first["model_mse_l"] == pytest.approx(first["ref_mse_l"], rel=1e-5)
+    # tgt_l is the reference conditioned on c-, not on c, so the policy (conditioned on c) starts away from it
+    assert first["ref_mse_l"] > 1e-7
     skipped = {"empty_negative": 1, "negative_equals_caption": 1} if mode == "paired" else {}
     assert {reason: count for reason, count in summary["skipped_rows"].items() if count} == skipped
     assert "tags: [sd3, stable-diffusion-3, text-to-image, diffusers, ddspo]" in (tmp_path / "README.md").read_text()
