@@ -512,7 +512,7 @@ def check_args(args):
         raise InputError(
             "--overwrite deletes the earlier run's outputs that --resume_from_checkpoint continues; give one of them."
         )
-    check_not_sd3(args.pretrained_model_name_or_path)
+    check_not_flow_model(args.pretrained_model_name_or_path)
     check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, PIPELINE_FILES)
     if args.pretrained_vae_model_name_or_path is not None:
         check_local_path(
@@ -687,8 +687,9 @@ def names_local_path(value):
     return os.path.exists(value) or value.startswith((".", "/", "~")) or value.count("/") > 1
 
 
-def check_not_sd3(value):
-    """An SD3 or SD3.5 pipeline folder (model_index.json's _class_name) is trained by train_ddspo_sd3.py."""
+def check_not_flow_model(value):
+    """An SD3 or SD3.5 pipeline folder (model_index.json's _class_name) is trained by train_ddspo_sd3.py, a SANA one by
+    train_ddspo_sana.py."""
     path = Path(value).expanduser() / "model_index.json"
     if not names_local_path(value) or not path.is_file():
         return
@@ -699,6 +700,11 @@ def check_not_sd3(value):
         raise InputError(
             f"--pretrained_model_name_or_path {value!r} is a {found} (SD3, SD3.5; its model_index.json), not an "
             "SD1.x/SD2.x or SDXL pipeline; train it with train_ddspo_sd3.py."
+        )
+    if found.startswith("Sana"):
+        raise InputError(
+            f"--pretrained_model_name_or_path {value!r} is a {found} (SANA; its model_index.json), not an SD1.x/SD2.x "
+            "or SDXL pipeline; train it with train_ddspo_sana.py."
         )
 
 

@@ -57,7 +57,11 @@ PIPELINE_FILES = [
 ]  # what training reads first
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 # The script to use for a pipeline of another family (model_index.json's _class_name).
-SIBLING_SCRIPTS = {"StableDiffusionXLPipeline": "train_ddspo.py", "StableDiffusionPipeline": "train_ddspo.py"}
+SIBLING_SCRIPTS = {
+    "StableDiffusionXLPipeline": "train_ddspo.py",
+    "StableDiffusionPipeline": "train_ddspo.py",
+    "SanaPipeline": "train_ddspo_sana.py",
+}
 NEGATIVE_MODES = ["paired", "rand_positive", "not_paired"]
 # The authors' release (KU-MIIL/DDSPO) for SD3 and SANA: train_ddspo_sd3.sh, LoRA rank 128 and beta 1000.
 DEFAULT_BETA_DDSPO = 1000.0

@@ -113,9 +113,21 @@ def base_verdicts(tiny_world, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory):
+    """A tiny SANA pipeline as a user builds it (`make_tiny_assets --family sana`; its VAE is not fitted): the folder,
+    for the SANA tools and train_ddspo_sana.py."""
+    from examples.tiny_world import make_tiny_assets
+
+    build = lambda folder: make_tiny_assets.main(  # noqa: E731
+        ["--output_dir", str(folder), "--family", "sana", "--skip_dataset"]
+    )
+    return built_once(tmp_path_factory, "tiny_sana", build) / "tiny-sana"
+
+
+@pytest.fixture(scope="session")
 def ddspo_pairs(tiny_assets, tmp_path_factory):
     """The tiny Pick-a-Pic pairs as DDSPO rows (caption, negative_caption, jpg_w, jpg_l) plus two bad rows (an empty
-    negative caption, and one equal to its caption): the folder, for train_ddspo.py and train_ddspo_sd3.py."""
+    negative caption, and one equal to its caption): the folder, for train_ddspo.py and its flow siblings."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

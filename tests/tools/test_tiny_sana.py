@@ -18,16 +18,6 @@ PROMPTS = ["a photo of a red ball", "a photo of a blue ball"]
 
 
 @pytest.fixture(scope="module")
-def tiny_sana(tmp_path_factory):
-    """A tiny SANA pipeline as a user builds it (its VAE is not fitted): the folder tiny-sana."""
-    from examples.tiny_world import make_tiny_assets
-
-    output_dir = tmp_path_factory.mktemp("assets")
-    make_tiny_assets.main(["--output_dir", str(output_dir), "--family", "sana", "--skip_dataset"])
-    return output_dir / "tiny-sana"
-
-
-@pytest.fixture(scope="module")
 def pipeline(tiny_sana):
     from diffusers import SanaPipeline
 
