@@ -25,6 +25,7 @@ optimizer defaults are the paper's Adam, no weight decay, and no gradient clippi
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -437,6 +438,11 @@ def parse_args(input_args=None):
 
 def check_args(args):
     """Refuse bad settings before any import or model load; resolve --resume_from_checkpoint to a folder."""
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            "--use_8bit_adam needs bitsandbytes, which is not installed here: pip install bitsandbytes (its 8-bit "
+            "AdamW runs on GPUs and, more slowly, on the CPU)."
+        )
     if args.beta_capo is None:
         args.beta_capo = DEFAULT_BETA[args.objective]
     if args.beta_capo <= 0:

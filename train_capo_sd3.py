@@ -30,6 +30,7 @@ sweep {30, 50, 100}; no weight decay and no gradient clipping, which the paper d
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -518,6 +519,11 @@ def check_timestep_args(args):
 
 def check_args(args):
     """Refuse bad settings before any import or model load; resolve --resume_from_checkpoint to a folder."""
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            "--use_8bit_adam needs bitsandbytes, which is not installed here: pip install bitsandbytes (its 8-bit "
+            "AdamW runs on GPUs and, more slowly, on the CPU)."
+        )
     if args.beta_capo is None:
         args.beta_capo = DEFAULT_BETA[args.objective]
     if args.beta_capo <= 0:

@@ -27,6 +27,7 @@ fine-tuning, a frozen copy. Example (SD1.5, the authors' release settings on 8 G
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -464,6 +465,11 @@ def parse_args(input_args=None):
 
 def check_args(args):
     """Refuse bad settings before any import or model load; resolve --resume_from_checkpoint to a folder."""
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            "--use_8bit_adam needs bitsandbytes, which is not installed here: pip install bitsandbytes (its 8-bit "
+            "AdamW runs on GPUs and, more slowly, on the CPU)."
+        )
     if args.beta_ddspo is None:
         args.beta_ddspo = DEFAULT_BETA_DDSPO[args.target_source]
     if args.beta_ddspo <= 0:

@@ -27,6 +27,7 @@ rank 128, beta 1000, total batch 2048 on 8 GPUs, lr 4e-8 scaled with the batch, 
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -468,6 +469,11 @@ def parse_args(input_args=None):
 
 def check_args(args):
     """Refuse bad settings before any import or model load; resolve --resume_from_checkpoint to a folder."""
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            "--use_8bit_adam needs bitsandbytes, which is not installed here: pip install bitsandbytes (its 8-bit "
+            "AdamW runs on GPUs and, more slowly, on the CPU)."
+        )
     if args.beta_ddspo <= 0:
         raise InputError(f"--beta_ddspo must be positive (the authors' SD3 setting is 1000), got {args.beta_ddspo}.")
     if args.lora_rank is not None and args.lora_rank <= 0:

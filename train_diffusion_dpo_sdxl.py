@@ -23,6 +23,7 @@ command and where it differs from the release)
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -394,6 +395,11 @@ def parse_args(input_args=None):
 
 def check_args(args):
     """Refuse bad settings before any import or model load; resolve --resume_from_checkpoint to a folder."""
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            "--use_8bit_adam needs bitsandbytes, which is not installed here: pip install bitsandbytes (its 8-bit "
+            "AdamW runs on GPUs and, more slowly, on the CPU)."
+        )
     if args.beta_dpo <= 0:
         raise InputError(f"--beta_dpo must be positive (the SDXL setting is 5000), got {args.beta_dpo}.")
     if args.lora_rank is not None and args.lora_rank <= 0:

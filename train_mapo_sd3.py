@@ -25,6 +25,7 @@ LoRA):
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -421,6 +422,11 @@ def parse_args(input_args=None):
 
 def check_args(args):
     """Refuse bad settings before any import or model load; resolve --resume_from_checkpoint to a folder."""
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            "--use_8bit_adam needs bitsandbytes, which is not installed here: pip install bitsandbytes (its 8-bit "
+            "AdamW runs on GPUs and, more slowly, on the CPU)."
+        )
     if args.beta_mapo <= 0:
         raise InputError(f"--beta_mapo must be positive (the default is 2), got {args.beta_mapo}.")
     if args.snr_value <= 0:

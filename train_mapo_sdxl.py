@@ -18,6 +18,7 @@ No reference network is built or evaluated. Example (Pick-a-Pic v2, the paper's 
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -391,6 +392,11 @@ def parse_args(input_args=None):
 
 def check_args(args):
     """Refuse bad settings before any import or model load; resolve --resume_from_checkpoint to a folder."""
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            "--use_8bit_adam needs bitsandbytes, which is not installed here: pip install bitsandbytes (its 8-bit "
+            "AdamW runs on GPUs and, more slowly, on the CPU)."
+        )
     if args.beta_mapo <= 0:
         raise InputError(f"--beta_mapo must be positive (Pick-a-Pic setting: 8), got {args.beta_mapo}.")
     if args.snr_value <= 0:

@@ -23,6 +23,14 @@ os.environ.update({"HF_HOME": HF_HOME, "HF_DATASETS_CACHE": os.path.join(HF_HOME
 # which on these tiny models cost more CPU than the work: an in-process test that takes 10 s of CPU alone took
 # 37 s in a full run with two threads a worker.
 os.environ["OMP_NUM_THREADS"] = "1"
+# Every process the suite starts, its xdist workers included, runs as in an environment without bitsandbytes
+# (harness/sitecustomize.py, found first on PYTHONPATH): diffusers imports it whenever it is installed, and it imports
+# torch's inductor, 3 of the 11 to 14 s that a script took to start on this project's 2-core machine. The tests of
+# --use_8bit_adam launch with it (kit.launch(..., bitsandbytes=True)).
+os.environ["SUITE_WITHOUT_BITSANDBYTES"] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    part for part in (str(Path(__file__).parent / "harness"), os.environ.get("PYTHONPATH")) if part
+)
 
 
 def built_once(tmp_path_factory, name, build):

@@ -37,12 +37,16 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def launch(script, args, num_processes=1, timeout=600, check=True, accelerate=False):
+def launch(script, args, num_processes=1, timeout=600, check=True, accelerate=False, bitsandbytes=False):
     """Run a training script (or tool) on the CPU as a user does; returns the CompletedProcess (stdout+stderr in
     .stdout). Several processes go through `accelerate launch --multi_gpu`; one process runs with plain `python`, as
     the scripts' docstrings allow (the Accelerator is the same; `accelerate launch --num_processes 1` only adds a
-    launcher process, 2.5 s of start-up that the suite paid about a hundred times), unless `accelerate` is True."""
+    launcher process, 2.5 s of start-up that the suite paid about a hundred times), unless `accelerate` is True.
+    The run sees bitsandbytes only when `bitsandbytes` is True (conftest.py: the suite's processes start without
+    it)."""
     env = {**os.environ, **OFFLINE_ENV}
+    if bitsandbytes:
+        env["SUITE_WITHOUT_BITSANDBYTES"] = "0"
     if num_processes == 1 and not accelerate:
         cmd = python_command(script)
     else:

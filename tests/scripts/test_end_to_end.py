@@ -205,6 +205,7 @@ def test_dpo_trains_logs_reference_metrics_and_starts_at_log2(tiny_assets, tmp_p
         tiny_args(
             tiny_assets, tmp_path, "--max_train_steps", 3, "--report_to", "tensorboard", "--beta_dpo", 5000, *extra
         ),
+        bitsandbytes=mode == "full",
     )
     tags = scalar_tags(tmp_path / "logs")
     assert DPO_METRICS <= set(tags)

@@ -170,3 +170,23 @@ def test_validation_reward_weights_for_a_reward_not_asked_for_are_one_line(tmp_p
     flags += ["--validation_reward_model_paths", "pickscore=/models/pickscore"]
     line = reward_validation_refusal(script, tmp_path, capsys, *flags)
     assert "names 'pickscore', which is not in --validation_reward_models ['toy_ball']" in line
+
+
+EVERY_SCRIPT = sorted(path.name for path in REPO.glob("train_*.py"))
+
+
+@pytest.mark.parametrize("script", EVERY_SCRIPT)
+def test_8bit_adam_without_bitsandbytes_is_one_line_before_anything_loads(script, tmp_path, monkeypatch, capsys):
+    """A user without bitsandbytes who asks for 8-bit AdamW is told to install it, before any model loads."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # importlib.util.find_spec answers None: not installed
+    data = "--instance_data_dir" if script == "train_mapo_personalization_sdxl.py" else "--dataset_name"
+    argv = ["--use_8bit_adam", data, tmp_path, "--output_dir", tmp_path / "out"]
+    line = parse_args_refusal(script.removesuffix(".py"), argv, capsys)
+    assert "--use_8bit_adam needs bitsandbytes, which is not installed here: pip install bitsandbytes" in line
+
+
+def test_the_suites_processes_start_without_bitsandbytes_as_a_user_without_it_would():
+    """conftest.py's harness reaches the scripts the tests start: a run asking for 8-bit AdamW stops with the line a
+    user without bitsandbytes sees (tests that need it launch with kit.launch(..., bitsandbytes=True))."""
+    result = run_python("train_mapo_sdxl.py", ["--use_8bit_adam", "--output_dir", REPO / "no-such-folder"])
+    assert "--use_8bit_adam needs bitsandbytes" in one_line_error(result)
